@@ -1,0 +1,92 @@
+"""Everything the embedded demo starts from, written into one folder, no downloads.
+
+    python data/make_demo.py OUT_DIR
+
+OUT_DIR/shapes/       the SHAPES.md data (images, pretrain.json, finetune.json, heldout.json, text.json)
+OUT_DIR/lm-init/      a randomly initialized tiny InternLM2-architecture LM, in InternLM2's own
+                      checkpoint layout, with a byte-fallback tokenizer trained on the demo's text
+OUT_DIR/vision/       a tiny open_clip ViT config and its (random, frozen) weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import demo_tokenizer  # noqa: E402
+import shapes  # noqa: E402
+
+from llava_tune.models.internlm2 import save_internlm2_checkpoint  # noqa: E402
+
+LM_SHAPE = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2}
+VISION_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 112, "layers": 4, "width": 128, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1},
+}
+
+
+def make_lm(out_dir: Path, data_files: list[Path], seed: int, shape: dict | None = None) -> Path:
+    """Tokenizer trained on the demo's text + a random LM (`shape` overrides LM_SHAPE's
+    sizes), saved as an InternLM2 checkpoint."""
+    tok_dir = out_dir.parent / "tokenizer"
+    texts = [text for f in data_files for text in demo_tokenizer.llava_texts(json.loads(f.read_text()))]
+    demo_tokenizer.train_tokenizer(texts, tok_dir, vocab_size=512)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2, **{**LM_SHAPE, **(shape or {})})
+    model = LlamaForCausalLM(config)
+    save_internlm2_checkpoint(model.state_dict(), config, out_dir, sorted(tok_dir.iterdir()))
+    return out_dir
+
+
+def make_vision(out_dir: Path, seed: int, config: dict | None = None,
+                name: str = "demo-vit") -> tuple[Path, Path]:
+    """A tiny ViT config (registered by name = file stem) and random weights for it."""
+    import open_clip
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_file = out_dir / f"{name}.json"
+    config_file.write_text(json.dumps(config or VISION_CONFIG, indent=2))
+    open_clip.add_model_config(config_file)
+    torch.manual_seed(seed)
+    logging.disable(logging.WARNING)  # open_clip warns that pretrained=None means random init
+    try:
+        model = open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+    weights = out_dir / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    return config_file, weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--heldout", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    data_dir = args.out_dir / "shapes"
+    summary = shapes.generate(data_dir, n_train=args.train, n_heldout=args.heldout, seed=args.seed)
+    make_lm(args.out_dir / "lm-init", [data_dir / "text.json", data_dir / "pretrain.json",
+                                      data_dir / "finetune.json"], args.seed)
+    make_vision(args.out_dir / "vision", args.seed)
+    print(f"demo inputs in {args.out_dir}: {summary.get('n_train', args.train)} train / "
+          f"{summary.get('n_heldout', args.heldout)} held-out images, lm-init/, vision/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

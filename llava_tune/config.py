@@ -1,0 +1,296 @@
+"""Typed run configuration: YAML file + `key=value` overrides, every problem reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from llava_tune.errors import UserError
+
+STAGE_NAMES = ("pretrain", "finetune", "sft")
+LLM_MODES = ("frozen", "lora", "full")
+
+
+@dataclass
+class VisionConfig:
+    name: str = "ViT-L-14-336-quickgelu"
+    """open_clip model name (OpenAI CLIP weights need the -quickgelu variant)."""
+    pretrained: str | None = None
+    """Local weights file; None initializes randomly (tests, demo)."""
+    config_file: str | None = None
+    """open_clip model config JSON to register first (model name = the file's stem)."""
+    feature_layer: int = -2
+
+
+@dataclass
+class ModelConfig:
+    llm: str = ""
+    """Local checkpoint folder of the base LLM (InternLM2 or a native transformers LM)."""
+    quantization: str | None = None
+    """None, "4bit" (NF4, QLoRA) or "8bit"."""
+    dtype: str = "auto"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector_depth: int = 2
+    template: str = "internlm2_chat"
+    system: str | None = None
+    """System prompt put before every conversation that has none."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    """"all-linear" means every linear layer of the LLM except the LM head."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """LLaVA-format JSON or JSONL."""
+    image_folder: str | None = None
+    max_length: int = 2048
+    max_bad_fraction: float = 0.01
+    """Bad records up to this fraction are skipped and counted; more is an error."""
+    num_workers: int = 0
+    cache_dir: str | None = None
+    """Where tokenized datasets are cached; None: no cache."""
+
+
+@dataclass
+class TrainConfig:
+    llm: str | None = None
+    """frozen, lora or full; None takes the stage's default."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs when set."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPUs that have it), no, bf16 or fp16."""
+    seed: int = 0
+    log_every: int = 10
+    save_every: int | None = None
+    """Steps between resumable checkpoints; None: only the final weights."""
+    save_total_limit: int = 2
+    resume: bool = False
+    """Continue from the newest checkpoint in run_dir/checkpoints."""
+
+
+@dataclass
+class Config:
+    stage: str = "finetune"
+    run_dir: str = ""
+    init_from: str | None = None
+    """An earlier run dir whose projector (and adapter, when present) this run starts from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. ["stage", ..., "train.lora.r", ...]."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += valid_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _check_type(value: object, hint: object) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: object) -> str:
+    return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
+
+
+def _build(cls: type, data: dict, prefix: str, errors: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            errors.append(f"unknown key {prefix}{key}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                errors.append(f"{prefix}{f.name} must be a mapping of its own keys")
+                continue
+            values[f.name] = _build(hint, value, f"{prefix}{f.name}.", errors)
+        elif _check_type(value, hint):
+            values[f.name] = float(value) if hint is float else value
+        else:
+            errors.append(f"{prefix}{f.name}={value!r} is not of type {_type_name(hint)}")
+    return cls(**values)
+
+
+def _set_dotted(data: dict, key: str, value: object) -> None:
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {key}: {part} is not a section")
+    node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    """`key=value` strings -> (key, YAML-typed value); `lr=1e-4` gives a float."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), _scalar(raw)))
+    return parsed
+
+
+def _scalar(raw: str) -> object:
+    """YAML's reading of a value, except that `1e-3` is a number (YAML 1.1 wants `1.0e-3`)."""
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply overrides, check every value; all problems in one UserError."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise UserError(f"{path} must hold a mapping of config keys")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value)
+    errors: list[str] = []
+    config = _build(Config, data, "", errors)
+    errors += validate(config)
+    if errors:
+        where = f" in {path}" if path is not None else ""
+        message = f"config problems{where}:\n  " + "\n  ".join(errors)
+        if any(e.startswith("unknown key") for e in errors):
+            message += "\nvalid keys: " + ", ".join(valid_keys(Config))
+        raise UserError(message)
+    return config
+
+
+def validate(config: Config) -> list[str]:
+    """Problems with values (not files): stage, modes and their combinations."""
+    errors = []
+    if config.stage not in STAGE_NAMES:
+        errors.append(f"stage={config.stage!r}; use one of {', '.join(STAGE_NAMES)}")
+    if config.train.llm is not None and config.train.llm not in LLM_MODES:
+        errors.append(f"train.llm={config.train.llm!r}; use one of {', '.join(LLM_MODES)}")
+    if config.model.quantization not in (None, "4bit", "8bit"):
+        errors.append(f"model.quantization={config.model.quantization!r}; use null, 4bit or 8bit")
+    if config.model.quantization and config.train.llm == "full":
+        errors.append("train.llm=full cannot train a quantized LLM; set model.quantization=null "
+                      "or train.llm=lora")
+    if config.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        errors.append(f"train.mixed_precision={config.train.mixed_precision!r}; use auto, no, bf16 or fp16")
+    if not config.model.llm:
+        errors.append("model.llm is not set: give the base LLM's local folder")
+    if not config.data.train:
+        errors.append("data.train is not set: give a JSON/JSONL data file")
+    if not config.run_dir:
+        errors.append("run_dir is not set: give the output folder")
+    if config.model.projector_depth < 1:
+        errors.append("model.projector_depth must be at least 1")
+    for name in ("batch_size", "grad_accum", "log_every"):
+        if getattr(config.train, name) < 1:
+            errors.append(f"train.{name} must be at least 1")
+    if config.data.max_length < 8:
+        errors.append("data.max_length must be at least 8")
+    return errors
+
+
+def check_paths(config: Config, needs_images: bool) -> list[str]:
+    """Problems with files a run reads, checked before anything loads."""
+    errors = []
+    if config.model.llm and not Path(config.model.llm).is_dir():
+        errors.append(f"model.llm folder {config.model.llm} not found")
+    if config.data.train and not Path(config.data.train).is_file():
+        errors.append(f"data.train file {config.data.train} not found")
+    if needs_images and config.data.image_folder and not Path(config.data.image_folder).is_dir():
+        errors.append(f"data.image_folder {config.data.image_folder} not found")
+    vision = config.model.vision
+    if needs_images and vision.pretrained and not Path(vision.pretrained).is_file():
+        errors.append(f"model.vision.pretrained file {vision.pretrained} not found")
+    if needs_images and vision.config_file and not Path(vision.config_file).is_file():
+        errors.append(f"model.vision.config_file {vision.config_file} not found")
+    if config.init_from and not (Path(config.init_from) / "config.yaml").is_file():
+        errors.append(f"init_from={config.init_from} is not a llava-tune run dir (no config.yaml)")
+    return errors
+
+
+def absolute_paths(config: Config) -> Config:
+    """A copy whose file paths are absolute, so a run dir works from any working directory."""
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path else path
+
+    config = dataclasses.replace(config)
+    config.model = dataclasses.replace(config.model, llm=absolute(config.model.llm))
+    config.model.vision = dataclasses.replace(
+        config.model.vision, pretrained=absolute(config.model.vision.pretrained),
+        config_file=absolute(config.model.vision.config_file))
+    config.data = dataclasses.replace(
+        config.data, train=absolute(config.data.train),
+        image_folder=absolute(config.data.image_folder),
+        cache_dir=absolute(config.data.cache_dir))
+    config.run_dir = absolute(config.run_dir)
+    config.init_from = absolute(config.init_from)
+    return config
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def config_from_dict(data: dict) -> Config:
+    errors: list[str] = []
+    config = _build(Config, data, "", errors)
+    if errors:
+        raise UserError("run config problems:\n  " + "\n  ".join(errors))
+    return config

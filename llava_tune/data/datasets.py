@@ -1,0 +1,182 @@
+"""Conversation datasets: records checked up front, tokenized once (cached), images on demand."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llava_tune.constants import IGNORE_INDEX
+from llava_tune.data.formats import Problem, read_conversations
+from llava_tune.data.image import ImageProcessor, load_image
+from llava_tune.data.template import ChatTemplate, add_image_token, expand_image_slots
+from llava_tune.errors import UserError
+
+
+@dataclass
+class DataReport:
+    """What was left out of a dataset and why; shown to the user before and after training."""
+
+    total: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    truncated: int = 0
+
+    def skip(self, reason: str, example: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(example)
+
+    def summary(self) -> str:
+        lines = [f"{self.kept} of {self.total} samples kept"]
+        if self.truncated:
+            lines.append(f"{self.truncated} truncated to max_length")
+        lines += [f"{count} skipped: {reason}" for reason, count in self.skipped.items()]
+        lines += [f"  e.g. {example}" for example in self.examples]
+        return "\n".join(lines)
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Items are {"id", "input_ids" [T], "labels" [T], "pixel_values" [I, 3, S, S] or None}.
+
+    Each `<image>` becomes `num_image_tokens` IMAGE_TOKEN_INDEX slots. A sample longer than
+    `max_length` is truncated, unless the cut would go through an image or leave no answer:
+    then it is dropped and counted in `report`. Records that fail the checks of
+    `formats.check_record`, or whose images are missing, are skipped and counted too; more
+    than `max_bad_fraction` of them is an error, since that means a wrong path or format.
+    An image that fails to decode later yields {"id", "error"} and is skipped by the collator.
+    """
+
+    def __init__(
+        self,
+        file: str | Path,
+        tokenizer: PreTrainedTokenizerBase,
+        template: ChatTemplate,
+        max_length: int,
+        image_folder: str | Path | None = None,
+        image_processor: ImageProcessor | None = None,
+        num_image_tokens: int = 0,
+        max_bad_fraction: float = 0.01,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.file = Path(file)
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.image_processor = image_processor
+        self.num_image_tokens = num_image_tokens
+        self.report = DataReport()
+
+        result = read_conversations(self.file)
+        self.report.total = len(result.records) + len(result.problems)
+        problems = list(result.problems)
+        records = []
+        for index, record in zip(result.indices, result.records, strict=True):
+            problem = self._image_problem(record)
+            if problem:
+                problems.append(Problem(self.file, index, record["id"], problem))
+            else:
+                records.append(record)
+        for problem in problems:
+            self.report.skip("bad record", str(problem))
+        if problems and len(problems) > max_bad_fraction * self.report.total:
+            listed = "\n  ".join(str(p) for p in problems[:5])
+            raise UserError(
+                f"{len(problems)} of {self.report.total} records in {self.file} cannot be used:\n"
+                f"  {listed}\n(fix these records; up to {max_bad_fraction:.0%} bad records "
+                "are skipped automatically)"
+            )
+
+        image_id = add_image_token(tokenizer) if any(r["images"] for r in records) else None
+        expand = num_image_tokens - 1
+
+        def tokenize(record: dict) -> dict:
+            ids, labels = template.encode(record["messages"], tokenizer)
+            slots = [i for i, t in enumerate(ids) if t == image_id]
+            length = len(ids) + expand * len(slots)
+            keep, status = len(ids), "ok"
+            if length > max_length:
+                last_image_end = (slots[-1] + 1 + expand * len(slots)) if slots else 0
+                keep = max_length - expand * len(slots)
+                if last_image_end > max_length:
+                    status = "an image does not fit in max_length"
+                elif all(label == IGNORE_INDEX for label in labels[:keep]):
+                    status = "no answer within max_length"
+                else:
+                    status = "truncated"
+            return {"input_ids": ids[:keep], "labels": labels[:keep], "status": status}
+
+        table = datasets.Dataset.from_list(records)
+        cache_file = None
+        if cache_dir is not None:
+            stat = self.file.stat()
+            key = _fingerprint(str(self.file.resolve()), stat.st_size, stat.st_mtime_ns,
+                               template, max_length, num_image_tokens, image_id,
+                               tokenizer.backend_tokenizer.to_str(), problems.__len__())
+            os.makedirs(cache_dir, exist_ok=True)
+            cache_file = str(Path(cache_dir) / f"tokenized-{key}.arrow")
+        table = table.map(tokenize, cache_file_name=cache_file, desc=None,
+                          load_from_cache_file=cache_file is not None)
+        statuses = table["status"]
+        keep_rows = []
+        for row, (status, record_id) in enumerate(zip(statuses, table["id"], strict=True)):
+            if status in ("ok", "truncated"):
+                keep_rows.append(row)
+                self.report.truncated += status == "truncated"
+            else:
+                self.report.skip(status, f"{self.file} id {record_id!r}: {status}")
+        self.table = table.select(keep_rows).remove_columns(["messages", "status"])
+        self.table.set_format(columns=["id", "images", "input_ids", "labels"])
+        self.image_id = image_id
+        self.report.kept = len(self.table)
+        if self.report.kept == 0:
+            raise UserError(f"no usable samples in {self.file}:\n{self.report.summary()}")
+
+    def _image_problem(self, record: dict) -> str | None:
+        if not record["images"]:
+            return None
+        if self.image_folder is None or self.image_processor is None:
+            return "has an image, but this stage has no vision tower (or no image folder is set)"
+        for image in record["images"]:
+            if not (self.image_folder / image).is_file():
+                return (f"image {image!r} not found under image folder {self.image_folder}; "
+                        "check data.image_folder / --image-folder")
+        return None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def lengths(self) -> list[int]:
+        """Token counts with images expanded, for batching by length."""
+        expand = self.num_image_tokens - 1
+        return [len(ids) + expand * len(images)
+                for ids, images in zip(self.table["input_ids"], self.table["images"], strict=True)]
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.table[index]
+        pixel_values = None
+        if row["images"]:
+            try:
+                pixel_values = torch.stack([
+                    self.image_processor(load_image(self.image_folder / image))
+                    for image in row["images"]
+                ])
+            except UserError as err:
+                return {"id": row["id"], "error": str(err)}
+        ids, labels = expand_image_slots(row["input_ids"], row["labels"], self.image_id,
+                                         self.num_image_tokens)
+        return {
+            "id": row["id"],
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixel_values,
+        }

@@ -1,0 +1,131 @@
+"""Read conversation files into one normalized record form.
+
+A record is `{"id": str, "images": [relative paths], "messages": [{"role", "content"}]}`.
+Each reader checks every record and reports what is wrong with its position in the file, so
+a bad record can be skipped and counted, or the whole file refused with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llava_tune.constants import IMAGE_TOKEN
+from llava_tune.data.template import check_roles
+from llava_tune.errors import UserError
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+               "system": "system"}
+
+
+@dataclass
+class Problem:
+    """One bad record: where it is and what is wrong."""
+
+    file: Path
+    index: int
+    record_id: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file} record {self.index}"
+        if self.record_id is not None:
+            where += f" (id {self.record_id!r})"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class ReadResult:
+    records: list[dict] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    """Position in the file of each of `records` (bad records leave gaps)."""
+
+
+def read_json_records(path: Path) -> tuple[list[object], list[Problem]]:
+    """Objects of a JSON list file or a JSONL file; a JSONL line that does not parse is a
+    problem of its own record, a JSON file that does not parse is an error for the file."""
+    if not path.is_file():
+        raise UserError(f"data file {path} not found; check data.train / --data")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UserError(f"data file {path} is empty")
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text), []
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                "fix the file or write it as JSONL, one record per line"
+            ) from err
+    records: list[object] = []
+    problems: list[Problem] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            records.append(None)
+            problems.append(Problem(path, len(records) - 1, None,
+                                    f"line {number} is not valid JSON ({err.msg})"))
+    return records, problems
+
+
+def llava_record(raw: dict, index: int) -> dict:
+    """Normalize one LLaVA/ShareGPT record; raise ValueError with what is wrong."""
+    turns = raw.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("has no 'conversations' list")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError("a turn is not {'from': ..., 'value': ...}")
+        role = LLAVA_ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"unknown speaker {turn['from']!r}; use human or gpt")
+        if not isinstance(turn["value"], str):
+            raise ValueError("a turn's 'value' is not a string")
+        messages.append({"role": role, "content": turn["value"]})
+    image = raw.get("image")
+    images = [] if image is None else [image] if isinstance(image, str) else list(image)
+    return {"id": str(raw.get("id", index)), "images": images, "messages": messages}
+
+
+def check_record(record: dict) -> None:
+    """Raise ValueError unless the record can train: roles in order, an answer, and as many
+    `<image>` markers as images."""
+    messages = record["messages"]
+    check_roles(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("has no assistant (gpt) turn to learn from")
+    markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if markers != len(record["images"]):
+        raise ValueError(
+            f"has {markers} {IMAGE_TOKEN} marker(s) but {len(record['images'])} image(s); "
+            f"put one {IMAGE_TOKEN} in the text per image"
+        )
+
+
+def read_conversations(path: str | Path) -> ReadResult:
+    """Read a LLaVA-format JSON or JSONL file (records with optional `image` and
+    `conversations` of human/gpt turns)."""
+    path = Path(path)
+    raws, problems = read_json_records(path)
+    result = ReadResult(problems=problems)
+    for index, raw in enumerate(raws):
+        if raw is None:
+            continue
+        record_id = str(raw.get("id")) if isinstance(raw, dict) and "id" in raw else None
+        try:
+            if not isinstance(raw, dict):
+                raise ValueError("is not a JSON object")
+            record = llava_record(raw, index)
+            check_record(record)
+        except ValueError as err:
+            result.problems.append(Problem(path, index, record_id, str(err)))
+            continue
+        result.records.append(record)
+        result.indices.append(index)
+    return result

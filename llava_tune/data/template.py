@@ -1,0 +1,155 @@
+"""Chat templates: conversations to token ids with a loss mask on the answers only.
+
+The whole conversation is rendered to one string and tokenized once, so training sees the
+same tokens as `tokenizer.apply_chat_template` at inference; the loss mask comes from the
+character spans of the answers through the tokenizer's offset mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenizers import AddedToken
+from transformers import PreTrainedTokenizerBase
+
+from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_tune.errors import UserError
+
+Message = dict[str, str]
+"""{"role": "system" | "user" | "assistant", "content": str}"""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How one model family lays out a conversation.
+
+    The loss covers `answer` (the reply and its end-of-turn token); `after_answer` (the
+    newline that follows) is context only, as XTuner trains InternLM2.
+    """
+
+    name: str
+    system: str
+    user: str
+    answer: str
+    after_answer: str
+    stop_words: tuple[str, ...]
+    default_system: str | None = None
+
+    def render(
+        self, messages: list[Message], bos_token: str, add_generation_prompt: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation as text, and the [start, end) character spans that carry loss.
+
+        With `add_generation_prompt` the text ends where the next answer begins (inference).
+        """
+        check_roles(messages)
+        parts = [bos_token]
+        targets: list[tuple[int, int]] = []
+        length = len(bos_token)
+        system = self.default_system
+        for message in messages:
+            role, content = message["role"], message["content"]
+            if role == "system":
+                system = content
+                continue
+            if role == "user":
+                piece = self.user.format(content=content)
+                if system:
+                    piece = self.system.format(content=system) + piece
+                    system = None
+            else:
+                answer = self.answer.format(content=content)
+                targets.append((length, length + len(answer)))
+                piece = answer + self.after_answer
+            parts.append(piece)
+            length += len(piece)
+        if not add_generation_prompt and messages and messages[-1]["role"] == "user":
+            # A trailing question without an answer teaches nothing; drop it.
+            text = "".join(parts[:-1])
+            return text, targets
+        return "".join(parts), targets
+
+    def encode(
+        self, messages: list[Message], tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels ([T] each); labels are IGNORE_INDEX outside the answers.
+
+        Each `<image>` stays one token here (the tokenizer must know it, see
+        `add_image_token`); the dataset expands it to the image's N feature slots.
+        """
+        text, targets = self.render(messages, tokenizer.bos_token)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = [IGNORE_INDEX] * len(ids)
+        span = 0
+        for i, (start, end) in enumerate(enc["offset_mapping"]):
+            while span < len(targets) and start >= targets[span][1]:
+                span += 1
+            if span < len(targets) and start >= targets[span][0] and end <= targets[span][1]:
+                labels[i] = ids[i]
+        return ids, labels
+
+    def prompt_ids(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Token ids of the conversation so far plus the start of the assistant's answer."""
+        text, _ = self.render(messages, tokenizer.bos_token, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+INTERNLM2_CHAT = ChatTemplate(
+    name="internlm2_chat",
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    answer="{content}<|im_end|>",
+    after_answer="\n",
+    stop_words=("<|im_end|>",),
+)
+
+TEMPLATES = {t.name: t for t in (INTERNLM2_CHAT,)}
+
+
+def get_template(name: str) -> ChatTemplate:
+    if name not in TEMPLATES:
+        raise UserError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def check_roles(messages: list[Message]) -> None:
+    """Raise ValueError unless roles run: optional system, then user/assistant alternating."""
+    expected = "user"
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role == "system" and i == 0:
+            continue
+        if role != expected:
+            raise ValueError(f"message {i} has role {role!r} where {expected!r} was expected")
+        expected = "assistant" if role == "user" else "user"
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Register `<image>` as a special token (tokenized alone, never split) and return its id.
+
+    The id never reaches the LLM's embedding table: datasets and generation replace it with
+    image feature slots.
+    """
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)],
+                             special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def expand_image_slots(
+    ids: list[int], labels: list[int] | None, image_id: int | None, num_image_tokens: int
+) -> tuple[list[int], list[int] | None]:
+    """Replace each `<image>` id by `num_image_tokens` IMAGE_TOKEN_INDEX slots (no loss)."""
+    out_ids: list[int] = []
+    out_labels: list[int] | None = None if labels is None else []
+    for i, token in enumerate(ids):
+        if token == image_id:
+            out_ids += [IMAGE_TOKEN_INDEX] * num_image_tokens
+            if out_labels is not None:
+                out_labels += [IGNORE_INDEX] * num_image_tokens
+        else:
+            out_ids.append(token)
+            if out_labels is not None:
+                out_labels.append(labels[i])
+    return out_ids, out_labels

@@ -1,0 +1,77 @@
+"""The composed model: vision tower -> projector -> image features merged into the LLM input."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llava_tune.constants import IMAGE_TOKEN_INDEX
+from llava_tune.models.projector import Projector
+from llava_tune.models.vision import VisionTower
+
+
+def merge_image_features(
+    embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor | None
+) -> torch.Tensor:
+    """Put image features into the embedding slots marked IMAGE_TOKEN_INDEX.
+
+    embeds [B, T, D], input_ids [B, T], image_features [I, N, D] (images in order of their
+    slots) -> [B, T, D]. Raises ValueError naming both counts when slots and features differ.
+    """
+    slots = input_ids == IMAGE_TOKEN_INDEX
+    n_slots = int(slots.sum())
+    n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+    if n_slots != n_features:
+        shape = "no images" if image_features is None else (
+            f"{image_features.shape[0]} image(s) x {image_features.shape[1]} tokens")
+        raise ValueError(
+            f"image slots and image features differ: the input has {n_slots} image-token "
+            f"positions but {n_features} image features ({shape})"
+        )
+    if n_slots == 0:
+        return embeds
+    features = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    return embeds.masked_scatter(slots.unsqueeze(-1), features)
+
+
+class LlavaModel(nn.Module):
+    """LLaVA: `vision` and `projector` are None for text-only models (stage sft)."""
+
+    def __init__(self, llm: nn.Module, vision: VisionTower | None = None,
+                 projector: Projector | None = None) -> None:
+        super().__init__()
+        self.llm = llm
+        self.vision = vision
+        self.projector = projector
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[I, 3, S, S] -> projected patch features [I, N, D_llm]."""
+        features = self.vision(pixel_values)
+        weight = next(self.projector.parameters())
+        return self.projector(features.to(weight.dtype))
+
+    def input_embeddings(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, T] ids (IMAGE_TOKEN_INDEX in image slots) + [I, 3, S, S] -> [B, T, D]."""
+        embed = self.llm.get_input_embeddings()
+        embeds = embed(input_ids.clamp(min=0))
+        features = None
+        if pixel_values is not None:
+            if self.vision is None:
+                raise ValueError("this model has no vision tower, but images were given")
+            features = self.encode_images(pixel_values)
+        return merge_image_features(embeds, input_ids, features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Causal-LM forward; loss (mean over label tokens) when labels [B, T] are given."""
+        embeds = self.input_embeddings(input_ids, pixel_values)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                        **kwargs)

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models and data written by the tests themselves (no network)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "data"))
+
+import make_demo  # noqa: E402
+import shapes  # noqa: E402
+
+TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_VISION = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def _conversion_cache(tmp_path_factory, monkeypatch):
+    """InternLM2 -> Llama conversions go to a per-session temp cache, not ~/.cache."""
+    monkeypatch.setenv("LLAVA_TUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """SHAPES.md data: 64 train / 8 held-out images at 32 px, plus the text corpus."""
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.generate(out, n_train=64, n_heldout=8, seed=0, image_size=32, n_text=200)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, shapes_data) -> Path:
+    """A random 2-layer InternLM2-layout checkpoint with the demo's byte-fallback tokenizer."""
+    out = tmp_path_factory.mktemp("lm") / "tiny-internlm2"
+    make_demo.make_lm(out, [shapes_data / "text.json"], seed=0, shape=TINY_LM)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tmp_path_factory) -> tuple[Path, Path]:
+    """(config file, weights) of a random 3-block ViT on 32 px images: 4 patches of width 64."""
+    return make_demo.make_vision(tmp_path_factory.mktemp("vision"), seed=0,
+                                 config=TINY_VISION, name="tiny-vit")
+
+
+@pytest.fixture
+def stage_overrides(tiny_lm, tiny_vision, shapes_data, tmp_path):
+    """key=value overrides that point a demo config at the tiny fixtures."""
+
+    def overrides(stage_file: str, run: str = "run") -> list[str]:
+        data = {"lm": "text.json", "pretrain": "pretrain.json", "finetune": "finetune.json"}[stage_file]
+        return [f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
+                f"model.vision.config_file={tiny_vision[0]}",
+                f"model.vision.pretrained={tiny_vision[1]}",
+                f"data.train={shapes_data / data}", f"data.image_folder={shapes_data / 'images'}",
+                f"run_dir={tmp_path / run}", "train.log_every=1"]
+
+    return overrides

@@ -1,0 +1,132 @@
+"""Every shipped config loads and validates; the real-size ones describe the models they claim,
+checked on the meta device (shapes only, nothing allocated)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from llava_tune.config import check_paths, load_config
+from llava_tune.engine.stages import STAGES
+from llava_tune.models.internlm2 import internlm2_to_llama_config
+from llava_tune.models.llava import LlavaModel
+from llava_tune.models.projector import Projector
+from llava_tune.models.vision import VisionTower
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+REAL_DIRS = ("internlm2_chat_1_8b", "internlm2_chat_7b")
+REAL = [c for c in CONFIGS if c.parent.name in REAL_DIRS]
+
+_COMMON = {"model_type": "internlm2", "vocab_size": 92544, "rope_theta": 1000000,
+           "rope_scaling": {"type": "dynamic", "factor": 2.0}, "bias": False,
+           "rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "hidden_act": "silu",
+           "tie_word_embeddings": False}
+PUBLISHED = {
+    # config.json values of internlm2-chat-1_8b / -7b as published; expected parameter counts.
+    "internlm2_chat_1_8b": ({**_COMMON, "num_hidden_layers": 24, "hidden_size": 2048,
+                             "num_attention_heads": 16, "num_key_value_heads": 8,
+                             "intermediate_size": 8192}, 1.89e9),
+    "internlm2_chat_7b": ({**_COMMON, "num_hidden_layers": 32, "hidden_size": 4096,
+                           "num_attention_heads": 32, "num_key_value_heads": 8,
+                           "intermediate_size": 14336}, 7.74e9),
+}
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def test_configs_are_found():
+    names = {rel(c) for c in CONFIGS}
+    assert {"configs/demo/lm.yaml", "configs/demo/pretrain.yaml", "configs/demo/finetune.yaml",
+            "configs/internlm2_chat_1_8b/pretrain.yaml",
+            "configs/internlm2_chat_7b/finetune.yaml"} <= names
+    assert len(REAL) == 4
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=rel)
+def test_config_loads_and_validates(path):
+    config = load_config(path)
+    assert config.stage in STAGES
+    assert config.model.llm and config.data.train and config.run_dir
+    stage = STAGES[config.stage]
+    if stage.vision:
+        assert config.data.image_folder, "a vision stage needs data.image_folder"
+    mode = config.train.llm or stage.llm
+    if mode == "full":
+        assert config.model.quantization is None
+    # Paths are checked only when a run starts, but the check itself must not choke.
+    assert isinstance(check_paths(config, stage.vision), list)
+
+
+@pytest.mark.parametrize("folder", sorted({c.parent for c in CONFIGS}), ids=rel)
+def test_finetune_continues_its_pretrain(folder):
+    """In each folder the finetune stage starts from the pretrain stage's run, with the same
+    base LLM and vision tower."""
+    if not (folder / "pretrain.yaml").is_file() or not (folder / "finetune.yaml").is_file():
+        pytest.skip("no pretrain/finetune pair")
+    pretrain, finetune = load_config(folder / "pretrain.yaml"), load_config(folder / "finetune.yaml")
+    assert pretrain.stage == "pretrain" and finetune.stage == "finetune"
+    assert finetune.init_from == pretrain.run_dir
+    assert finetune.model.llm == pretrain.model.llm
+    assert finetune.model.vision == pretrain.model.vision
+    assert finetune.model.projector_depth == pretrain.model.projector_depth
+    assert finetune.model.template == pretrain.model.template
+    assert finetune.model.quantization == "4bit" and (finetune.train.llm or "lora") == "lora"
+
+
+@pytest.fixture(scope="module")
+def clip_l_336() -> VisionTower:
+    import open_clip
+
+    logging.disable(logging.WARNING)  # "no pretrained weights loaded": meant
+    try:
+        with torch.device("meta"):
+            visual = open_clip.create_model("ViT-L-14-336-quickgelu", pretrained=None,
+                                            device="meta").visual
+    finally:
+        logging.disable(logging.NOTSET)
+    return VisionTower(visual)
+
+
+@pytest.mark.parametrize("path", REAL, ids=rel)
+def test_real_config_model_sizes(path, clip_l_336):
+    config = load_config(path)
+    published, expected_params = PUBLISHED[path.parent.name]
+    assert config.model.vision.name == "ViT-L-14-336-quickgelu"
+    assert config.model.vision.feature_layer == -2
+    assert config.model.projector_depth == 2
+    assert config.model.template == "internlm2_chat"
+
+    llama_config = internlm2_to_llama_config(published)
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(llama_config)
+    assert next(llm.parameters()).device.type == "meta"
+    n_llm = sum(p.numel() for p in llm.parameters())
+    assert n_llm == pytest.approx(expected_params, rel=0.01)
+
+    vision = clip_l_336
+    assert (vision.num_patches, vision.hidden_size, vision.image_size) == (576, 1024, 336)
+    # The ViT's MLPs use QuickGELU, as OpenAI's weights need.
+    assert type(vision.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert vision.mean == (0.48145466, 0.4578275, 0.40821073)
+    with torch.device("meta"):
+        features = vision(torch.empty(2, 3, 336, 336))
+    assert features.shape == (2, 576, 1024)
+
+    hidden = published["hidden_size"]
+    with torch.device("meta"):
+        projector = Projector(vision.hidden_size, hidden, config.model.projector_depth)
+        model = LlavaModel(llm, vision, projector)
+        projected = projector(features)
+    assert projected.shape == (2, 576, hidden)
+    assert sum(p.numel() for p in projector.parameters()) == 1024 * hidden + hidden + hidden * hidden + hidden
+    assert sum(p.numel() for p in model.parameters()) == (
+        n_llm + sum(p.numel() for p in vision.parameters()) + 1024 * hidden + hidden + hidden**2 + hidden)
+    # The image's 576 slots leave room for text in every sample.
+    assert config.data.max_length >= 576 + 256

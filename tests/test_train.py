@@ -1,0 +1,315 @@
+"""The training loop end to end on the tiny fixtures: loss goes down, the run dir holds what the
+later stages need, a finished run loads back with the same logits, checkpoints resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llava_tune
+from llava_tune.config import load_config
+from llava_tune.data.collate import Collator
+from llava_tune.engine import trainer
+from llava_tune.engine.build import build_for_training
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+SMALL = ["train.batch_size=4", "data.max_length=64", "train.log_every=1", "train.warmup_ratio=0"]
+
+
+def overrides(stage_file, tiny_lm, tiny_vision, data_file, image_folder, run_dir, *extra):
+    return [f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
+            f"model.vision.config_file={tiny_vision[0]}",
+            f"model.vision.pretrained={tiny_vision[1]}",
+            f"data.train={data_file}", f"data.image_folder={image_folder}",
+            f"run_dir={run_dir}", *SMALL, *extra]
+
+
+def subset(source: Path, out: Path, n: int, repeat: int = 1) -> Path:
+    """The first n records of a data file, repeated."""
+    records = json.loads(source.read_text())[:n]
+    out.write_text(json.dumps([dict(r, id=f"{r['id']}-{k}") for k in range(repeat) for r in records]))
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class Trained:
+    """A finished run plus the in-memory model it ended with and its projector at the start."""
+
+    def __init__(self, result, model, initial_projector):
+        self.result = result
+        self.run_dir = result.run_dir
+        self.model = model
+        self.initial_projector = initial_projector
+
+
+def train_capturing(config) -> Trained:
+    """Run `trainer.train`, keeping the trained model (as handed to save_weights) and the
+    projector weights it started from."""
+    captured = {}
+
+    def build(config, device=None):
+        built = build_for_training(config, device)
+        if built.model.projector is not None:
+            captured["initial"] = {k: v.clone() for k, v in built.model.projector.state_dict().items()}
+        return built
+
+    def save(run_dir, model, tokenizer, llm_mode):
+        captured["model"] = model
+        return save_weights(run_dir, model, tokenizer, llm_mode)
+
+    save_weights = trainer.save_weights
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build_for_training", build)
+        mp.setattr(trainer, "save_weights", save)
+        result = trainer.train(config)
+    return Trained(result, captured["model"], captured.get("initial"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, shapes_data, tiny_lm, tiny_vision):
+    root = tmp_path_factory.mktemp("train")
+    images = shapes_data / "images"
+
+    def make(stage_file, data_file, run, *extra):
+        return load_config(DEMO / f"{stage_file}.yaml",
+                           overrides(stage_file, tiny_lm, tiny_vision, data_file, images,
+                                     root / run, *extra))
+
+    return root, make
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(files, shapes_data) -> Trained:
+    root, make = files
+    # Four captions: every step sees the same batch, so the loss can only fall by learning.
+    data = subset(shapes_data / "pretrain.json", root / "pretrain4.json", 4)
+    return train_capturing(make("pretrain", data, "pretrain", "train.max_steps=6",
+                                "train.lr=1e-2"))
+
+
+@pytest.fixture(scope="module")
+def finetune_run(files, shapes_data, pretrain_run) -> Trained:
+    root, make = files
+    data = subset(shapes_data / "finetune.json", root / "finetune4.json", 4)
+    return train_capturing(make("finetune", data, "finetune", "train.max_steps=4",
+                                "train.lr=1e-2", f"init_from={pretrain_run.run_dir}"))
+
+
+@pytest.fixture(scope="module")
+def sft_run(files, shapes_data) -> Trained:
+    root, make = files
+    data = subset(shapes_data / "text.json", root / "text4.json", 4)
+    return train_capturing(make("lm", data, "sft", "train.max_steps=4", "train.lr=3e-3"))
+
+
+def a_batch(built, data_file: str) -> dict:
+    """The first four samples of the run's data file, collated, as the trainer sees them."""
+    config = built.config
+    dataset = trainer.build_dataset(load_config(None, [
+        f"model.llm={config.model.llm}", f"data.train={data_file}",
+        f"data.image_folder={config.data.image_folder}", f"run_dir={config.run_dir}",
+        f"data.max_length={config.data.max_length}"]), built)
+    batch = Collator(built.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    batch.pop("skipped")
+    return batch
+
+
+@torch.no_grad()
+def logits(model, batch) -> torch.Tensor:
+    model.eval()
+    return model(**batch).logits
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def test_pretrain_lowers_the_loss(pretrain_run):
+    rows = metrics(pretrain_run.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    losses = [r["loss"] for r in rows]
+    assert all(loss == loss and loss > 0 for loss in losses)  # finite, positive
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert pretrain_run.result.steps == 6
+    assert pretrain_run.result.final_loss == pytest.approx(losses[-1], abs=1e-5)
+    assert {"lr", "tokens_per_s", "memory_mb", "epoch"} <= set(rows[0])
+
+
+def test_sft_full_lowers_the_loss(sft_run):
+    losses = [r["loss"] for r in metrics(sft_run.run_dir)]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+# --------------------------------------------------------------------------- run dir layout
+
+
+def test_pretrain_run_dir_layout(pretrain_run):
+    run = pretrain_run.run_dir
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "projector"]
+    assert sorted(p.name for p in (run / "projector").iterdir()) == ["config.json", "model.safetensors"]
+    assert set(load_file(run / "projector" / "model.safetensors")) == {
+        "model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"}
+    assert json.loads((run / "projector" / "config.json").read_text()) == {
+        "vision_hidden_size": 64, "llm_hidden_size": 64, "depth": 2}
+    # The recorded config is resolved: absolute paths, the stage, what was overridden.
+    config = llava_tune.engine.build.read_run_config(run)
+    assert config.stage == "pretrain" and config.train.max_steps == 6
+    assert Path(config.model.llm).is_absolute() and Path(config.run_dir) == run
+
+
+def test_finetune_run_dir_layout(finetune_run):
+    run = finetune_run.run_dir
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.yaml", "llm_adapter", "metrics.jsonl", "projector"]
+    adapter = run / "llm_adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    keys = set(load_file(adapter / "adapter_model.safetensors"))
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), sorted(keys)[:5]
+    assert len(keys) == 2 * 2 * 7  # 2 layers x 7 linears x (A, B)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 16 and adapter_config["lora_alpha"] == 32
+    # "all-linear": every linear of every layer, the LM head not among them.
+    targets = set(adapter_config["target_modules"])
+    assert len(targets) == 2 * 7 and not any("lm_head" in t for t in targets)
+    assert {t.rsplit(".", 1)[-1] for t in targets} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_sft_full_run_dir_layout(sft_run):
+    run = sft_run.run_dir
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "llm", "metrics.jsonl"]
+    names = {p.name for p in (run / "llm").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+
+
+# --------------------------------------------------------------------------- init_from, round trip
+
+
+def test_finetune_starts_from_the_pretrained_projector(finetune_run, pretrain_run):
+    saved = load_file(pretrain_run.run_dir / "projector" / "model.safetensors")
+    for key, value in finetune_run.initial_projector.items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    # and went on training it
+    final = load_file(finetune_run.run_dir / "projector" / "model.safetensors")
+    assert not torch.equal(final["model.0.weight"], saved["model.0.weight"])
+
+
+def test_init_from_a_lora_run_keeps_training_its_adapter(files, finetune_run):
+    """A third stage started from a finetune run: the adapter loads trainable, nothing new."""
+    _, make = files
+    config = make("finetune", "unused.json", "again", f"init_from={finetune_run.run_dir}")
+    built = build_for_training(config, device="cpu")
+    names = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    lora = {n for n in names if ".lora_A." in n or ".lora_B." in n}
+    assert names - lora == {"projector.model.0.weight", "projector.model.0.bias",
+                            "projector.model.2.weight", "projector.model.2.bias"}
+    assert len(lora) == 2 * 2 * 7
+    saved = load_file(finetune_run.run_dir / "llm_adapter" / "adapter_model.safetensors")
+    params = dict(built.model.llm.named_parameters())
+    for key, value in saved.items():
+        name = key.replace(".weight", ".default.weight")
+        torch.testing.assert_close(params[name], value, rtol=0, atol=0)
+
+
+def test_pretrain_round_trip(pretrain_run, shapes_data):
+    built = llava_tune.load_run(pretrain_run.run_dir)
+    assert not any(p.requires_grad for p in built.model.parameters())
+    batch = a_batch(built, built.config.data.train)
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    expected = logits(pretrain_run.model, batch)
+    torch.testing.assert_close(logits(built.model, batch), expected, rtol=1e-5, atol=1e-5)
+    # The projector was really trained and really loaded: not the initial weights.
+    for key, value in built.model.projector.state_dict().items():
+        assert not torch.allclose(value, pretrain_run.initial_projector[key]), key
+    built.model.projector.load_state_dict(pretrain_run.initial_projector)
+    assert not torch.allclose(logits(built.model, batch), expected, atol=1e-3)
+
+
+def test_finetune_round_trip(finetune_run):
+    built = llava_tune.load_run(finetune_run.run_dir)
+    assert isinstance(built.model.llm, peft.PeftModel)
+    assert built.config.model.quantization == "4bit"
+    batch = a_batch(built, built.config.data.train)
+    expected = logits(finetune_run.model, batch)
+    got = logits(built.model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # The adapter was trained (LoRA B starts at zero) and is in use.
+    lora_b = [p for n, p in built.model.llm.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)
+    with built.model.llm.disable_adapter():
+        without = logits(built.model, batch)
+    assert not torch.allclose(without, expected, atol=1e-3)
+
+
+def test_sft_full_round_trip(sft_run, tiny_lm):
+    built = llava_tune.load_run(sft_run.run_dir)
+    assert built.model.vision is None
+    batch = a_batch(built, built.config.data.train)
+    expected = logits(sft_run.model, batch)
+    torch.testing.assert_close(logits(built.model, batch), expected, rtol=1e-5, atol=1e-5)
+    base, _ = llava_tune.load_llm(tiny_lm, device="cpu")
+    with torch.no_grad():
+        before = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(before, expected, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(files, shapes_data):
+    root, make = files
+    # 12 samples at batch 4: three batches per epoch, so step 4 resumes inside epoch 1.
+    data = subset(shapes_data / "pretrain.json", root / "pretrain12.json", 12)
+    extra = ("train.max_steps=6", "train.save_every=2", "train.lr=1e-2")
+
+    straight = trainer.train(make("pretrain", data, "straight", *extra))
+
+    def crash_at_step_5(event):
+        if event["event"] == "log" and event["step"] == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        trainer.train(make("pretrain", data, "resumed", *extra), on_event=crash_at_step_5)
+    run = root / "resumed"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-0000002", "step-0000004"]
+    checkpoint = run / "checkpoints" / "step-0000004"
+    assert {"trainable.safetensors", "optimizer.pt", "state.json"} <= {
+        p.name for p in checkpoint.iterdir()}
+    assert json.loads((checkpoint / "state.json").read_text()) == {
+        "step": 4, "epoch": 1, "batch_in_epoch": 1}
+    assert set(load_file(checkpoint / "trainable.safetensors")) == {
+        "projector.model.0.weight", "projector.model.0.bias",
+        "projector.model.2.weight", "projector.model.2.bias"}
+    assert not (run / "projector").exists()
+
+    events = []
+    resumed = trainer.train(make("pretrain", data, "resumed", *extra, "train.resume=true"),
+                            on_event=events.append)
+    assert events[0]["event"] == "start" and events[0]["step"] == 4
+    assert [e["step"] for e in events if e["event"] == "log"] == [5, 6]
+    assert resumed.steps == 6
+    # save_total_limit=2 keeps the newest two
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-0000004", "step-0000006"]
+    steps = [r["step"] for r in metrics(run)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    straight_losses = [r["loss"] for r in metrics(straight.run_dir)]
+    assert [r["loss"] for r in metrics(run)] == pytest.approx(straight_losses, abs=1e-4)
+
+    a = load_file(straight.run_dir / "projector" / "model.safetensors")
+    b = load_file(run / "projector" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
