@@ -69,7 +69,7 @@ def quantization_config(quantization: str | None, device: torch.device) -> BitsA
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=False,
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=resolve_dtype("auto", device),
         )
     if quantization == "8bit":
