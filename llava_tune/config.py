@@ -129,6 +129,10 @@ def _check_type(value: object, hint: object) -> bool:
     return isinstance(value, hint)
 
 
+def _accepts_str(hint: object) -> bool:
+    return hint is str or str in typing.get_args(hint)
+
+
 def _type_name(hint: object) -> str:
     return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
 
@@ -151,6 +155,8 @@ def _build(cls: type, data: dict, prefix: str, errors: list[str]):
             values[f.name] = _build(hint, value, f"{prefix}{f.name}.", errors)
         elif _check_type(value, hint):
             values[f.name] = float(value) if hint is float else value
+        elif _accepts_str(hint) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[f.name] = str(value)  # run_dir=2024 names a folder, not a number
         else:
             errors.append(f"{prefix}{f.name}={value!r} is not of type {_type_name(hint)}")
     return cls(**values)

@@ -189,3 +189,10 @@ def test_override_into_a_scalar_is_refused(tmp_path):
     path.write_text("train: 5\n")
     with pytest.raises(UserError, match="override train.lr: train is not a section"):
         load_config(path, ["train.lr=1"])
+
+
+def test_numeric_override_of_a_text_field_stays_text(tmp_path):
+    from llava_tune.config import load_config
+
+    config = load_config(None, ["model.llm=lm", "data.train=d.json", "run_dir=2024"])
+    assert config.run_dir == "2024"

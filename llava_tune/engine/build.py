@@ -8,7 +8,7 @@ from pathlib import Path
 import peft
 import yaml
 
-from llava_tune.config import Config, config_from_dict
+from llava_tune.config import Config, ModelConfig, config_from_dict
 from llava_tune.data.image import ImageProcessor
 from llava_tune.data.template import ChatTemplate, add_image_token, get_template
 from llava_tune.engine.stages import STAGES, set_trainable
@@ -97,6 +97,22 @@ def load_run(run_dir: str | Path, base: str | Path | None = None,
                         "with --base")
     built = _build(config, llm_path, quantization, device)
     _load_run_weights(built, run_dir)
+    built.model.eval()
+    built.model.requires_grad_(False)
+    return built
+
+
+def load_model(path: str | Path, base: str | Path | None = None,
+               quantization: str | None | bool = True, device=None) -> Built:
+    """A run dir (see `load_run`) or a plain LLM folder, ready for inference."""
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        return load_run(path, base=base, quantization=quantization, device=device)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is neither a llava-tune run dir (config.yaml) nor an LLM "
+                        "folder (config.json)")
+    config = Config(stage="sft", model=ModelConfig(llm=str(path)))
+    built = _build(config, path, None if quantization is True else quantization, device)
     built.model.eval()
     built.model.requires_grad_(False)
     return built

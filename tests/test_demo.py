@@ -1,0 +1,52 @@
+"""The embedded demo end to end (minutes): `scripts/demo.sh` must meet its accuracy targets,
+and `llava-tune chat` on its finetuned model must answer held-out images correctly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_learns_to_see(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "VIRTUAL_ENV": sys.prefix,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), str(out)], check=True, env=env,
+                   cwd=tmp_path, timeout=1800)
+
+    pretrain = json.loads((out / "pretrain" / "heldout_accuracy.json").read_text())
+    finetune = json.loads((out / "finetune" / "heldout_accuracy.json").read_text())
+    color = finetune["by_question"]["What color is the shape?"]["accuracy"]
+    shape = finetune["by_question"]["What shape is this?"]["accuracy"]
+    assert color >= 0.95 and shape >= 0.85, finetune
+    assert finetune["accuracy"] > pretrain["accuracy"]
+
+    # Run dirs hold what each stage trained: the projector alone, then projector + LoRA.
+    assert sorted(p.name for p in (out / "pretrain").iterdir() if p.is_dir()) == ["projector"]
+    assert sorted(p.name for p in (out / "finetune").iterdir() if p.is_dir()) == [
+        "llm_adapter", "projector"]
+    adapter = json.loads((out / "finetune" / "llm_adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA"
+    config = (out / "finetune" / "config.yaml").read_text()
+    assert "quantization: 4bit" in config
+
+    # chat answers like eval does, on held-out images it never trained on.
+    records = json.loads((out / "shapes" / "heldout.json").read_text())
+    color_records = [r for r in records if r["id"].endswith("-color")][:3]
+    predictions = {json.loads(line)["id"]: json.loads(line)["prediction"] for line in
+                   (out / "finetune" / "heldout_predictions.jsonl").read_text().splitlines()}
+    for record in color_records:
+        answer = subprocess.run(
+            ["llava-tune", "chat", str(out / "finetune"), "--image",
+             str(out / "shapes" / "images" / record["image"]), "--question",
+             "What color is the shape?"],
+            check=True, env=env, capture_output=True, text=True, timeout=300).stdout.strip()
+        assert answer == predictions[record["id"]]
