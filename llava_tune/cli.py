@@ -248,11 +248,14 @@ def _repl(session, args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
+    from llava_tune.data.image import load_image
     from llava_tune.engine.build import load_model
     from llava_tune.inference.chat import ChatSession
     from llava_tune.inference.generate import GenerationSettings
 
     interactive = args.question is None and sys.stdin.isatty()
+    if args.image and not interactive:
+        load_image(args.image)  # a typo should not wait for a 7B model to load
     if args.seed is not None:
         torch.manual_seed(args.seed)
     bits = {None: True, 4: "4bit", 8: "8bit"}[args.bits]
