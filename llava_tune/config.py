@@ -62,6 +62,8 @@ class DataConfig:
     num_workers: int = 0
     cache_dir: str | None = None
     """Where tokenized datasets are cached; None: no cache."""
+    pack: bool = False
+    """Pack several short samples into each max_length row (no attention across them)."""
 
 
 @dataclass

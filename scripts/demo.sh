@@ -56,4 +56,4 @@ for stage in ("pretrain", "finetune"):
     print(f"{stage:10s} {q['What color is the shape?']['accuracy']:7.3f} "
           f"{q['What shape is this?']['accuracy']:7.3f} {s['accuracy']:7.3f}")
 PY
-echo "chat with it: llava-tune eval $OUT/finetune --data YOUR.json --image-folder DIR"
+echo "chat with it: llava-tune chat $OUT/finetune --image $OUT/shapes/images/heldout/000000.png"

@@ -14,13 +14,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+ENV = {**os.environ, "VIRTUAL_ENV": sys.prefix,
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), str(out)], check=True, env=ENV,
+                   cwd=out.parent, timeout=1800)
+    return out
+
+
 @pytest.mark.slow
-def test_demo_learns_to_see(tmp_path):
-    out = tmp_path / "demo"
-    env = {**os.environ, "VIRTUAL_ENV": sys.prefix,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), str(out)], check=True, env=env,
-                   cwd=tmp_path, timeout=1800)
+def test_demo_learns_to_see(demo):
+    out, env = demo, ENV
 
     pretrain = json.loads((out / "pretrain" / "heldout_accuracy.json").read_text())
     finetune = json.loads((out / "finetune" / "heldout_accuracy.json").read_text())
@@ -50,3 +58,20 @@ def test_demo_learns_to_see(tmp_path):
              "What color is the shape?"],
             check=True, env=env, capture_output=True, text=True, timeout=300).stdout.strip()
         assert answer == predictions[record["id"]]
+
+
+@pytest.mark.slow
+def test_self_cognition_sft_on_the_demo_lm(demo, tmp_path):
+    """Issue 4's recipe on the demo's InternLM2-layout LM: it learns its new name."""
+    data = tmp_path / "self.json"
+    subprocess.run([sys.executable, str(REPO / "scripts/make_self_cognition.py"), "--name",
+                    "Nova", "--author", "Ada Lab", "--out", str(data)], check=True)
+    run = tmp_path / "nova"
+    subprocess.run(["bash", str(REPO / "scripts/sft_text.sh"), str(demo / "lm"), str(data),
+                    str(run)], check=True, env={**ENV, "CONFIG": str(REPO / "configs/demo/sft.yaml")},
+                   timeout=1200)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["llm_adapter"]
+    answer = subprocess.run(["llava-tune", "chat", str(run), "--question", "Who are you?"],
+                            check=True, env=ENV, capture_output=True, text=True,
+                            timeout=300).stdout
+    assert "Nova" in answer and "Ada Lab" in answer, answer

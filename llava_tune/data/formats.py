@@ -1,4 +1,4 @@
-"""Read conversation files into one normalized record form.
+"""Read conversation files (LLaVA/ShareGPT, OpenAI, XTuner, Alpaca) into one record form.
 
 A record is `{"id": str, "images": [relative paths], "messages": [{"role", "content"}]}`.
 Each reader checks every record and reports what is wrong with its position in the file, so
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_tune.constants import IMAGE_TOKEN
-from llava_tune.data.template import check_roles
+from llava_tune.data.template import Message, check_roles
 from llava_tune.errors import UserError
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -73,8 +73,19 @@ def read_json_records(path: Path) -> tuple[list[object], list[Problem]]:
     return records, problems
 
 
-def llava_record(raw: dict, index: int) -> dict:
-    """Normalize one LLaVA/ShareGPT record; raise ValueError with what is wrong."""
+def _images(raw: dict) -> list[str]:
+    image = raw.get("image", raw.get("images"))
+    return [] if image is None else [image] if isinstance(image, str) else list(image)
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is not a string")
+    return value
+
+
+def llava_messages(raw: dict) -> list[Message]:
+    """LLaVA/ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}."""
     turns = raw.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise ValueError("has no 'conversations' list")
@@ -85,12 +96,74 @@ def llava_record(raw: dict, index: int) -> dict:
         role = LLAVA_ROLES.get(turn["from"])
         if role is None:
             raise ValueError(f"unknown speaker {turn['from']!r}; use human or gpt")
-        if not isinstance(turn["value"], str):
-            raise ValueError("a turn's 'value' is not a string")
-        messages.append({"role": role, "content": turn["value"]})
-    image = raw.get("image")
-    images = [] if image is None else [image] if isinstance(image, str) else list(image)
-    return {"id": str(raw.get("id", index)), "images": images, "messages": messages}
+        messages.append({"role": role, "content": _text(turn["value"], "a turn's 'value'")})
+    return messages
+
+
+def openai_messages(raw: dict) -> list[Message]:
+    """OpenAI chat: {"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}."""
+    turns = raw.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("has no 'messages' list")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant"):
+            raise ValueError("a message is not {'role': system|user|assistant, 'content': ...}")
+        messages.append({"role": turn["role"],
+                         "content": _text(turn.get("content"), "a message's 'content'")})
+    return messages
+
+
+def xtuner_messages(raw: dict) -> list[Message]:
+    """XTuner: {"conversation": [{"system": ..., "input": ..., "output": ...}, ...]}."""
+    turns = raw.get("conversation")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("has no 'conversation' list")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or "input" not in turn or "output" not in turn:
+            raise ValueError("a turn is not {'input': ..., 'output': ...}")
+        if turn.get("system"):
+            messages.append({"role": "system", "content": _text(turn["system"], "'system'")})
+        messages.append({"role": "user", "content": _text(turn["input"], "'input'")})
+        messages.append({"role": "assistant", "content": _text(turn["output"], "'output'")})
+    if sum(m["role"] == "system" for m in messages) > 1 or (
+            messages[0]["role"] != "system" and any(m["role"] == "system" for m in messages)):
+        raise ValueError("only the first turn may carry a 'system' prompt")
+    return messages
+
+
+def alpaca_messages(raw: dict) -> list[Message]:
+    """Alpaca: {"instruction": ..., "input": ... (optional), "output": ..., "system": optional}."""
+    instruction = _text(raw.get("instruction"), "'instruction'")
+    extra = raw.get("input") or ""
+    question = f"{instruction}\n\n{_text(extra, 'input')}" if extra else instruction
+    messages = [{"role": "system", "content": _text(raw["system"], "'system'")}] if raw.get("system") else []
+    return messages + [{"role": "user", "content": question},
+                       {"role": "assistant", "content": _text(raw.get("output"), "'output'")}]
+
+
+FORMATS = {
+    # name: (the key that tells it, reader)
+    "llava": ("conversations", llava_messages),
+    "openai": ("messages", openai_messages),
+    "xtuner": ("conversation", xtuner_messages),
+    "alpaca": ("instruction", alpaca_messages),
+}
+FORMAT_HELP = ("'conversations' (LLaVA/ShareGPT), 'messages' (OpenAI), 'conversation' (XTuner) "
+               "or 'instruction'/'input'/'output' (Alpaca)")
+
+
+def detect_format(path: Path, raws: list[object]) -> str:
+    """The format of a file, from its first record that is a JSON object."""
+    for index, raw in enumerate(raws):
+        if isinstance(raw, dict):
+            for name, (key, _) in FORMATS.items():
+                if key in raw:
+                    return name
+            raise UserError(f"{path} record {index} has keys {sorted(raw)[:8]}, which match no "
+                            f"known format; each record needs {FORMAT_HELP}")
+    raise UserError(f"{path} holds no JSON object records")
 
 
 def check_record(record: dict) -> None:
@@ -109,10 +182,11 @@ def check_record(record: dict) -> None:
 
 
 def read_conversations(path: str | Path) -> ReadResult:
-    """Read a LLaVA-format JSON or JSONL file (records with optional `image` and
-    `conversations` of human/gpt turns)."""
+    """Read a JSON or JSONL file of conversations in any of FORMATS (detected per file);
+    images come from an `image` (or `images`) key, relative to an image folder."""
     path = Path(path)
     raws, problems = read_json_records(path)
+    read_messages = FORMATS[detect_format(path, raws)][1]
     result = ReadResult(problems=problems)
     for index, raw in enumerate(raws):
         if raw is None:
@@ -121,7 +195,8 @@ def read_conversations(path: str | Path) -> ReadResult:
         try:
             if not isinstance(raw, dict):
                 raise ValueError("is not a JSON object")
-            record = llava_record(raw, index)
+            record = {"id": str(raw.get("id", index)), "images": _images(raw),
+                      "messages": read_messages(raw)}
             check_record(record)
         except ValueError as err:
             result.problems.append(Problem(path, index, record_id, str(err)))

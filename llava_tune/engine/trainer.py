@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from llava_tune.config import Config, absolute_paths, check_paths
 from llava_tune.data.collate import Collator
-from llava_tune.data.datasets import ConversationDataset, DataReport
+from llava_tune.data.datasets import ConversationDataset, DataReport, PackedDataset
 from llava_tune.engine.build import Built, build_for_training, llm_mode
 from llava_tune.engine.checkpoint import (
     latest_checkpoint,
@@ -84,14 +84,17 @@ def drop_metrics_after(file: Path, step: int) -> None:
     write_text_atomic(file, "".join(kept))
 
 
-def build_dataset(config: Config, built: Built) -> ConversationDataset:
+def build_dataset(config: Config, built: Built) -> ConversationDataset | PackedDataset:
     vision = built.model.vision
-    return ConversationDataset(
+    dataset = ConversationDataset(
         config.data.train, built.tokenizer, built.template, config.data.max_length,
         image_folder=config.data.image_folder, image_processor=built.image_processor,
         num_image_tokens=vision.num_patches if vision is not None else 0,
         max_bad_fraction=config.data.max_bad_fraction, cache_dir=config.data.cache_dir,
     )
+    if config.data.pack:
+        return PackedDataset(dataset, config.data.max_length, seed=config.train.seed)
+    return dataset
 
 
 def train(config: Config, on_event: Callable[[Event], None] = lambda event: None) -> TrainResult:
@@ -157,8 +160,9 @@ def train(config: Config, on_event: Callable[[Event], None] = lambda event: None
                 skipped += batch.pop("skipped")
                 if "input_ids" not in batch:
                     continue
+                tokens += batch.pop("num_tokens")
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = model(**batch, use_cache=False).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.max_grad_norm:
                         accelerator.clip_grad_norm_(params, tc.max_grad_norm)
@@ -167,7 +171,6 @@ def train(config: Config, on_event: Callable[[Event], None] = lambda event: None
                     optimizer.zero_grad()
                 loss_sum += loss.item()
                 loss_count += 1
-                tokens += int(batch["attention_mask"].sum())
                 if not accelerator.sync_gradients:
                     continue
                 step += 1

@@ -1,0 +1,166 @@
+"""Text-only fine-tuning: the four data formats, packing, and image/text mixed batches."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_tune.data.collate import Collator
+from llava_tune.data.datasets import ConversationDataset, PackedDataset, pack_groups
+from llava_tune.data.formats import read_conversations
+from llava_tune.data.template import INTERNLM2_CHAT
+from llava_tune.errors import UserError
+from llava_tune.models.llm import load_llm
+
+REPO = Path(__file__).resolve().parents[1]
+EXPECTED = [{"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am Nova."},
+            {"role": "user", "content": "Who made you?"},
+            {"role": "assistant", "content": "Ada made me."}]
+
+
+def write(path: Path, records: list, jsonl: bool = False) -> Path:
+    text = "\n".join(json.dumps(r) for r in records) if jsonl else json.dumps(records)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_every_format_reads_to_the_same_messages(tmp_path, jsonl):
+    files = {
+        "openai": [{"messages": EXPECTED}],
+        "xtuner": [{"conversation": [
+            {"system": "Be kind.", "input": "Who are you?", "output": "I am Nova."},
+            {"input": "Who made you?", "output": "Ada made me."}]}],
+        "llava": [{"id": "x", "conversations": [
+            {"from": "system", "value": "Be kind."},
+            {"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": "I am Nova."},
+            {"from": "human", "value": "Who made you?"}, {"from": "gpt", "value": "Ada made me."}]}],
+    }
+    for name, records in files.items():
+        result = read_conversations(write(tmp_path / f"{name}.json", records, jsonl))
+        assert result.problems == []
+        assert result.records[0]["messages"] == EXPECTED, name
+        assert result.records[0]["images"] == []
+
+
+def test_alpaca_joins_instruction_and_input(tmp_path):
+    records = [{"instruction": "Translate.", "input": "Hallo", "output": "Hello"},
+               {"instruction": "Say hi.", "input": "", "output": "Hi", "system": "Be kind."}]
+    result = read_conversations(write(tmp_path / "a.json", records))
+    assert result.records[0]["messages"] == [
+        {"role": "user", "content": "Translate.\n\nHallo"}, {"role": "assistant", "content": "Hello"}]
+    assert result.records[1]["messages"][0] == {"role": "system", "content": "Be kind."}
+
+
+def test_unknown_format_names_file_record_and_the_known_keys(tmp_path):
+    path = write(tmp_path / "odd.json", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(UserError) as err:
+        read_conversations(path)
+    message = str(err.value)
+    assert str(path) in message and "record 0" in message and "'completion'" in message
+    for hint in ("messages", "conversation", "instruction", "conversations"):
+        assert hint in message
+
+
+@pytest.mark.parametrize("record, fragment", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant"),
+    ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]},
+     "role 'assistant' where 'user' was expected"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+     "not a string"),
+    ({"conversation": [{"input": "a", "output": "b"}, {"system": "s", "input": "c", "output": "d"}]},
+     "only the first turn"),
+])
+def test_bad_records_name_file_record_and_problem(tmp_path, record, fragment):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    if "conversation" in record:
+        good = {"conversation": [{"input": "q", "output": "a"}]}
+    path = write(tmp_path / "d.jsonl", [good, record], jsonl=True)
+    result = read_conversations(path)
+    assert len(result.records) == 1 and len(result.problems) == 1
+    message = str(result.problems[0])
+    assert f"{path} record 1" in message and fragment in message
+
+
+def test_pack_groups_never_exceed_max_length_and_keep_every_sample():
+    lengths = [5, 9, 3, 12, 7, 1, 8, 4]
+    groups = pack_groups(lengths, 16, seed=0)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 16 for g in groups)
+    assert len(groups) < len(lengths)
+
+
+@pytest.fixture(scope="module")
+def text_dataset(tmp_path_factory, tiny_lm):
+    records = [{"messages": [{"role": "user", "content": "Who are you?" * (1 + i % 3)},
+                             {"role": "assistant", "content": f"I am Nova number {i}."}]}
+               for i in range(6)]
+    path = write(tmp_path_factory.mktemp("sft") / "d.json", records)
+    model, tokenizer = load_llm(tiny_lm)
+    dataset = ConversationDataset(path, tokenizer, INTERNLM2_CHAT, max_length=256)
+    return model, tokenizer, dataset
+
+
+@pytest.mark.parametrize("row_length", [4096, 120])
+def test_packed_loss_equals_unpacked_loss(text_dataset, row_length):
+    model, tokenizer, dataset = text_dataset
+    collate = Collator(tokenizer.pad_token_id)
+    unpacked = collate([dataset[i] for i in range(len(dataset))])
+    packed_set = PackedDataset(dataset, row_length, seed=0)
+    packed = collate([packed_set[i] for i in range(len(packed_set))])
+    assert packed["input_ids"].shape[0] == (1 if row_length == 4096 else len(packed_set)) < 6
+    assert "attention_mask" not in packed and packed["num_tokens"] == unpacked["num_tokens"]
+    with torch.no_grad():
+        loss_unpacked = model(input_ids=unpacked["input_ids"], labels=unpacked["labels"],
+                              attention_mask=unpacked["attention_mask"], use_cache=False).loss
+        loss_packed = model(input_ids=packed["input_ids"], labels=packed["labels"],
+                            position_ids=packed["position_ids"], use_cache=False).loss
+    assert torch.allclose(loss_packed, loss_unpacked, atol=1e-5), (loss_packed, loss_unpacked)
+
+
+def test_packed_sample_sees_nothing_of_its_neighbours(text_dataset):
+    """Logits of the second sample in a packed row equal its logits alone."""
+    model, tokenizer, dataset = text_dataset
+    first, second = dataset[0], dataset[1]
+    row = torch.cat([first["input_ids"], second["input_ids"]])[None]
+    positions = torch.cat([torch.arange(len(first["input_ids"])),
+                           torch.arange(len(second["input_ids"]))])[None]
+    with torch.no_grad():
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits
+        alone = model(input_ids=second["input_ids"][None], use_cache=False).logits
+    assert torch.allclose(packed[0, len(first["input_ids"]):], alone[0], atol=1e-5)
+
+
+def test_mixed_image_and_text_records_train_in_one_batch(stage_overrides, shapes_data, tmp_path):
+    from llava_tune.config import load_config
+    from llava_tune.engine.trainer import train
+
+    images = json.loads((shapes_data / "finetune.json").read_text())[:6]
+    texts = json.loads((shapes_data / "text.json").read_text())[:6]
+    mixed = write(tmp_path / "mixed.json", images + texts)
+    config = load_config(REPO / "configs/demo/finetune.yaml", stage_overrides("finetune") + [
+        "init_from=null", f"data.train={mixed}", "train.max_steps=3", "train.batch_size=12",
+        "data.max_length=64"])
+    result = train(config)
+    assert result.data.kept == 12 and result.steps == 3
+    assert (Path(config.run_dir) / "llm_adapter").is_dir()
+
+
+def test_self_cognition_data_names_name_and_author(tmp_path):
+    out = tmp_path / "self.json"
+    subprocess.run([sys.executable, str(REPO / "scripts/make_self_cognition.py"), "--name", "Nova",
+                    "--author", "Ada Lab", "--out", str(out)], check=True)
+    records = read_conversations(out).records
+    questions = {r["messages"][0]["content"] for r in records}
+    assert {"Who are you?", "What is your name?", "Introduce yourself."} <= questions
+    assert len(records) >= 100
+    for record in records:
+        answer = record["messages"][-1]["content"]
+        assert "Nova" in answer and "Ada Lab" in answer
