@@ -21,6 +21,7 @@ ENV = {**os.environ, "VIRTUAL_ENV": sys.prefix,
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
+    ENV["LLAVA_TUNE_CACHE"] = str(out.parent / "cache")  # InternLM2 -> Llama conversions
     subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), str(out)], check=True, env=ENV,
                    cwd=out.parent, timeout=1800)
     return out
