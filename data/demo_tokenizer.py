@@ -21,12 +21,13 @@ import argparse
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
+
+from llava_tune.files import write_bytes_atomic, write_text_atomic
 
 CHAT_TOKENS: tuple[str, ...] = (
     "<|plugin|>",
@@ -81,24 +82,8 @@ ROUND_TRIP_PROBES: tuple[str, ...] = (
 """Strings checked to round-trip after training."""
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` atomically."""
-    text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
-    _write_bytes_atomic(path, text.encode("utf-8"))
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
 def _sentences(texts: Iterable[str]) -> Iterator[str]:
@@ -216,7 +201,7 @@ def train_tokenizer(
     sp = spm.SentencePieceProcessor(model_proto=proto)
     check_tokenizer(sp)
     out = Path(out_dir)
-    _write_bytes_atomic(out / "tokenizer.model", proto)
+    write_bytes_atomic(out / "tokenizer.model", proto)
     _write_json_atomic(out / "tokenizer_config.json", tokenizer_config(sp))
     _write_json_atomic(out / "special_tokens_map.json", special_tokens_map())
     return out

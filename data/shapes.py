@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from llava_tune.files import write_text_atomic
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 """The four shapes, in the order used for sampling."""
@@ -150,17 +151,6 @@ def color_answer(color: str) -> str:
 def shape_answer(shape: str) -> str:
     """Return the answer to the shape question, e.g. ``"It is a circle."``."""
     return f"It is a {shape}."
-
-
-def normalize_answer(text: str) -> str:
-    """Normalize an answer for exact-match scoring (SHAPES.md "Scoring").
-
-    Lower-case, strip surrounding white space and one final period, then strip again.
-    """
-    text = text.strip().lower()
-    if text.endswith("."):
-        text = text[:-1]
-    return text.strip()
 
 
 # --------------------------------------------------------------------------- images
@@ -352,19 +342,8 @@ def text_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (temporary file in the same folder + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, ensure_ascii=False, indent=1)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` as JSON to ``path`` atomically (temp file beside it, then rename)."""
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
 
 def _render_to_file(job: tuple[str, dict[str, Any], int]) -> None:

@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llava_tune.data.formats import read_conversations
     from llava_tune.data.image import load_image
     from llava_tune.engine.build import load_run
-    from llava_tune.engine.checkpoint import write_text_atomic
+    from llava_tune.files import write_text_atomic
     from llava_tune.inference.generate import (
         GenerationSettings,
         generate,

@@ -20,7 +20,8 @@ from llava_tune.models.vision import VisionTower
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 REAL_DIRS = ("internlm2_chat_1_8b", "internlm2_chat_7b")
-REAL = [c for c in CONFIGS if c.parent.name in REAL_DIRS]
+REAL = [c for c in CONFIGS if c.parent.name in REAL_DIRS and c.stem != "sft"]
+REAL_SFT = [c for c in CONFIGS if c.parent.name in REAL_DIRS and c.stem == "sft"]
 
 _COMMON = {"model_type": "internlm2", "vocab_size": 92544, "rope_theta": 1000000,
            "rope_scaling": {"type": "dynamic", "factor": 2.0}, "bias": False,
@@ -47,6 +48,18 @@ def test_configs_are_found():
             "configs/internlm2_chat_1_8b/pretrain.yaml",
             "configs/internlm2_chat_7b/finetune.yaml"} <= names
     assert len(REAL) == 4
+    assert rel(REAL_SFT[0]) == "configs/internlm2_chat_1_8b/sft.yaml"
+
+
+@pytest.mark.parametrize("path", REAL_SFT, ids=rel)
+def test_real_sft_config_is_text_only_qlora(path):
+    config = load_config(path)
+    assert (config.stage, config.model.quantization, config.train.llm) == ("sft", "4bit", "lora")
+    assert not STAGES[config.stage].vision and config.data.pack
+    published, expected_params = PUBLISHED[path.parent.name]
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(internlm2_to_llama_config(published))
+    assert sum(p.numel() for p in llm.parameters()) == pytest.approx(expected_params, rel=0.01)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=rel)

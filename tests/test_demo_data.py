@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llava_tune.inference.generate import normalize_answer
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 
 import demo_tokenizer  # noqa: E402
@@ -119,8 +121,8 @@ def test_sample_shape_ranges() -> None:
 
 
 def test_normalize_answer() -> None:
-    assert shapes.normalize_answer("  It is Red. \n") == "it is red"
-    assert shapes.normalize_answer("It is a circle") == "it is a circle"
+    assert normalize_answer("  It is Red. \n") == "it is red"
+    assert normalize_answer("It is a circle") == "it is a circle"
 
 
 # --------------------------------------------------------------------------- dataset files

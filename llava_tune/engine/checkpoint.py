@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import peft
@@ -14,33 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava_tune.config import Config, config_to_yaml
+from llava_tune.files import atomic_dir, write_text_atomic
 from llava_tune.models.llava import LlavaModel
-
-
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; on success it replaces `target` in one rename,
-    so a crash never leaves a half-written folder under the real name."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_config(run_dir: Path, config: Config) -> None:
@@ -52,8 +24,7 @@ def save_weights(run_dir: Path, model: LlavaModel, tokenizer, llm_mode: str) -> 
     """What later stages, chat and export need: projector/, llm_adapter/ (LoRA) or llm/
     (fully trained LLM, with its tokenizer)."""
     if model.projector is not None:
-        with atomic_dir(run_dir / "projector") as tmp:
-            model.projector.save(tmp)
+        model.projector.save(run_dir / "projector")
     if isinstance(model.llm, peft.PeftModel):
         with atomic_dir(run_dir / "llm_adapter") as tmp:
             model.llm.save_pretrained(tmp)

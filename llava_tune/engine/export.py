@@ -7,8 +7,8 @@ from pathlib import Path
 import peft
 
 from llava_tune.engine.build import read_run_config
-from llava_tune.engine.checkpoint import atomic_dir
 from llava_tune.errors import UserError
+from llava_tune.files import atomic_dir
 from llava_tune.models.internlm2 import save_internlm2_checkpoint
 from llava_tune.models.llm import load_llm
 

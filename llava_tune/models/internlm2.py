@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from llava_tune.errors import UserError
+from llava_tune.files import atomic_dir
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -388,29 +388,6 @@ def _is_complete(path: Path) -> bool:
     return True
 
 
-def _new_temp_dir(dst: Path) -> Path:
-    # Beside dst, so the final rename stays on one filesystem (and so is atomic).
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private to this user
-    return tmp
-
-
-def _publish(tmp: Path, dst: Path) -> None:
-    """Rename the finished ``tmp`` to ``dst``, replacing an old ``dst`` only once tmp is complete.
-
-    POSIX cannot swap directories atomically, so the old one is renamed aside first; readers
-    see either the old or the new folder, or briefly none, never a half-written one.
-    """
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_internlm2_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Write the InternLM2 checkpoint in ``src`` as a transformers Llama checkpoint in ``dst``.
 
@@ -429,8 +406,7 @@ def convert_internlm2_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Pat
             f'"model_type": "internlm2"); point to the downloaded InternLM2 folder'
         )
     cfg = _read_config(src)
-    tmp = _new_temp_dir(dst)
-    try:
+    with atomic_dir(dst) as tmp:
         weight_map: dict[str, str] = {}
         total_size = 0
         names = []
@@ -455,13 +431,6 @@ def convert_internlm2_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Pat
         elif names != [SAFE_WEIGHTS]:
             os.replace(tmp / names[0], tmp / SAFE_WEIGHTS)  # one shard is a plain model.safetensors
         internlm2_to_llama_config(cfg).save_pretrained(tmp)
-        if _is_complete(dst):  # another process finished first; keep its copy
-            shutil.rmtree(tmp)
-            return dst
-        _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -481,13 +450,8 @@ def save_internlm2_checkpoint(
     out_dir = Path(out_dir)
     internlm2_cfg = llama_to_internlm2_config(cfg)
     tensors = llama_to_internlm2_state_dict(state_dict, cfg)
-    tmp = _new_temp_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         _save_shard(tensors, tmp / SAFE_WEIGHTS)
         (tmp / CONFIG_NAME).write_text(json.dumps(internlm2_cfg, indent=2) + "\n")
         for file in extra_files:
             shutil.copy2(file, tmp / Path(file).name)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -7,7 +7,6 @@ XTuner's ProjectorModel, so keys read `model.0.weight`, `model.2.weight`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llava_tune.errors import UserError
+from llava_tune.files import atomic_dir
 
 
 class Projector(nn.Module):
@@ -33,15 +33,11 @@ class Projector(nn.Module):
         return self.model(features)
 
     def save(self, directory: str | Path) -> None:
-        """config.json + model.safetensors, each written to a temp file then renamed."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "model.safetensors.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp)
-        os.replace(tmp, directory / "model.safetensors")
-        tmp = directory / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config, indent=2))
-        os.replace(tmp, directory / "config.json")
+        """config.json + model.safetensors; the folder appears complete or not at all."""
+        with atomic_dir(directory) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                      tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps(self.config, indent=2))
 
     def load(self, directory: str | Path) -> None:
         """Load weights saved by `save`; a shape that does not fit names both shapes."""
