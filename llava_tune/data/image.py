@@ -41,7 +41,8 @@ class ImageProcessor:
         self.size = size
         self.mean = tuple(mean)
         self.std = tuple(std)
-        self.fill = tuple(int(round(255 * m)) for m in self.mean)
+        # Truncated like LLaVA's expand2square and transformers' LlavaImageProcessor.
+        self.fill = tuple(int(255 * m) for m in self.mean)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = expand_to_square(image.convert("RGB"), self.fill)

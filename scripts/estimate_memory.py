@@ -1,0 +1,93 @@
+"""Estimate the GPU memory of the real-size recipes (an estimate, not a measurement).
+
+    python scripts/estimate_memory.py [CONFIG ...]     (default: configs/internlm2_chat_*/*.yaml)
+
+Counts parameters on the meta device (nothing is allocated) and adds up, per GPU:
+4-bit linear weights at ~0.53 bytes/parameter (NF4 + double-quantized scales), embeddings and
+LM head in bf16, the vision tower in fp32, 16 bytes per trainable parameter (fp32 weight,
+gradient, two Adam moments), checkpointed activations (one bf16 hidden state per layer per
+token, plus one layer's recomputation) and the logits (bf16, their fp32 upcast and gradient)
+of a full batch at the sequence length the stage needs. CUDA context and fragmentation
+(typically 1-2 GB) come on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from llava_tune.config import load_config
+from llava_tune.engine.stages import STAGES
+from llava_tune.models.internlm2 import internlm2_to_llama_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 2**30
+INTERNLM2 = {  # published config.json values
+    "1_8b": {"num_hidden_layers": 24, "hidden_size": 2048, "num_attention_heads": 16,
+             "num_key_value_heads": 8, "intermediate_size": 8192},
+    "7b": {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "intermediate_size": 14336},
+}
+
+
+def vision_tower(name: str) -> tuple[int, int, int]:
+    """(parameters, width, image tokens) of an open_clip visual tower, built on meta."""
+    import open_clip
+
+    visual = open_clip.create_model(name, device="meta").visual
+    grid = visual.grid_size
+    return sum(p.numel() for p in visual.parameters()), visual.transformer.width, grid[0] * grid[1]
+
+
+def estimate(config_file: Path) -> dict[str, float]:
+    config = load_config(config_file)
+    size = config_file.parent.name.removeprefix("internlm2_chat_")
+    cfg = internlm2_to_llama_config({"model_type": "internlm2", "vocab_size": 92544,
+                                     "rope_theta": 1000000, "bias": False, **INTERNLM2[size]})
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(cfg)
+    embed = 2 * cfg.vocab_size * cfg.hidden_size
+    linear = sum(p.numel() for p in llm.parameters()) - embed - cfg.hidden_size * (2 * cfg.num_hidden_layers + 1)
+    bytes_per_linear = 0.53 if config.model.quantization == "4bit" else 2
+    weights = linear * bytes_per_linear + embed * 2
+    vision = STAGES[config.stage].vision
+    vision_params, vision_width, image_tokens = vision_tower(config.model.vision.name) if vision else (0, 0, 0)
+    trainable = 0
+    if vision:
+        h = cfg.hidden_size
+        trainable += vision_width * h + h + h * h + h
+    mode = config.train.llm or STAGES[config.stage].llm
+    if mode == "lora":
+        r = config.train.lora.r
+        per_layer = sum(r * (m.in_features + m.out_features) for m in llm.model.layers[0].modules()
+                        if isinstance(m, torch.nn.Linear))
+        trainable += per_layer * cfg.num_hidden_layers
+    elif mode == "full":
+        trainable += linear + embed
+    tokens = config.train.batch_size * (image_tokens + 64 if config.stage == "pretrain"
+                                        else config.data.max_length)
+    activations = tokens * cfg.hidden_size * 2 * (cfg.num_hidden_layers + 8) \
+        + tokens * cfg.intermediate_size * 2 * 3
+    logits = tokens * cfg.vocab_size * (2 + 4 + 4)
+    parts = {"weights": weights + vision_params * 4,
+             "trainable": trainable * 16, "activations": activations, "logits": logits}
+    return {k: v / GB for k, v in parts.items()} | {"total": sum(parts.values()) / GB}
+
+
+def main() -> None:
+    logging.disable(logging.WARNING)  # open_clip: "no pretrained weights" is the point here
+    files = [Path(a) for a in sys.argv[1:]] or sorted(ROOT.glob("configs/internlm2_chat_*/*.yaml"))
+    print(f"{'config':42s} {'weights':>8s} {'train':>8s} {'activ.':>8s} {'logits':>8s} {'total':>8s}  (GB, estimates)")
+    for file in files:
+        e = estimate(file)
+        name = str(file.relative_to(ROOT)) if file.is_absolute() else str(file)
+        print(f"{name:42s} {e['weights']:8.1f} {e['trainable']:8.1f} {e['activations']:8.1f} "
+              f"{e['logits']:8.1f} {e['total']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
