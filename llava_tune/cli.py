@@ -122,6 +122,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_xtuner(args: argparse.Namespace) -> int:
+    from llava_tune.engine.xtuner import import_xtuner
+
+    path = import_xtuner(args.xtuner_dir, args.run_dir, llm=args.llm, vision_name=args.vision,
+                         vision_pretrained=args.vision_weights,
+                         vision_config_file=args.vision_config, feature_layer=args.feature_layer)
+    print(f"imported {args.xtuner_dir} as run dir {path}")
+    return 0
+
+
 CHAT_HELP = """commands:
   /image PATH   attach or switch the image (starts a new conversation)
   /reset        start a new conversation (keeps the image)
@@ -337,9 +347,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's model in another layout")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
-    p.add_argument("--format", required=True, choices=["llm", "internlm2"])
+    p.add_argument("--format", required=True, choices=["llm", "internlm2", "hf-llava", "xtuner"],
+                   help="llm: merged transformers checkpoint; internlm2: merged, InternLM2 "
+                   "layout; hf-llava: the whole model as transformers LlavaForConditionalGeneration "
+                   "+ AutoProcessor; xtuner: projector/ + llm_adapter/ in XTuner's LLaVA layout")
     p.add_argument("--base", help="base LLM folder, when it moved since training")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-xtuner", help="turn XTuner's LLaVA output (projector/, "
+                       "llm_adapter/) into a run dir for chat, eval, export or init_from")
+    p.add_argument("xtuner_dir", help="folder with XTuner's projector/ and llm_adapter/")
+    p.add_argument("run_dir", help="new run dir to write")
+    p.add_argument("--llm", required=True, help="the base InternLM2 folder XTuner trained on")
+    p.add_argument("--vision", required=True,
+                   help="open_clip name of the vision tower (e.g. ViT-L-14-336-quickgelu)")
+    p.add_argument("--vision-weights", help="local weights file of the vision tower")
+    p.add_argument("--vision-config", help="open_clip model config JSON to register first")
+    p.add_argument("--feature-layer", type=int, default=-2,
+                   help="vision block whose patch features feed the projector (default -2)")
+    p.set_defaults(func=cmd_import_xtuner)
     return parser
 
 

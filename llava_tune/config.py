@@ -22,7 +22,8 @@ class VisionConfig:
     name: str = "ViT-L-14-336-quickgelu"
     """open_clip model name (OpenAI CLIP weights need the -quickgelu variant)."""
     pretrained: str | None = None
-    """Local weights file; None initializes randomly (tests, demo)."""
+    """Local open_clip weights file, or a Hugging Face CLIP folder (e.g.
+    openai/clip-vit-large-patch14-336 as downloaded); None initializes randomly (tests, demo)."""
     config_file: str | None = None
     """open_clip model config JSON to register first (model name = the file's stem)."""
     feature_layer: int = -2
@@ -263,8 +264,9 @@ def check_paths(config: Config, needs_images: bool) -> list[str]:
     if needs_images and config.data.image_folder and not Path(config.data.image_folder).is_dir():
         errors.append(f"data.image_folder {config.data.image_folder} not found")
     vision = config.model.vision
-    if needs_images and vision.pretrained and not Path(vision.pretrained).is_file():
-        errors.append(f"model.vision.pretrained file {vision.pretrained} not found")
+    if needs_images and vision.pretrained and not Path(vision.pretrained).exists():
+        errors.append(f"model.vision.pretrained {vision.pretrained} not found (an open_clip "
+                      "weights file or a Hugging Face CLIP folder)")
     if needs_images and vision.config_file and not Path(vision.config_file).is_file():
         errors.append(f"model.vision.config_file {vision.config_file} not found")
     if config.init_from and not (Path(config.init_from) / "config.yaml").is_file():

@@ -5,7 +5,7 @@
 set -euo pipefail
 SIZE="${SIZE:-1_8b}"                                              # 1_8b or 7b
 LLM="${LLM:-models/internlm2-chat-${SIZE}}"
-VISION="${VISION:-models/clip-vit-large-patch14-336/open_clip_pytorch_model.bin}"
+VISION="${VISION:-models/clip-vit-large-patch14-336}"           # HF CLIP folder or open_clip file
 PRETRAIN="${PRETRAIN:-runs/internlm2-chat-${SIZE}-pretrain}"      # stage 1's run dir
 DATA="${DATA:-data/llava_finetune/llava_v1_5_mix665k.json}"       # LLaVA-Instruct mix
 IMAGES="${IMAGES:-data/llava_finetune/images}"

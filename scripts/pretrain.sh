@@ -5,7 +5,7 @@
 set -euo pipefail
 SIZE="${SIZE:-1_8b}"                                              # 1_8b or 7b
 LLM="${LLM:-models/internlm2-chat-${SIZE}}"                       # local InternLM2-chat folder
-VISION="${VISION:-models/clip-vit-large-patch14-336/open_clip_pytorch_model.bin}"
+VISION="${VISION:-models/clip-vit-large-patch14-336}"           # HF CLIP folder or open_clip file
 DATA="${DATA:-data/llava_pretrain/blip_laion_cc_sbu_558k.json}"   # LLaVA-Pretrain captions
 IMAGES="${IMAGES:-data/llava_pretrain/images}"
 RUN="${RUN:-runs/internlm2-chat-${SIZE}-pretrain}"

@@ -1,4 +1,5 @@
-"""Write a run's LLM in other layouts: transformers Llama (`llm`) or InternLM2 (`internlm2`)."""
+"""Write a run in other layouts: its merged LLM as transformers Llama (`llm`) or InternLM2
+(`internlm2`), the whole model as transformers Llava (`hf-llava`), or XTuner's (`xtuner`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 import peft
 
 from llava_tune.engine.build import read_run_config
+from llava_tune.engine.hf_llava import export_hf_llava
+from llava_tune.engine.xtuner import export_xtuner
 from llava_tune.errors import UserError
 from llava_tune.files import atomic_dir
 from llava_tune.models.internlm2 import save_internlm2_checkpoint
@@ -37,11 +40,15 @@ def merged_llm(run_dir: Path, base: str | Path | None = None):
 def export(run_dir: str | Path, out_dir: str | Path, fmt: str, base: str | Path | None = None) -> Path:
     """Export the run's (merged) LLM; returns `out_dir`. Written atomically."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if fmt == "xtuner":
+        return export_xtuner(run_dir, out_dir, base=base)
     model, tokenizer, base_dir = merged_llm(run_dir, base)
     if fmt == "llm":
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+    elif fmt == "hf-llava":
+        export_hf_llava(run_dir, out_dir, model, tokenizer)
     elif fmt == "internlm2":
         if not (base_dir / "tokenizer.model").is_file():
             raise UserError(f"the internlm2 format needs InternLM2's tokenizer.model, which the "
@@ -49,5 +56,5 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, base: str | Path 
         tokenizer_files = [base_dir / name for name in TOKENIZER_FILES if (base_dir / name).is_file()]
         save_internlm2_checkpoint(model.state_dict(), model.config, out_dir, tokenizer_files)
     else:
-        raise UserError(f"unknown export format {fmt!r}; use llm or internlm2")
+        raise UserError(f"unknown export format {fmt!r}; use llm, internlm2, hf-llava or xtuner")
     return out_dir

@@ -9,16 +9,22 @@ import torch
 from torch import nn
 
 from llava_tune.errors import UserError
+from llava_tune.models.clip_convert import open_clip_from_hf_dir
 
 
 def create_open_clip(name: str, pretrained: str | None = None, config_file: str | None = None) -> nn.Module:
     """The visual part of an open_clip model, frozen and in eval mode.
 
-    `pretrained` is a local weights file (None: random init, for tests and the demo);
+    `pretrained` is a local weights file (None: random init, for tests and the demo), or a
+    Hugging Face CLIP folder (e.g. a download of openai/clip-vit-large-patch14-336); a folder's
+    own config.json defines the tower, so `name` and `config_file` are then ignored.
     `config_file` registers a model config JSON first, named after the file's stem.
     """
     import open_clip
 
+    if pretrained is not None and Path(pretrained).is_dir():
+        # Any folder goes here: one in neither layout gets an error describing the HF layout.
+        return open_clip_from_hf_dir(pretrained)
     if config_file is not None:
         if not Path(config_file).is_file():
             raise UserError(f"vision config file {config_file} not found")
