@@ -48,7 +48,8 @@ def test_configs_are_found():
             "configs/internlm2_chat_1_8b/pretrain.yaml",
             "configs/internlm2_chat_7b/finetune.yaml"} <= names
     assert len(REAL) == 4
-    assert rel(REAL_SFT[0]) == "configs/internlm2_chat_1_8b/sft.yaml"
+    assert [rel(c) for c in REAL_SFT] == ["configs/internlm2_chat_1_8b/sft.yaml",
+                                          "configs/internlm2_chat_7b/sft.yaml"]
 
 
 @pytest.mark.parametrize("path", REAL_SFT, ids=rel)

@@ -76,3 +76,38 @@ def test_self_cognition_sft_on_the_demo_lm(demo, tmp_path):
                             check=True, env=ENV, capture_output=True, text=True,
                             timeout=300).stdout
     assert "Nova" in answer and "Ada Lab" in answer, answer
+
+
+@pytest.mark.slow
+def test_hf_llava_export_of_the_demo_answers_like_eval(demo, tmp_path):
+    """Issue 5: through plain transformers, the exported demo model scores what eval scored."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_tune.inference.generate import normalize_answer
+
+    out = tmp_path / "hf"
+    subprocess.run(["llava-tune", "export", str(demo / "finetune"), str(out), "--format",
+                    "hf-llava"], check=True, env=ENV, timeout=600)
+    processor = AutoProcessor.from_pretrained(out)
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    records = json.loads((demo / "shapes" / "heldout.json").read_text())[:100]
+    predictions = {json.loads(line)["id"]: json.loads(line) for line in
+                   (demo / "finetune" / "heldout_predictions.jsonl").read_text().splitlines()}
+    ours = theirs = 0
+    for record in records:
+        question = record["conversations"][0]["value"].replace("<image>\n", "")
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        image = Image.open(demo / "shapes" / "images" / record["image"])
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        truth = normalize_answer(record["conversations"][1]["value"])
+        theirs += normalize_answer(answer) == truth
+        ours += predictions[record["id"]]["correct"]
+    # eval ran the 4-bit base the adapter trained on; the export merges into full precision.
+    assert abs(theirs - ours) <= 3 and theirs >= 90, (theirs, ours)

@@ -80,3 +80,21 @@ def test_hf_llava_refuses_a_text_only_run(stage_overrides, tmp_path, capsys):
     assert main(["train", str(REPO / "configs/demo/lm.yaml"), *overrides]) == 0
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf"), "--format", "hf-llava"]) == 2
     assert "text-only run" in capsys.readouterr().err
+
+
+def test_internlm2_export_runs_in_internlm2s_own_forward(finetune_run, tmp_path):
+    """The internlm2 export, run by a reference InternLM2 forward written from the
+    architecture (tests/test_internlm2.py), equals the llm export run by transformers."""
+    from safetensors.torch import load_file
+    from test_internlm2 import reference_internlm2_logits
+
+    internlm2, llm = tmp_path / "internlm2", tmp_path / "llm"
+    assert main(["export", str(finetune_run), str(internlm2), "--format", "internlm2"]) == 0
+    assert main(["export", str(finetune_run), str(llm), "--format", "llm"]) == 0
+    cfg = json.loads((internlm2 / "config.json").read_text())
+    assert cfg["model_type"] == "internlm2" and (internlm2 / "tokenizer.model").is_file()
+    ids = torch.tensor([[1, 8, 20, 30, 40, 7, 19]])
+    theirs = reference_internlm2_logits(load_file(internlm2 / "model.safetensors"), cfg, ids)
+    exported = LlamaForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(theirs, exported(ids).logits, atol=1e-5)
