@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -145,7 +146,9 @@ def _build(cls: type, data: dict, prefix: str, errors: list[str]):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            errors.append(f"unknown key {prefix}{key}")
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            errors.append(f"unknown key {prefix}{key}{hint}")
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
