@@ -122,15 +122,19 @@ def train(config: Config, on_event: Callable[[Event], None] = lambda event: None
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True,
                         collate_fn=Collator(built.tokenizer.pad_token_id),
                         num_workers=config.data.num_workers)
-    steps_per_epoch = max(1, len(loader) // tc.grad_accum)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"nothing trains in stage {config.stage} with train.llm={llm_mode(config)}")
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    # The model is already on its device (4-bit weights must not move); the loader is
+    # prepared first so that an epoch counts this process's share of the batches.
+    model, optimizer, loader = accelerator.prepare(
+        model, optimizer, loader, device_placement=[False, True, True])
+    steps_per_epoch = max(1, len(loader) // tc.grad_accum)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    # Stepped by us once per optimizer step (accelerate's wrapper would step it once per
+    # process), so the schedule spans exactly total_steps on any number of GPUs.
     scheduler = cosine_with_warmup(optimizer, round(tc.warmup_ratio * total_steps), total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(
-        model, optimizer, loader, scheduler, device_placement=[False, True, True, True])
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if tc.resume and (checkpoint := latest_checkpoint(run_dir)):
@@ -167,7 +171,8 @@ def train(config: Config, on_event: Callable[[Event], None] = lambda event: None
                     if accelerator.sync_gradients and tc.max_grad_norm:
                         accelerator.clip_grad_norm_(params, tc.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
                     optimizer.zero_grad()
                 loss_sum += loss.item()
                 loss_count += 1
