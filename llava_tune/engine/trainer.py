@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -141,16 +142,21 @@ def train(config: Config, on_event: Callable[[Event], None] = lambda event: None
         state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
 
-    save_config(run_dir, config)
+    main_process = accelerator.is_main_process
+    if not main_process:  # one progress bar and one metrics.jsonl, however many GPUs
+        on_event = lambda event: None  # noqa: E731
+    if main_process:
+        save_config(run_dir, config)
     unwrapped = accelerator.unwrap_model(model)
     on_event({"event": "start", "run_dir": str(run_dir), "stage": config.stage,
               "llm": llm_mode(config), "parameters": parameter_counts(unwrapped),
               "data": dataset.report, "total_steps": total_steps, "step": step,
               "device": str(accelerator.device)})
 
-    if step:
+    if step and main_process:
         drop_metrics_after(run_dir / "metrics.jsonl", step)
-    metrics_file = open(run_dir / "metrics.jsonl", "a" if step else "w", encoding="utf-8")
+    metrics_file = open(run_dir / "metrics.jsonl" if main_process else os.devnull,
+                        "a" if step else "w", encoding="utf-8")
     skipped: list[tuple[str, str]] = []
     model.train()
     loss_sum, loss_count, tokens, window_start = 0.0, 0, 0, time.perf_counter()
@@ -181,10 +187,14 @@ def train(config: Config, on_event: Callable[[Event], None] = lambda event: None
                 step += 1
                 if step % tc.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_start
-                    last_loss = loss_sum / loss_count
+                    # Mean loss and summed tokens over all processes.
+                    window = accelerator.reduce(torch.tensor(
+                        [loss_sum / max(loss_count, 1), float(tokens)], device=accelerator.device),
+                        reduction="sum")
+                    last_loss = window[0].item() / accelerator.num_processes
                     record = {"step": step, "epoch": epoch, "loss": round(last_loss, 5),
                               "lr": scheduler.get_last_lr()[0],
-                              "tokens_per_s": round(tokens / elapsed, 1),
+                              "tokens_per_s": round(window[1].item() / elapsed, 1),
                               "memory_mb": round(peak_memory_mb(), 1)}
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
