@@ -164,3 +164,23 @@ def test_self_cognition_data_names_name_and_author(tmp_path):
     for record in records:
         answer = record["messages"][-1]["content"]
         assert "Nova" in answer and "Ada Lab" in answer
+
+
+@pytest.mark.parametrize("fmt", ["openai", "xtuner", "alpaca", "llava"])
+def test_every_format_trains_a_text_only_run(fmt, stage_overrides, tmp_path):
+    from llava_tune.config import load_config
+    from llava_tune.engine.trainer import train
+
+    record = {
+        "openai": {"messages": EXPECTED},
+        "xtuner": {"conversation": [{"input": "Who are you?", "output": "I am Nova."}]},
+        "alpaca": {"instruction": "Who are you?", "input": "", "output": "I am Nova."},
+        "llava": {"conversations": [{"from": "human", "value": "Who are you?"},
+                                    {"from": "gpt", "value": "I am Nova."}]},
+    }[fmt]
+    data = write(tmp_path / f"{fmt}.jsonl", [record] * 4, jsonl=True)
+    config = load_config(REPO / "configs/demo/sft.yaml", stage_overrides("lm") + [
+        f"data.train={data}", "train.max_steps=2", "train.batch_size=2", "data.max_length=128"])
+    result = train(config)
+    assert (result.data.kept, result.steps) == (4, 2)
+    assert (Path(config.run_dir) / "llm_adapter" / "adapter_model.safetensors").is_file()
