@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from llava_tune.errors import UserError
+from llava_tune.models.internlm2 import checkpoint_files
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionConfig
@@ -115,20 +116,6 @@ def _square(value: Any, what: str, path: Path) -> int:
     return int(value)
 
 
-def _weight_files(path: Path) -> list[Path]:
-    """The checkpoint files of a folder: one file, or the shards an index names."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (path / single).is_file():
-            return [path / single]
-        if (path / index_name).is_file():
-            weight_map = json.loads((path / index_name).read_text()).get("weight_map", {})
-            return [path / name for name in sorted(set(weight_map.values()))]
-    present = sorted(p.name for p in path.iterdir())
-    raise UserError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin "
-                    f"(or a sharded index of either); found {present}")
-
-
 def _tower_key(key: str) -> str | None:
     """The tower-relative name of a checkpoint key (`vision_model.` stripped if present;
     `visual_projection.weight` kept), or None for a key that is not a vision weight."""
@@ -144,9 +131,7 @@ def _load_vision_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]
     neither vision nor known text/head keys (a sign of another layout)."""
     tensors: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
-    for file in _weight_files(path):
-        if not file.is_file():
-            raise UserError(f"weights shard {file} named in {path}'s index is missing")
+    for file in checkpoint_files(path):
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 

@@ -320,19 +320,22 @@ def _shards_from_index(path: Path, index_name: str) -> list[str]:
     return shards
 
 
-def _checkpoint_files(path: Path) -> list[str]:
-    """Weight file names of the checkpoint in ``path``, in load order; all exist."""
+def checkpoint_files(path: Path) -> list[Path]:
+    """Weight files of the checkpoint in ``path``, in load order, all present: a single
+    ``model.safetensors`` / ``pytorch_model.bin`` or the shards of their index."""
     if (path / SAFE_WEIGHTS).is_file():
-        return [SAFE_WEIGHTS]
+        return [path / SAFE_WEIGHTS]
     if (path / SAFE_INDEX).is_file():
-        return _shards_from_index(path, SAFE_INDEX)
+        return [path / name for name in _shards_from_index(path, SAFE_INDEX)]
     if (path / BIN_WEIGHTS).is_file():
-        return [BIN_WEIGHTS]
+        return [path / BIN_WEIGHTS]
     if (path / BIN_INDEX).is_file():
-        return _shards_from_index(path, BIN_INDEX)
+        return [path / name for name in _shards_from_index(path, BIN_INDEX)]
+    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     raise UserError(
-        f"no model weights in {path}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or "
-        f"{BIN_INDEX}; point to a complete checkpoint folder or re-download it"
+        f"no model weights in {path}: expected {SAFE_WEIGHTS} or {BIN_WEIGHTS} (or a sharded "
+        f"index of either); found {present}; point to a complete checkpoint folder or "
+        "re-download it"
     )
 
 
@@ -346,12 +349,12 @@ def iter_checkpoint_shards(
     before any work. Raises UserError naming the missing file.
     """
     path = Path(path)
-    for name in _checkpoint_files(path):
-        if name.endswith(".safetensors"):
-            yield name, load_file(path / name, device="cpu")
+    for file in checkpoint_files(path):
+        if file.suffix == ".safetensors":
+            yield file.name, load_file(file, device="cpu")
         else:
             # weights_only: a .bin is a pickle, and unpickling arbitrary objects runs code.
-            yield name, torch.load(path / name, map_location="cpu", weights_only=True)
+            yield file.name, torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _safetensors_name(shard: str) -> str:
@@ -382,7 +385,7 @@ def _is_complete(path: Path) -> bool:
     if not (path / CONFIG_NAME).is_file():
         return False
     try:
-        _checkpoint_files(path)
+        checkpoint_files(path)
     except UserError:
         return False
     return True
