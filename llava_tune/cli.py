@@ -212,6 +212,14 @@ def _chat_command(session, line: str) -> bool:
     return True
 
 
+def _chat_line(session, line: str, stream: bool, verbose: bool) -> bool:
+    """One input line, a /command or a question; False means leave."""
+    if line.startswith("/"):
+        return _chat_command(session, line)
+    _chat_turn(session, line, stream, verbose)
+    return True
+
+
 def _repl(session, args: argparse.Namespace) -> int:
     import readline  # noqa: F401  (line editing and history for input())
 
@@ -238,11 +246,8 @@ def _repl(session, args: argparse.Namespace) -> int:
             if not line:
                 continue
             try:
-                if line.startswith("/"):
-                    if not _chat_command(session, line):
-                        break
-                    continue
-                _chat_turn(session, line, stream=not args.no_stream, verbose=args.verbose)
+                if not _chat_line(session, line, not args.no_stream, args.verbose):
+                    break
             except UserError as err:
                 print(f"error: {err}", file=sys.stderr)
             except KeyboardInterrupt:
@@ -295,12 +300,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         line = line.strip()
         if not line:
             continue
-        if line.startswith("/"):
-            if not _chat_command(session, line):
-                break
-            continue
-        _chat_turn(session, line, stream, args.verbose)
-        print()
+        if not _chat_line(session, line, stream, args.verbose):
+            break
+        if not line.startswith("/"):
+            print()  # a blank line ends each piped answer
     return 0
 
 
