@@ -97,9 +97,7 @@ def load_run(run_dir: str | Path, base: str | Path | None = None,
                         "with --base")
     built = _build(config, llm_path, quantization, device)
     _load_run_weights(built, run_dir)
-    built.model.eval()
-    built.model.requires_grad_(False)
-    return built
+    return _for_inference(built)
 
 
 def load_model(path: str | Path, base: str | Path | None = None,
@@ -112,7 +110,11 @@ def load_model(path: str | Path, base: str | Path | None = None,
         raise UserError(f"{path} is neither a llava-tune run dir (config.yaml) nor an LLM "
                         "folder (config.json)")
     config = Config(stage="sft", model=ModelConfig(llm=str(path)))
-    built = _build(config, path, None if quantization is True else quantization, device)
+    return _for_inference(_build(config, path, None if quantization is True else quantization,
+                                 device))
+
+
+def _for_inference(built: Built) -> Built:
     built.model.eval()
     built.model.requires_grad_(False)
     return built
