@@ -1,13 +1,29 @@
-"""llava-tune: give an InternLM2 chat model eyes (LLaVA-style pretrain + QLoRA finetune)."""
+"""llava-tune: give an InternLM2 chat model eyes (LLaVA-style pretrain + QLoRA finetune).
 
-import logging
+The public API loads lazily, so `import llava_tune` (and `llava-tune --help`) does not
+import torch:
 
-# bitsandbytes announces on import that an optional CPU kernel could not be fetched from a
-# model hub; llava-tune never downloads at run time, so that notice only misleads.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    llava_tune.load_llm(path, quantization=None, dtype=None) -> (model, tokenizer)
+    llava_tune.load_run(run_dir, base=None, quantization=True) -> Built (.model, .tokenizer, ...)
+"""
 
-from llava_tune.engine.build import load_run  # noqa: E402
-from llava_tune.models.llm import load_llm  # noqa: E402
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 __all__ = ["load_llm", "load_run"]
 __version__ = "0.1.0"
+
+_LAZY = {"load_llm": "llava_tune.build.llm", "load_run": "llava_tune.build.model"}
+
+if TYPE_CHECKING:
+    from llava_tune.build.llm import load_llm
+    from llava_tune.build.model import load_run
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llava_tune' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from llava_tune.errors import UserError
 
 STAGE_NAMES = ("pretrain", "finetune", "sft")
 LLM_MODES = ("frozen", "lora", "full")
+VISION_MODES = ("frozen", "lora", "full")
 
 
 @dataclass
@@ -54,6 +55,18 @@ class LoraConfig:
 
 
 @dataclass
+class VisionLoraConfig:
+    """LoRA on the vision tower; the defaults are XTuner's LLaVA recipe."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    """"all-linear": every Linear of the tower's attention and MLP (q_proj, k_proj, v_proj,
+    out_proj, c_fc, c_proj; transformers' CLIP names fc1 and fc2 are accepted for the MLP)."""
+
+
+@dataclass
 class DataConfig:
     train: str = ""
     """LLaVA-format JSON or JSONL."""
@@ -66,6 +79,11 @@ class DataConfig:
     """Where tokenized datasets are cached; None: no cache."""
     pack: bool = False
     """Pack several short samples into each max_length row (no attention across them)."""
+    group_by_length: bool = False
+    """Batch samples of similar length (image and text-only samples apart), as LLaVA's
+    group_by_modality_length does: less padding without packing."""
+    eval: str | None = None
+    """Held-out data (same formats as `train`) for the validation loss."""
 
 
 @dataclass
@@ -73,6 +91,9 @@ class TrainConfig:
     llm: str | None = None
     """frozen, lora or full; None takes the stage's default."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    vision: str | None = None
+    """The vision tower: frozen, lora or full; None takes the stage's default (frozen)."""
+    vision_lora: VisionLoraConfig = field(default_factory=VisionLoraConfig)
     epochs: float = 1.0
     max_steps: int | None = None
     """Optimizer steps; overrides epochs when set."""
@@ -89,6 +110,8 @@ class TrainConfig:
     log_every: int = 10
     save_every: int | None = None
     """Steps between resumable checkpoints; None: only the final weights."""
+    eval_every: int | None = None
+    """Steps between validation-loss evaluations on data.eval (always at the end too)."""
     save_total_limit: int = 2
     resume: bool = False
     """Continue from the newest checkpoint in run_dir/checkpoints."""
@@ -99,7 +122,8 @@ class Config:
     stage: str = "finetune"
     run_dir: str = ""
     init_from: str | None = None
-    """An earlier run dir whose projector (and adapter, when present) this run starts from."""
+    """An earlier run dir this run starts from: everything it trained (projector, adapters,
+    full weights) carries over, or the run refuses to start."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -209,6 +233,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise UserError(f"config file {path} not found")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; save the config as UTF-8") from None
         except yaml.YAMLError as err:
             raise UserError(f"{path} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
@@ -241,6 +267,11 @@ def validate(config: Config) -> list[str]:
                       "or train.llm=lora")
     if config.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         errors.append(f"train.mixed_precision={config.train.mixed_precision!r}; use auto, no, bf16 or fp16")
+    if config.train.vision is not None and config.train.vision not in VISION_MODES:
+        errors.append(f"train.vision={config.train.vision!r}; use one of {', '.join(VISION_MODES)}")
+    if config.stage == "sft" and config.train.vision not in (None, "frozen"):
+        errors.append(f"train.vision={config.train.vision} in stage sft, which has no vision "
+                      "tower; remove train.vision")
     if not config.model.llm:
         errors.append("model.llm is not set: give the base LLM's local folder")
     if not config.data.train:
@@ -249,11 +280,39 @@ def validate(config: Config) -> list[str]:
         errors.append("run_dir is not set: give the output folder")
     if config.model.projector_depth < 1:
         errors.append("model.projector_depth must be at least 1")
-    for name in ("batch_size", "grad_accum", "log_every"):
-        if getattr(config.train, name) < 1:
-            errors.append(f"train.{name} must be at least 1")
+    tc = config.train
+    for name in ("batch_size", "grad_accum", "log_every", "save_total_limit"):
+        if getattr(tc, name) < 1:
+            errors.append(f"train.{name}={getattr(tc, name)} must be at least 1")
+    for name in ("max_steps", "save_every", "eval_every"):
+        if getattr(tc, name) is not None and getattr(tc, name) < 1:
+            errors.append(f"train.{name}={getattr(tc, name)} must be at least 1 (or null)")
+    if tc.epochs <= 0:
+        errors.append(f"train.epochs={tc.epochs} must be above 0 (or set train.max_steps)")
+    if tc.lr <= 0:
+        errors.append(f"train.lr={tc.lr} must be above 0 (e.g. 2e-4)")
+    if not 0 <= tc.warmup_ratio < 1:
+        errors.append(f"train.warmup_ratio={tc.warmup_ratio} must be in [0, 1)")
+    if tc.weight_decay < 0:
+        errors.append(f"train.weight_decay={tc.weight_decay} must be 0 or more")
+    if tc.max_grad_norm < 0:
+        errors.append(f"train.max_grad_norm={tc.max_grad_norm} must be 0 (off) or more")
+    for prefix, lora in (("train.lora", tc.lora), ("train.vision_lora", tc.vision_lora)):
+        if lora.r < 1:
+            errors.append(f"{prefix}.r={lora.r} must be at least 1 (e.g. 64)")
+        if lora.alpha <= 0:
+            errors.append(f"{prefix}.alpha={lora.alpha} must be above 0 (e.g. 16)")
+        if not 0 <= lora.dropout < 1:
+            errors.append(f"{prefix}.dropout={lora.dropout} must be in [0, 1)")
     if config.data.max_length < 8:
-        errors.append("data.max_length must be at least 8")
+        errors.append(f"data.max_length={config.data.max_length} must be at least 8")
+    if not 0 <= config.data.max_bad_fraction <= 1:
+        errors.append(f"data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1]")
+    if config.data.num_workers < 0:
+        errors.append(f"data.num_workers={config.data.num_workers} must be 0 or more")
+    if config.data.pack and config.data.group_by_length:
+        errors.append("data.pack and data.group_by_length both set; packing already fills rows, "
+                      "pick one")
     return errors
 
 
@@ -264,6 +323,8 @@ def check_paths(config: Config, needs_images: bool) -> list[str]:
         errors.append(f"model.llm folder {config.model.llm} not found")
     if config.data.train and not Path(config.data.train).is_file():
         errors.append(f"data.train file {config.data.train} not found")
+    if config.data.eval and not Path(config.data.eval).is_file():
+        errors.append(f"data.eval file {config.data.eval} not found")
     if needs_images and config.data.image_folder and not Path(config.data.image_folder).is_dir():
         errors.append(f"data.image_folder {config.data.image_folder} not found")
     vision = config.model.vision
@@ -289,7 +350,7 @@ def absolute_paths(config: Config) -> Config:
         config.model.vision, pretrained=absolute(config.model.vision.pretrained),
         config_file=absolute(config.model.vision.config_file))
     config.data = dataclasses.replace(
-        config.data, train=absolute(config.data.train),
+        config.data, train=absolute(config.data.train), eval=absolute(config.data.eval),
         image_folder=absolute(config.data.image_folder),
         cache_dir=absolute(config.data.cache_dir))
     config.run_dir = absolute(config.run_dir)
@@ -301,9 +362,10 @@ def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
-def config_from_dict(data: dict) -> Config:
+def config_from_dict(data: dict, source: str | os.PathLike = "run config") -> Config:
+    """A Config from a mapping (a run dir's config.yaml); type problems raise UserError."""
     errors: list[str] = []
     config = _build(Config, data, "", errors)
     if errors:
-        raise UserError("run config problems:\n  " + "\n  ".join(errors))
+        raise UserError(f"problems in {source}:\n  " + "\n  ".join(errors))
     return config

@@ -1,13 +1,17 @@
-"""Atomic writes: a file or folder appears complete under its name, or not at all."""
+"""Files: atomic writes (a file or folder appears complete under its name, or not at all) and
+JSON reading with errors that name the file."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from llava_tune.errors import UserError
 
 
 @contextmanager
@@ -53,3 +57,22 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def read_json(file: str | os.PathLike, what: str = "", fix: str = "restore or re-download it") -> dict:
+    """A JSON object from `file`; a missing, non-UTF-8, invalid or non-object file raises
+    UserError naming the file, `what` it is and the `fix`."""
+    file = Path(file)
+    label = f"{what} {file}" if what else str(file)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{label} not found; {fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{label} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{label} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                        f"{err.msg}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{label} must hold a JSON object; {fix}")
+    return data

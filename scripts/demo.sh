@@ -14,7 +14,7 @@ START=$SECONDS
 step() { echo; echo "== $1 ($(( SECONDS - START ))s so far)"; }
 
 step "1/6 demo data, tokenizer, random tiny LM and vision tower -> $OUT"
-python data/make_demo.py "$OUT" --train "${DEMO_TRAIN:-6000}" --heldout 200
+python -m llava_tune.demo "$OUT" --train "${DEMO_TRAIN:-6000}" --heldout 200
 
 step "2/6 train the tiny LM on the demo's text (full training) and save it as InternLM2"
 llava-tune train configs/demo/lm.yaml model.llm="$OUT/lm-init" \

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "data"))
+from llava_tune.demo import make as make_demo
+from llava_tune.demo import shapes
 
-import make_demo  # noqa: E402
-import shapes  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2}

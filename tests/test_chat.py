@@ -19,10 +19,11 @@ import pytest
 import torch
 import yaml
 
-from llava_tune.cli import _Printer, main
+from llava_tune.build.llm import load_tokenizer
+from llava_tune.cli import main
+from llava_tune.cli.chat import _Printer
 from llava_tune.data.template import ChatTemplate, get_template
 from llava_tune.inference.chat import ChatSession
-from llava_tune.models.llm import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
@@ -94,7 +95,7 @@ def start(env: dict, model: Path, *args) -> subprocess.Popen:
     """Start `llava-tune chat MODEL ARGS...` with stdin a pipe (never a terminal); several
     may run at once, which saves their start-up time on a multi-core machine."""
     return subprocess.Popen(
-        [sys.executable, "-m", "llava_tune.cli", "chat", str(model), *map(str, args)],
+        [sys.executable, "-m", "llava_tune", "chat", str(model), *map(str, args)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         encoding="utf-8", env=env, cwd=REPO)
 
@@ -115,7 +116,7 @@ def chat(env: dict, model: Path, *args, stdin: str = "") -> subprocess.Completed
 
 def spawn(env: dict, model: Path, *args) -> tuple[pexpect.spawn, io.StringIO]:
     """`llava-tune chat` on a pseudo-terminal, and everything it writes there."""
-    child = pexpect.spawn(sys.executable, ["-m", "llava_tune.cli", "chat", str(model),
+    child = pexpect.spawn(sys.executable, ["-m", "llava_tune", "chat", str(model),
                                            *map(str, args)],
                           env=env, cwd=str(REPO), encoding="utf-8", timeout=120,
                           dimensions=(50, 500))

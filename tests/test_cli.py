@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
+from llava_tune.build.llm import load_llm
 from llava_tune.cli import main
 from llava_tune.config import Config, valid_keys
-from llava_tune.models.internlm2 import is_internlm2_dir
-from llava_tune.models.llm import load_llm
+from llava_tune.convert.internlm2 import is_internlm2_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"

@@ -9,15 +9,16 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from llava_tune.errors import UserError
-from llava_tune.models.clip_convert import (
+from llava_tune.convert.open_clip import (
     OPENAI_MEAN,
     OPENAI_STD,
+    create_open_clip,
     hf_clip_vision_state_dict,
     is_hf_clip_dir,
     open_clip_from_hf_dir,
 )
-from llava_tune.models.vision import VisionTower, create_open_clip
+from llava_tune.errors import UserError
+from llava_tune.models.vision import VisionTower
 
 VISION = {"image_size": 32, "patch_size": 16, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 3, "num_attention_heads": 4}

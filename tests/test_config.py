@@ -115,7 +115,7 @@ def test_all_problems_reported_together(base_yaml):
     assert "train.batch_size='big' is not of type int" in problems
     assert any(p.startswith("stage='pretrian'") and "pretrain, finetune, sft" in p for p in problems)
     assert any(p.startswith("train.mixed_precision='fp8'") for p in problems)
-    assert "data.max_length must be at least 8" in problems
+    assert "data.max_length=4 must be at least 8" in problems
     assert len(problems) == 5
 
 

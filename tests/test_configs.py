@@ -11,11 +11,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from llava_tune.config import check_paths, load_config
-from llava_tune.engine.stages import STAGES
-from llava_tune.models.internlm2 import internlm2_to_llama_config
+from llava_tune.convert.internlm2 import internlm2_to_llama_config
 from llava_tune.models.llava import LlavaModel
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
+from llava_tune.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

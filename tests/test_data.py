@@ -11,14 +11,14 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
+from llava_tune.build.llm import load_tokenizer
 from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset
 from llava_tune.data.formats import read_conversations
 from llava_tune.data.image import ImageProcessor, expand_to_square, load_image
-from llava_tune.data.template import INTERNLM2_CHAT
+from llava_tune.data.template import INTERNLM2_CHAT, add_image_token
 from llava_tune.errors import UserError
-from llava_tune.models.llm import load_tokenizer
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,7 +27,10 @@ N_IMG = 4  # image slots per image
 
 @pytest.fixture
 def tok(tiny_lm):
-    return load_tokenizer(tiny_lm)  # fresh: datasets add <image> to it
+    """The tiny LM's tokenizer with <image> added, as stages with a vision tower have it."""
+    tokenizer = load_tokenizer(tiny_lm)
+    add_image_token(tokenizer)
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -204,13 +207,15 @@ def test_shapes_items(shapes_data, tok, sp, processor):
     assert ds.lengths()[0] == len(ds[0]["input_ids"])
 
 
-def test_text_only_dataset_without_vision(shapes_data, tok):
+def test_text_only_dataset_without_vision(shapes_data, tiny_lm):
+    tok = load_tokenizer(tiny_lm)
+    vocab = tok.get_vocab()
     ds = ConversationDataset(shapes_data / "text.json", tok, INTERNLM2_CHAT, max_length=512)
     assert len(ds) == 200
     item = ds[0]
-    assert item["pixel_values"] is None
+    assert set(item) == {"id", "input_ids", "labels"}
     assert IMAGE_TOKEN_INDEX not in item["input_ids"].tolist()
-    assert "<image>" not in tok.get_vocab()  # no image, no image token
+    assert tok.get_vocab() == vocab  # the dataset leaves the tokenizer as it was
 
 
 def many_records(n: int) -> list[dict]:
@@ -310,20 +315,24 @@ def test_collator_pads_right_and_stacks_images(tmp_path, shapes_data, tok, proce
     items = [ds[0], ds[1], ds[2]]
     batch = Collator(pad_token_id=tok.pad_token_id)(items)
     lengths = [len(item["input_ids"]) for item in items]
-    assert batch["skipped"] == []
-    assert batch["input_ids"].shape == (3, max(lengths))
-    assert batch["input_ids"].dtype == torch.long
+    assert batch.skipped == []
+    assert batch.input_ids.shape == (3, max(lengths))
+    assert batch.input_ids.dtype == torch.long
     for row, (item, n) in enumerate(zip(items, lengths, strict=True)):
-        assert torch.equal(batch["input_ids"][row, :n], item["input_ids"])
-        assert torch.equal(batch["labels"][row, :n], item["labels"])
-        assert (batch["input_ids"][row, n:] == tok.pad_token_id).all()
-        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
-        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
-    assert batch["pixel_values"].shape == (2, 3, 32, 32)
-    assert torch.equal(batch["pixel_values"][0], items[0]["pixel_values"][0])
-    assert torch.equal(batch["pixel_values"][1], items[1]["pixel_values"][0])
+        assert torch.equal(batch.input_ids[row, :n], item["input_ids"])
+        assert torch.equal(batch.labels[row, :n], item["labels"])
+        assert (batch.input_ids[row, n:] == tok.pad_token_id).all()
+        assert (batch.labels[row, n:] == IGNORE_INDEX).all()
+        assert batch.attention_mask[row].tolist() == [1] * n + [0] * (max(lengths) - n)
+    assert batch.num_tokens == sum(lengths)
+    # Label tokens as the causal shift counts them: position 0 never carries one.
+    assert batch.num_label_tokens == sum(int((item["labels"][1:] != IGNORE_INDEX).sum())
+                                         for item in items)
+    assert batch.pixel_values.shape == (2, 3, 32, 32)
+    assert torch.equal(batch.pixel_values[0], items[0]["pixel_values"][0])
+    assert torch.equal(batch.pixel_values[1], items[1]["pixel_values"][0])
     text_only = Collator(tok.pad_token_id)([ds[2]])
-    assert text_only["pixel_values"] is None
+    assert text_only.pixel_values is None
 
 
 def test_unreadable_image_becomes_a_skipped_entry(tmp_path, shapes_data, tok, processor):
@@ -340,10 +349,16 @@ def test_unreadable_image_becomes_a_skipped_entry(tmp_path, shapes_data, tok, pr
     assert set(bad) == {"id", "error"} and bad["id"] == "bad"
     assert str(folder / "corrupt.png") in bad["error"] and "cannot be read" in bad["error"]
     batch = Collator(tok.pad_token_id)([ds[0], bad])
-    assert batch["skipped"] == [("bad", bad["error"])]
-    assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
-    assert torch.equal(batch["input_ids"][0], ds[0]["input_ids"])
-    assert Collator(tok.pad_token_id)([bad]) == {"skipped": [("bad", bad["error"])]}
+    assert batch.skipped == [("bad", bad["error"])]
+    assert batch.input_ids.shape[0] == 1 and batch.pixel_values.shape[0] == 1
+    assert torch.equal(batch.input_ids[0], ds[0]["input_ids"])
+    # A batch whose every sample failed still has a row (one token, no loss), so that every
+    # process of a multi-process run runs the same forward and backward.
+    alone = Collator(tok.pad_token_id)([bad])
+    assert alone.skipped == [("bad", bad["error"])]
+    assert alone.input_ids.shape == (1, 1) and alone.num_tokens == 0
+    assert alone.num_label_tokens == 0 and (alone.labels == IGNORE_INDEX).all()
+    assert alone.pixel_values is None
 
 
 # --------------------------------------------------------------------------- images

@@ -1,4 +1,4 @@
-"""Fast checks of the embedded demo's data generator and tokenizer (data/shapes.py, data/demo_tokenizer.py)."""
+"""Fast checks of the embedded demo's data generator and tokenizer (llava_tune/demo/)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,16 @@ import json
 import math
 import random
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 from PIL import Image
 
+from llava_tune.demo import shapes
+from llava_tune.demo import tokenizer as demo_tokenizer
 from llava_tune.inference.generate import normalize_answer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-
-import demo_tokenizer  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-import shapes  # noqa: E402
 
 WHITE = (255, 255, 255)
 

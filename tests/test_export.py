@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
 
+from llava_tune.build.llm import load_llm
+from llava_tune.build.model import load_run
 from llava_tune.cli import main
 from llava_tune.constants import IMAGE_TOKEN_INDEX
-from llava_tune.engine.build import load_run
-from llava_tune.models.llm import load_llm
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What color is the shape?"
@@ -50,7 +50,7 @@ def test_hf_llava_export_matches_our_logits_and_answers(finetune_run, shapes_dat
     assert torch.allclose(inputs["pixel_values"], pixels, atol=1e-5)
     with torch.no_grad():
         theirs = model(**inputs).logits[0]
-        mine = ours.model(input_ids=torch.tensor([expanded]), pixel_values=pixels).logits[0]
+        mine = ours.model.logits(torch.tensor([expanded]), pixels)[0]
     assert torch.allclose(theirs[:, : mine.shape[-1]], mine, atol=1e-4)
 
     generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)

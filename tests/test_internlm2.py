@@ -1,6 +1,6 @@
 """InternLM2 <-> Llama conversion, checked against an InternLM2 forward written from the architecture.
 
-The reference below deliberately shares no code with llava_tune.models.internlm2: it reads the
+The reference below deliberately shares no code with llava_tune.convert.internlm2: it reads the
 packed wqkv the way InternLM2's own modeling code does, so a wrong split shows up as wrong logits.
 """
 
@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llava_tune.errors import UserError
-from llava_tune.models.internlm2 import (
+from llava_tune.convert.internlm2 import (
     convert_internlm2_dir,
     internlm2_to_llama_config,
     internlm2_to_llama_tensors,
@@ -28,6 +27,7 @@ from llava_tune.models.internlm2 import (
     llama_to_internlm2_state_dict,
     save_internlm2_checkpoint,
 )
+from llava_tune.errors import UserError
 
 # config.json of internlm2-chat-7b as published (minus transformers_version).
 PUBLISHED_7B = {

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llava_tune
+from llava_tune.build.llm import converted_internlm2_dir, load_tokenizer
+from llava_tune.convert.internlm2 import internlm2_to_llama_config, internlm2_to_llama_tensors
 from llava_tune.errors import UserError
-from llava_tune.models.internlm2 import internlm2_to_llama_config, internlm2_to_llama_tensors
-from llava_tune.models.llm import converted_internlm2_dir, load_tokenizer
 
 IDS = torch.tensor([[1, 8, 40, 100, 7, 300, 200, 19, 3], [1, 5, 6, 7, 8, 9, 10, 11, 12]])
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -10,10 +10,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llava_tune.constants import IMAGE_TOKEN_INDEX
+from llava_tune.convert.open_clip import create_open_clip
+from llava_tune.convert.projector import load_projector, save_projector
 from llava_tune.errors import UserError
 from llava_tune.models.llava import merge_image_features
 from llava_tune.models.projector import Projector
-from llava_tune.models.vision import VisionTower, create_open_clip
+from llava_tune.models.vision import VisionTower
 
 # --------------------------------------------------------------------------- merge
 
@@ -97,7 +99,7 @@ def test_projector_depth_one_is_a_single_linear():
 def test_projector_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     projector = Projector(6, 10)
-    projector.save(tmp_path / "projector")
+    save_projector(projector, tmp_path / "projector")
 
     assert sorted(p.name for p in (tmp_path / "projector").iterdir()) == [
         "config.json", "model.safetensors"]
@@ -110,31 +112,32 @@ def test_projector_save_load_round_trip(tmp_path):
     other = Projector(6, 10)
     x = torch.randn(4, 6)
     assert not torch.allclose(other(x), projector(x))
-    other.load(tmp_path / "projector")
+    load_projector(other, tmp_path / "projector")
     for key, value in projector.state_dict().items():
         torch.testing.assert_close(other.state_dict()[key], value, rtol=0, atol=0)
     torch.testing.assert_close(other(x), projector(x), rtol=0, atol=0)
 
 
 def test_projector_load_into_other_width_names_both_shapes(tmp_path):
-    Projector(6, 10).save(tmp_path / "p")
+    save_projector(Projector(6, 10), tmp_path / "p")
     # Another LLM width: the first differing tensor is named with both shapes.
-    with pytest.raises(UserError, match=r"has shape \(10,?\), this model expects \(12,?\)"):
-        Projector(6, 12).load(tmp_path / "p")
+    with pytest.raises(UserError, match=r"has shape \(10, 6\), expected \(12, 6\)"):
+        load_projector(Projector(6, 12), tmp_path / "p")
     # Another vision width: only model.0.weight differs.
     with pytest.raises(UserError) as err:
-        Projector(8, 10).load(tmp_path / "p")
+        load_projector(Projector(8, 10), tmp_path / "p")
     message = str(err.value)
     assert "model.0.weight" in message
     assert "(10, 6)" in message and "(10, 8)" in message
 
 
 def test_projector_load_other_depth_or_missing_dir(tmp_path):
-    Projector(6, 10, depth=1).save(tmp_path / "p")
-    with pytest.raises(UserError, match="model.2"):
-        Projector(6, 10, depth=2).load(tmp_path / "p")
+    save_projector(Projector(6, 10, depth=1), tmp_path / "p")
+    # The fix is named: the depth to set.
+    with pytest.raises(UserError, match="has depth 1.*set model.projector_depth=1"):
+        load_projector(Projector(6, 10, depth=2), tmp_path / "p")
     with pytest.raises(UserError, match="not found"):
-        Projector(6, 10).load(tmp_path / "nothing")
+        load_projector(Projector(6, 10), tmp_path / "nothing")
 
 
 # --------------------------------------------------------------------------- vision tower

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from llava_tune.build.llm import load_llm
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset, PackedDataset, pack_groups
 from llava_tune.data.formats import read_conversations
 from llava_tune.data.template import INTERNLM2_CHAT
+from llava_tune.models.llava import LlavaModel
 from llava_tune.errors import UserError
-from llava_tune.models.llm import load_llm
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = [{"role": "system", "content": "Be kind."},
@@ -115,14 +116,21 @@ def test_packed_loss_equals_unpacked_loss(text_dataset, row_length):
     unpacked = collate([dataset[i] for i in range(len(dataset))])
     packed_set = PackedDataset(dataset, row_length, seed=0)
     packed = collate([packed_set[i] for i in range(len(packed_set))])
-    assert packed["input_ids"].shape[0] == (1 if row_length == 4096 else len(packed_set)) < 6
-    assert "attention_mask" not in packed and packed["num_tokens"] == unpacked["num_tokens"]
+    assert packed.input_ids.shape[0] == (1 if row_length == 4096 else len(packed_set)) < 6
+    assert packed.attention_mask is None and packed.num_tokens == unpacked.num_tokens
+    assert packed.num_label_tokens == unpacked.num_label_tokens > 0
+    llava = LlavaModel(model)  # the training forward: summed loss over the label tokens
     with torch.no_grad():
-        loss_unpacked = model(input_ids=unpacked["input_ids"], labels=unpacked["labels"],
-                              attention_mask=unpacked["attention_mask"], use_cache=False).loss
-        loss_packed = model(input_ids=packed["input_ids"], labels=packed["labels"],
-                            position_ids=packed["position_ids"], use_cache=False).loss
-    assert torch.allclose(loss_packed, loss_unpacked, atol=1e-5), (loss_packed, loss_unpacked)
+        out_unpacked = llava(**unpacked.model_inputs())
+        out_packed = llava(**packed.model_inputs())
+    assert out_packed.num_tokens.item() == out_unpacked.num_tokens.item() == packed.num_label_tokens
+    assert torch.allclose(out_packed.loss_sum, out_unpacked.loss_sum, rtol=1e-5), (
+        out_packed.loss_sum, out_unpacked.loss_sum)
+    # and the sum is the plain cross-entropy of the whole logits
+    logits = model(input_ids=unpacked.input_ids, attention_mask=unpacked.attention_mask).logits
+    reference = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), unpacked.labels[:, 1:].flatten(), reduction="sum")
+    assert torch.allclose(out_unpacked.loss_sum, reference, rtol=1e-5)
 
 
 def test_packed_sample_sees_nothing_of_its_neighbours(text_dataset):
@@ -140,7 +148,7 @@ def test_packed_sample_sees_nothing_of_its_neighbours(text_dataset):
 
 def test_mixed_image_and_text_records_train_in_one_batch(stage_overrides, shapes_data, tmp_path):
     from llava_tune.config import load_config
-    from llava_tune.engine.trainer import train
+    from llava_tune.training.loop import train
 
     images = json.loads((shapes_data / "finetune.json").read_text())[:6]
     texts = json.loads((shapes_data / "text.json").read_text())[:6]
@@ -169,7 +177,7 @@ def test_self_cognition_data_names_name_and_author(tmp_path):
 @pytest.mark.parametrize("fmt", ["openai", "xtuner", "alpaca", "llava"])
 def test_every_format_trains_a_text_only_run(fmt, stage_overrides, tmp_path):
     from llava_tune.config import load_config
-    from llava_tune.engine.trainer import train
+    from llava_tune.training.loop import train
 
     record = {
         "openai": {"messages": EXPECTED},

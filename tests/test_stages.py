@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from llava_tune.config import load_config
-from llava_tune.engine.build import build_for_training, llm_mode
-from llava_tune.engine.stages import parameter_counts, trainable_names
+from llava_tune.stages import llm_mode, parameter_counts, trainable_names
+from llava_tune.training.setup import build_for_training
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 LAYERS = 2  # conftest's TINY_LM
@@ -25,7 +25,7 @@ PEFT_PREFIX = "llm.base_model.model."
 
 def build(stage_overrides, stage_file: str, *extra: str):
     config = load_config(DEMO / f"{stage_file}.yaml", stage_overrides(stage_file) + list(extra))
-    return build_for_training(config, device="cpu")
+    return build_for_training(config, device="cpu")[0]
 
 
 def linear_names(modules=ATTENTION + MLP) -> list[str]:

@@ -12,6 +12,7 @@ import re
 import pytest
 import sentencepiece as spm
 
+from llava_tune.build.llm import load_tokenizer
 from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_tune.data.template import (
     INTERNLM2_CHAT,
@@ -21,7 +22,6 @@ from llava_tune.data.template import (
     get_template,
 )
 from llava_tune.errors import UserError
-from llava_tune.models.llm import load_tokenizer
 
 SPECIALS = ("<s>", "<|im_start|>", "<|im_end|>")
 

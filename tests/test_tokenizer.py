@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from llava_tune.build.llm import load_tokenizer
+from llava_tune.convert.sentencepiece import sentencepiece_to_fast
+from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.errors import UserError
-from llava_tune.models.llm import INTERNLM2_CHAT_TEMPLATE, load_tokenizer, sentencepiece_to_fast
 
 WORDS = ("the quick brown fox jumps over a lazy dog while red green blue circles and squares "
          "shape color picture image what which is it this that hello world answer question "
@@ -130,7 +132,7 @@ def test_bos_added_once_no_eos(tok, sp):
 
 
 def test_chat_template_renders_internlm2_format(tok, sp):
-    assert tok.chat_template == INTERNLM2_CHAT_TEMPLATE
+    assert tok.chat_template == INTERNLM2_CHAT.jinja
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "what color"},
                 {"role": "assistant", "content": "red"},

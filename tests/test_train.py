@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 
 import llava_tune
 from llava_tune.config import load_config
-from llava_tune.data.collate import Collator
-from llava_tune.engine import trainer
-from llava_tune.engine.build import build_for_training
+from llava_tune.data.collate import Batch, Collator
+from llava_tune.rundir import read_run_config
+from llava_tune.training import events as ev
+from llava_tune.training.loop import fit, train
+from llava_tune.training.setup import build_dataset, build_for_training, setup
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 SMALL = ["train.batch_size=4", "data.max_length=64", "train.log_every=1", "train.warmup_ratio=0"]
@@ -43,34 +45,26 @@ def metrics(run_dir: Path) -> list[dict]:
 class Trained:
     """A finished run plus the in-memory model it ended with and its projector at the start."""
 
-    def __init__(self, result, model, initial_projector):
+    def __init__(self, result, model, initial_projector, events):
         self.result = result
         self.run_dir = result.run_dir
         self.model = model
         self.initial_projector = initial_projector
+        self.events = events
 
 
 def train_capturing(config) -> Trained:
-    """Run `trainer.train`, keeping the trained model (as handed to save_weights) and the
-    projector weights it started from."""
-    captured = {}
-
-    def build(config, device=None):
-        built = build_for_training(config, device)
-        if built.model.projector is not None:
-            captured["initial"] = {k: v.clone() for k, v in built.model.projector.state_dict().items()}
-        return built
-
-    def save(run_dir, model, tokenizer, llm_mode):
-        captured["model"] = model
-        return save_weights(run_dir, model, tokenizer, llm_mode)
-
-    save_weights = trainer.save_weights
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "build_for_training", build)
-        mp.setattr(trainer, "save_weights", save)
-        result = trainer.train(config)
-    return Trained(result, captured["model"], captured.get("initial"))
+    """setup + fit, keeping the trained model and the projector weights it started from."""
+    run = setup(config)
+    projector = run.built.model.projector
+    initial = ({k: v.clone() for k, v in projector.state_dict().items()}
+               if projector is not None else None)
+    events = []
+    try:
+        result = fit(run, events.append)
+    finally:
+        run.close()
+    return Trained(result, run.accelerator.unwrap_model(run.model), initial, events)
 
 
 @pytest.fixture(scope="module")
@@ -110,22 +104,20 @@ def sft_run(files, shapes_data) -> Trained:
     return train_capturing(make("lm", data, "sft", "train.max_steps=4", "train.lr=3e-3"))
 
 
-def a_batch(built, data_file: str) -> dict:
+def a_batch(built, data_file: str) -> Batch:
     """The first four samples of the run's data file, collated, as the trainer sees them."""
     config = built.config
-    dataset = trainer.build_dataset(load_config(None, [
+    dataset = build_dataset(load_config(None, [
         f"model.llm={config.model.llm}", f"data.train={data_file}",
         f"data.image_folder={config.data.image_folder}", f"run_dir={config.run_dir}",
-        f"data.max_length={config.data.max_length}"]), built)
-    batch = Collator(built.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
-    batch.pop("skipped")
-    return batch
+        f"data.max_length={config.data.max_length}"]), built, data_file)
+    return Collator(built.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
 
 
 @torch.no_grad()
-def logits(model, batch) -> torch.Tensor:
+def logits(model, batch: Batch) -> torch.Tensor:
     model.eval()
-    return model(**batch).logits
+    return model.logits(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask)
 
 
 # --------------------------------------------------------------------------- loss
@@ -153,14 +145,16 @@ def test_sft_full_lowers_the_loss(sft_run):
 
 def test_pretrain_run_dir_layout(pretrain_run):
     run = pretrain_run.run_dir
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "projector"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "COMPLETE", "config.yaml", "loss.png", "metrics.jsonl", "projector"]
+    assert json.loads((run / "COMPLETE").read_text())["parts"] == ["projector"]
     assert sorted(p.name for p in (run / "projector").iterdir()) == ["config.json", "model.safetensors"]
     assert set(load_file(run / "projector" / "model.safetensors")) == {
         "model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"}
     assert json.loads((run / "projector" / "config.json").read_text()) == {
         "vision_hidden_size": 64, "llm_hidden_size": 64, "depth": 2}
     # The recorded config is resolved: absolute paths, the stage, what was overridden.
-    config = llava_tune.engine.build.read_run_config(run)
+    config = read_run_config(run)
     assert config.stage == "pretrain" and config.train.max_steps == 6
     assert Path(config.model.llm).is_absolute() and Path(config.run_dir) == run
 
@@ -168,7 +162,7 @@ def test_pretrain_run_dir_layout(pretrain_run):
 def test_finetune_run_dir_layout(finetune_run):
     run = finetune_run.run_dir
     assert sorted(p.name for p in run.iterdir()) == [
-        "config.yaml", "llm_adapter", "metrics.jsonl", "projector"]
+        "COMPLETE", "config.yaml", "llm_adapter", "loss.png", "metrics.jsonl", "projector"]
     adapter = run / "llm_adapter"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
     keys = set(load_file(adapter / "adapter_model.safetensors"))
@@ -185,7 +179,8 @@ def test_finetune_run_dir_layout(finetune_run):
 
 def test_sft_full_run_dir_layout(sft_run):
     run = sft_run.run_dir
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "llm", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "COMPLETE", "config.yaml", "llm", "loss.png", "metrics.jsonl"]
     names = {p.name for p in (run / "llm").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
 
@@ -206,7 +201,8 @@ def test_init_from_a_lora_run_keeps_training_its_adapter(files, finetune_run):
     """A third stage started from a finetune run: the adapter loads trainable, nothing new."""
     _, make = files
     config = make("finetune", "unused.json", "again", f"init_from={finetune_run.run_dir}")
-    built = build_for_training(config, device="cpu")
+    built, carried = build_for_training(config, device="cpu")
+    assert carried == ["projector", "llm_adapter"]
     names = {n for n, p in built.model.named_parameters() if p.requires_grad}
     lora = {n for n in names if ".lora_A." in n or ".lora_B." in n}
     assert names - lora == {"projector.model.0.weight", "projector.model.0.bias",
@@ -223,7 +219,7 @@ def test_pretrain_round_trip(pretrain_run, shapes_data):
     built = llava_tune.load_run(pretrain_run.run_dir)
     assert not any(p.requires_grad for p in built.model.parameters())
     batch = a_batch(built, built.config.data.train)
-    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert batch.pixel_values.shape == (4, 3, 32, 32)
     expected = logits(pretrain_run.model, batch)
     torch.testing.assert_close(logits(built.model, batch), expected, rtol=1e-5, atol=1e-5)
     # The projector was really trained and really loaded: not the initial weights.
@@ -257,7 +253,7 @@ def test_sft_full_round_trip(sft_run, tiny_lm):
     torch.testing.assert_close(logits(built.model, batch), expected, rtol=1e-5, atol=1e-5)
     base, _ = llava_tune.load_llm(tiny_lm, device="cpu")
     with torch.no_grad():
-        before = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        before = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert not torch.allclose(before, expected, atol=1e-3)
 
 
@@ -274,14 +270,14 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(files, shapes_data)
     data = subset(shapes_data / "pretrain.json", root / "pretrain12.json", 12)
     extra = ("train.max_steps=6", "train.save_every=2", "train.lr=1e-2")
 
-    straight = trainer.train(make("pretrain", data, "straight", *extra))
+    straight = train(make("pretrain", data, "straight", *extra))
 
     def crash_at_step_5(event):
-        if event["event"] == "log" and event["step"] == 5:
+        if isinstance(event, ev.Logged) and event.step == 5:
             raise Crash
 
     with pytest.raises(Crash):
-        trainer.train(make("pretrain", data, "resumed", *extra), on_event=crash_at_step_5)
+        train(make("pretrain", data, "resumed", *extra), on_event=crash_at_step_5)
     run = root / "resumed"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step-0000002", "step-0000004"]
@@ -293,13 +289,14 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(files, shapes_data)
     assert set(load_file(checkpoint / "trainable.safetensors")) == {
         "projector.model.0.weight", "projector.model.0.bias",
         "projector.model.2.weight", "projector.model.2.bias"}
-    assert not (run / "projector").exists()
+    assert not (run / "projector").exists() and not (run / "COMPLETE").exists()
+    assert not (run / ".lock").exists()  # released when the crash ended the run
 
     events = []
-    resumed = trainer.train(make("pretrain", data, "resumed", *extra, "train.resume=true"),
-                            on_event=events.append)
-    assert events[0]["event"] == "start" and events[0]["step"] == 4
-    assert [e["step"] for e in events if e["event"] == "log"] == [5, 6]
+    resumed = train(make("pretrain", data, "resumed", *extra, "train.resume=true"),
+                    on_event=events.append)
+    assert isinstance(events[0], ev.Started) and events[0].step == 4
+    assert [e.step for e in events if isinstance(e, ev.Logged)] == [5, 6]
     assert resumed.steps == 6
     # save_total_limit=2 keeps the newest two
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [

@@ -20,11 +20,13 @@ from transformers import LlamaForCausalLM
 import llava_tune
 from llava_tune.cli import main
 from llava_tune.config import load_config
-from llava_tune.engine.build import build_for_training
-from llava_tune.engine.checkpoint import save_config, save_weights
-from llava_tune.engine.xtuner import export_xtuner, import_xtuner
+from llava_tune.convert.internlm2 import internlm2_to_llama_config, internlm2_to_llama_tensors
+from llava_tune.convert.xtuner import import_xtuner
 from llava_tune.errors import UserError
-from llava_tune.models.internlm2 import internlm2_to_llama_config, internlm2_to_llama_tensors
+from llava_tune.export import export
+from llava_tune.rundir import save_config
+from llava_tune.training.checkpoint import save_weights
+from llava_tune.training.setup import build_for_training
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 R, ALPHA = 4, 8
@@ -191,7 +193,7 @@ def test_projector_without_bias_and_without_adapter(tmp_path, tiny_lm, tiny_visi
 
 def test_export_of_an_import_gives_back_the_xtuner_adapter(imported, tiny_lm, tiny_vision):
     root, xt, run = imported
-    out = export_xtuner(run, root / "export")
+    out = export(run, root / "export", "xtuner").path
     for name in ("projector", "llm_adapter"):
         original = load_file(xt / name / next((xt / name).glob("*.safetensors")).name)
         exported = load_file(out / name / next((out / name).glob("*.safetensors")).name)
@@ -226,7 +228,7 @@ def test_independent_qkv_loras_export_by_stacking(imported, tiny_lm, tiny_vision
         state[key] = torch.randn(state[key].shape, generator=gen) * 0.2
     save_file(state, file)
 
-    out = export_xtuner(native, root / f"native-export-{rslora}")
+    out = export(native, root / f"native-export-{rslora}", "xtuner").path
     adapter_config = json.loads((out / "llm_adapter" / "adapter_config.json").read_text())
     assert (adapter_config["r"], adapter_config["lora_alpha"]) == (R, ALPHA)
     assert adapter_config["rank_pattern"] == {"wqkv": 3 * R}
@@ -251,7 +253,7 @@ def test_export_of_a_run_as_training_writes_it(tmp_path, tiny_lm, stage_override
     XTuner's adapter merged in InternLM2's layout computes what the run computes."""
     config = load_config(DEMO / "finetune.yaml",
                          [*stage_overrides("finetune"), "model.quantization=null", "init_from="])
-    built = build_for_training(config, device="cpu")
+    built, _ = build_for_training(config, device="cpu")
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, param in built.model.llm.named_parameters():
@@ -259,9 +261,9 @@ def test_export_of_a_run_as_training_writes_it(tmp_path, tiny_lm, stage_override
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
     run = Path(config.run_dir)
     save_config(run, config)
-    save_weights(run, built.model, built.tokenizer, "lora")
+    save_weights(run, built.model, built, steps=0)
 
-    out = export_xtuner(run, tmp_path / "export")
+    out = export(run, tmp_path / "export", "xtuner").path
     adapter_config = json.loads((out / "llm_adapter" / "adapter_config.json").read_text())
     assert adapter_config["target_modules"] == ["w1", "w2", "w3", "wo", "wqkv"]
     torch.testing.assert_close(reference_logits(tiny_lm, out / "llm_adapter"), run_logits(run),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -10,44 +10,91 @@ from llava_tune.constants import IGNORE_INDEX
 
 
 @dataclass
-class Collator:
-    """Pads a list of dataset items into a batch.
+class Batch:
+    """A padded batch, ready for `LlavaModel.forward(**batch.model_inputs())`.
 
-    Returns {"input_ids" [B, T], "labels" [B, T], "pixel_values" [I, 3, S, S] or None (all
-    images of the batch, in order), "num_tokens" (real, unpadded), "skipped": list of
-    (id, error) for samples whose image failed to load}, plus either "attention_mask" [B, T]
-    or, for packed rows, "position_ids" [B, T]: then padding forms a block of its own
-    (positions restart at 0) and carries no loss, so no attention mask is needed.
+    Either `attention_mask` is set (right padding), or `position_ids` is, for packed rows:
+    positions restart at 0 per sample, padding forms a block of its own and carries no loss,
+    so no attention mask is needed.
+    """
+
+    input_ids: torch.Tensor
+    """[B, T]"""
+    labels: torch.Tensor
+    """[B, T], IGNORE_INDEX where there is no loss"""
+    attention_mask: torch.Tensor | None = None
+    """[B, T], 1 on real tokens"""
+    position_ids: torch.Tensor | None = None
+    """[B, T], packed rows only"""
+    pixel_values: torch.Tensor | None = None
+    """[I, 3, S, S], every image of the batch in order of its slots"""
+    image_features: torch.Tensor | None = None
+    """[I, N, Dv], the tower's features from a feature cache, instead of pixels"""
+    num_tokens: int = 0
+    """Real (unpadded) tokens."""
+    num_label_tokens: int = 0
+    """Tokens that carry a loss (labels after the one-position shift of a causal LM)."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(sample id, why) of samples left out because they failed to load."""
+
+    _TENSORS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values",
+                "image_features")
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._TENSORS if getattr(self, name) is not None}
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        """The batch on `device` (accelerate's data loader calls this)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in self._TENSORS:
+            if moved[name] is not None:
+                moved[name] = moved[name].to(device, non_blocking=non_blocking)
+        return Batch(**moved)
+
+
+@dataclass
+class Collator:
+    """Pads a list of dataset items into a Batch.
+
+    A sample that failed to load (`{"id", "error"}`) is listed in `skipped` and its place
+    taken by a one-token stand-in without loss, so a batch is never empty: with several
+    processes, every process must run the same forward and backward passes.
     """
 
     pad_token_id: int
 
-    def __call__(self, items: list[dict]) -> dict:
+    def __call__(self, items: list[dict]) -> Batch:
         skipped = [pair for item in items for pair in item.get("skipped", [])]
         skipped += [(item["id"], item["error"]) for item in items if "error" in item]
-        items = [item for item in items if "error" not in item]
-        batch: dict = {"skipped": skipped}
-        if not items:
-            return batch
+        items = [item for item in items if "error" not in item] or [self._stand_in()]
         packed = "position_ids" in items[0]
         length = max(len(item["input_ids"]) for item in items)
         ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(items), length), dtype=torch.long)
         positions = torch.zeros((len(items), length), dtype=torch.long)
+        real = 0
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             mask[row, :n] = 1
+            real += 0 if item.get("stand_in") else n
             if packed:
                 positions[row, :n] = item["position_ids"]
                 positions[row, n:] = torch.arange(length - n)
-        images = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
-        batch.update(input_ids=ids, labels=labels, num_tokens=int(mask.sum()),
-                     pixel_values=torch.cat(images) if images else None)
+        batch = Batch(input_ids=ids, labels=labels, skipped=skipped, num_tokens=real,
+                      num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()))
+        for key in ("pixel_values", "image_features"):
+            images = [item[key] for item in items if key in item]
+            if images:
+                setattr(batch, key, torch.cat(images))
         if packed:
-            batch["position_ids"] = positions
+            batch.position_ids = positions
         else:
-            batch["attention_mask"] = mask
+            batch.attention_mask = mask
         return batch
+
+    def _stand_in(self) -> dict:
+        return {"id": "", "input_ids": torch.tensor([self.pad_token_id]),
+                "labels": torch.tensor([IGNORE_INDEX]), "stand_in": True}

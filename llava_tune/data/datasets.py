@@ -12,10 +12,11 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llava_tune.constants import IGNORE_INDEX
+from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.formats import Problem, read_conversations
 from llava_tune.data.image import ImageProcessor, load_image
-from llava_tune.data.template import ChatTemplate, add_image_token, expand_image_slots
+from llava_tune.data.template import ChatTemplate, expand_image_slots
+from llava_tune.data.tokenize import TRUNCATED, USABLE, tokenize_record
 from llava_tune.errors import UserError
 
 
@@ -43,19 +44,26 @@ class DataReport:
         return "\n".join(lines)
 
 
-def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of everything that decides a tokenizer's ids: its whole serialized form.
+
+    Serializing InternLM2's 92,544-piece tokenizer takes a fraction of a second, once per
+    dataset; anything cheaper (a path, a vocab size) would miss an edited tokenizer.
+    """
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:24]
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Items are {"id", "input_ids" [T], "labels" [T], "pixel_values" [I, 3, S, S] or None}.
+    """Items are {"id", "input_ids" [T], "labels" [T], and "pixel_values" [I, 3, S, S] or
+    "image_features" [I, N, Dv] (from a feature cache) or neither}.
 
-    Each `<image>` becomes `num_image_tokens` IMAGE_TOKEN_INDEX slots. A sample longer than
-    `max_length` is truncated, unless the cut would go through an image or leave no answer:
-    then it is dropped and counted in `report`. Records that fail the checks of
-    `formats.check_record`, or whose images are missing, are skipped and counted too; more
-    than `max_bad_fraction` of them is an error, since that means a wrong path or format.
-    An image that fails to decode later yields {"id", "error"} and is skipped by the collator.
+    Each `<image>` becomes `num_image_tokens` IMAGE_TOKEN_INDEX slots (the tokenizer must know
+    `<image>`: see template.add_image_token). Records are tokenized once by
+    `tokenize.tokenize_record` (cached under `cache_dir` when given); what cannot train is
+    dropped and counted in `report`. Records that fail the checks of `formats.check_record`,
+    or whose images are missing, are skipped and counted too; more than `max_bad_fraction` of
+    them is an error, since that means a wrong path or format. An image that fails to decode
+    later yields {"id", "error"} and the collator leaves that sample out.
     """
 
     def __init__(
@@ -74,8 +82,47 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
+        self.feature_cache = None
+        """Set by the trainer when the vision tower is frozen: a features.FeatureCache."""
         self.report = DataReport()
+        records = self._usable_records(max_bad_fraction)
+        self.image_id = tokenizer.get_vocab().get(IMAGE_TOKEN)
+        if self.image_id is None and any(r["images"] for r in records):
+            raise ValueError("the tokenizer has no <image> token; call add_image_token first")
 
+        def tokenize(record: dict) -> dict:
+            out = tokenize_record(record, tokenizer, template, max_length, self.image_id,
+                                  num_image_tokens)
+            return {"input_ids": out.input_ids, "labels": out.labels, "status": out.status}
+
+        cache_file = None
+        if cache_dir is not None:
+            stat = self.file.stat()
+            key = hashlib.sha256(repr((
+                str(self.file.resolve()), stat.st_size, stat.st_mtime_ns, template, max_length,
+                num_image_tokens, self.image_id, tokenizer_fingerprint(tokenizer), len(records),
+            )).encode()).hexdigest()[:24]
+            os.makedirs(cache_dir, exist_ok=True)
+            cache_file = str(Path(cache_dir) / f"tokenized-{key}.arrow")
+        table = datasets.Dataset.from_list(records).map(
+            tokenize, cache_file_name=cache_file, load_from_cache_file=cache_file is not None,
+            desc=f"tokenizing {self.file.name}")
+        keep_rows = []
+        for row, (status, record_id) in enumerate(zip(table["status"], table["id"], strict=True)):
+            if status in USABLE:
+                keep_rows.append(row)
+                self.report.truncated += status == TRUNCATED
+            else:
+                self.report.skip(status, f"{self.file} id {record_id!r}: {status}")
+        self.table = table.select(keep_rows).remove_columns(["messages", "status"])
+        self.table.set_format(columns=["id", "images", "input_ids", "labels"])
+        self.report.kept = len(self.table)
+        if self.report.kept == 0:
+            raise UserError(f"no usable samples in {self.file}:\n{self.report.summary()}\n"
+                            "(raise data.max_length if samples were cut, or fix the records)")
+
+    def _usable_records(self, max_bad_fraction: float) -> list[dict]:
+        """The file's records that pass every check; the rest are counted in the report."""
         result = read_conversations(self.file)
         self.report.total = len(result.records) + len(result.problems)
         problems = list(result.problems)
@@ -93,53 +140,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise UserError(
                 f"{len(problems)} of {self.report.total} records in {self.file} cannot be used:\n"
                 f"  {listed}\n(fix these records; up to {max_bad_fraction:.0%} bad records "
-                "are skipped automatically)"
+                "are skipped automatically: data.max_bad_fraction)"
             )
-
-        image_id = add_image_token(tokenizer) if any(r["images"] for r in records) else None
-        expand = num_image_tokens - 1
-
-        def tokenize(record: dict) -> dict:
-            ids, labels = template.encode(record["messages"], tokenizer)
-            slots = [i for i, t in enumerate(ids) if t == image_id]
-            length = len(ids) + expand * len(slots)
-            keep, status = len(ids), "ok"
-            if length > max_length:
-                last_image_end = (slots[-1] + 1 + expand * len(slots)) if slots else 0
-                keep = max_length - expand * len(slots)
-                if last_image_end > max_length:
-                    status = "an image does not fit in max_length"
-                elif all(label == IGNORE_INDEX for label in labels[:keep]):
-                    status = "no answer within max_length"
-                else:
-                    status = "truncated"
-            return {"input_ids": ids[:keep], "labels": labels[:keep], "status": status}
-
-        table = datasets.Dataset.from_list(records)
-        cache_file = None
-        if cache_dir is not None:
-            stat = self.file.stat()
-            key = _fingerprint(str(self.file.resolve()), stat.st_size, stat.st_mtime_ns,
-                               template, max_length, num_image_tokens, image_id,
-                               tokenizer.backend_tokenizer.to_str(), problems.__len__())
-            os.makedirs(cache_dir, exist_ok=True)
-            cache_file = str(Path(cache_dir) / f"tokenized-{key}.arrow")
-        table = table.map(tokenize, cache_file_name=cache_file, desc=None,
-                          load_from_cache_file=cache_file is not None)
-        statuses = table["status"]
-        keep_rows = []
-        for row, (status, record_id) in enumerate(zip(statuses, table["id"], strict=True)):
-            if status in ("ok", "truncated"):
-                keep_rows.append(row)
-                self.report.truncated += status == "truncated"
-            else:
-                self.report.skip(status, f"{self.file} id {record_id!r}: {status}")
-        self.table = table.select(keep_rows).remove_columns(["messages", "status"])
-        self.table.set_format(columns=["id", "images", "input_ids", "labels"])
-        self.image_id = image_id
-        self.report.kept = len(self.table)
-        if self.report.kept == 0:
-            raise UserError(f"no usable samples in {self.file}:\n{self.report.summary()}")
+        return records
 
     def _image_problem(self, record: dict) -> str | None:
         if not record["images"]:
@@ -161,25 +164,32 @@ class ConversationDataset(torch.utils.data.Dataset):
         return [len(ids) + expand * len(images)
                 for ids, images in zip(self.table["input_ids"], self.table["images"], strict=True)]
 
+    def has_images(self) -> list[bool]:
+        """Whether each sample has an image (for batching by modality)."""
+        return [bool(images) for images in self.table["images"]]
+
+    def image_paths(self) -> list[Path]:
+        """Every distinct image the kept samples use, in first-use order."""
+        seen = dict.fromkeys(self.image_folder / image for images in self.table["images"]
+                             for image in images)
+        return list(seen)
+
     def __getitem__(self, index: int) -> dict:
         row = self.table[index]
-        pixel_values = None
-        if row["images"]:
-            try:
-                pixel_values = torch.stack([
-                    self.image_processor(load_image(self.image_folder / image))
-                    for image in row["images"]
-                ])
-            except UserError as err:
-                return {"id": row["id"], "error": str(err)}
         ids, labels = expand_image_slots(row["input_ids"], row["labels"], self.image_id,
                                          self.num_image_tokens)
-        return {
-            "id": row["id"],
-            "input_ids": torch.tensor(ids),
-            "labels": torch.tensor(labels),
-            "pixel_values": pixel_values,
-        }
+        item = {"id": row["id"], "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if row["images"]:
+            paths = [self.image_folder / image for image in row["images"]]
+            try:
+                if self.feature_cache is not None:
+                    item["image_features"] = torch.stack([self.feature_cache.load(p) for p in paths])
+                else:
+                    item["pixel_values"] = torch.stack(
+                        [self.image_processor(load_image(p)) for p in paths])
+            except UserError as err:
+                return {"id": row["id"], "error": str(err)}
+        return item
 
 
 def pack_groups(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
@@ -223,11 +233,11 @@ class PackedDataset(torch.utils.data.Dataset):
                      "skipped": [(item["id"], item["error"]) for item in items if "error" in item]}
         if not good:
             return {**row, "error": "every sample of this packed row failed to load"}
-        images = [item["pixel_values"] for item in good if item["pixel_values"] is not None]
-        return {
-            **row,
-            "input_ids": torch.cat([item["input_ids"] for item in good]),
-            "labels": torch.cat([item["labels"] for item in good]),
-            "position_ids": torch.cat([torch.arange(len(item["input_ids"])) for item in good]),
-            "pixel_values": torch.cat(images) if images else None,
-        }
+        row.update(input_ids=torch.cat([item["input_ids"] for item in good]),
+                   labels=torch.cat([item["labels"] for item in good]),
+                   position_ids=torch.cat([torch.arange(len(item["input_ids"])) for item in good]))
+        for key in ("pixel_values", "image_features"):
+            images = [item[key] for item in good if key in item]
+            if images:
+                row[key] = torch.cat(images)
+        return row

@@ -34,6 +34,8 @@ class ChatTemplate:
     after_answer: str
     stop_words: tuple[str, ...]
     default_system: str | None = None
+    jinja: str = ""
+    """The same layout as a Hugging Face chat template (tokenizer.chat_template), BOS included."""
 
     def render(
         self, messages: list[Message], bos_token: str, add_generation_prompt: bool = False
@@ -95,6 +97,32 @@ class ChatTemplate:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def internlm2_jinja(bos: bool = True, image_items: bool = False) -> str:
+    """InternLM2-chat's layout as a Jinja chat template: BOS (when `bos`), then per message
+    `<|im_start|>{role}\n{content}<|im_end|>\n`, and `<|im_start|>assistant\n` for
+    add_generation_prompt.
+
+    `image_items`: content may also be a list of {"type": "image"} / {"type": "text"} items, an
+    image written as `<image>\n` (transformers' processors expect that form).
+    """
+    content = "{{ message['content'] }}"
+    if image_items:
+        content = (
+            "{% if message['content'] is string %}{{ message['content'] }}"
+            "{% else %}{% for item in message['content'] %}"
+            "{% if item['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "\n' }}"
+            "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+            "{% endfor %}{% endif %}"
+        )
+    return (
+        ("{{ bos_token }}" if bos else "")
+        + "{% for message in messages %}"
+        + "{{ '<|im_start|>' + message['role'] + '\n' }}" + content + "{{ '<|im_end|>\n' }}"
+        + "{% endfor %}"
+        + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
 INTERNLM2_CHAT = ChatTemplate(
     name="internlm2_chat",
     system="<|im_start|>system\n{content}<|im_end|>\n",
@@ -102,6 +130,7 @@ INTERNLM2_CHAT = ChatTemplate(
     answer="{content}<|im_end|>",
     after_answer="\n",
     stop_words=("<|im_end|>",),
+    jinja=internlm2_jinja(),
 )
 
 TEMPLATES = {t.name: t for t in (INTERNLM2_CHAT,)}

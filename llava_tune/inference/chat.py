@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llava_tune.build.model import Built
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.image import load_image
 from llava_tune.data.template import Message
-from llava_tune.engine.build import Built
 from llava_tune.errors import UserError
 from llava_tune.inference.generate import GenerationSettings, generate
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from llava_tune.build.model import Built
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.template import Message, add_image_token, expand_image_slots
-from llava_tune.engine.build import Built
 
 
 @dataclass
@@ -32,6 +32,32 @@ def stop_token_ids(built: Built) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+Conversation = tuple[list[Message], list[Image.Image]]
+"""Messages (the last one a user turn) and the images for their `<image>` markers, in order."""
+
+
+def _prompt(built: Built, messages: list[Message], images) -> tuple[list[int], torch.Tensor | None]:
+    """Prompt ids with image slots expanded, and the images' pixels [I, 3, S, S] or None."""
+    ids = built.template.prompt_ids(messages, built.tokenizer)
+    if not images:
+        return ids, None
+    image_id = add_image_token(built.tokenizer)
+    ids, _ = expand_image_slots(ids, None, image_id, built.model.vision.num_patches)
+    return ids, torch.stack([built.image_processor(image) for image in images])
+
+
+def _sampling(settings: GenerationSettings) -> dict:
+    sampling = settings.temperature > 0
+    return dict(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sampling,
+        temperature=settings.temperature if sampling else None,
+        top_p=settings.top_p if sampling else None,
+        top_k=settings.top_k if sampling else None,
+        repetition_penalty=settings.repetition_penalty,
+    )
+
+
 @torch.no_grad()
 def generate(
     built: Built,
@@ -45,33 +71,32 @@ def generate(
     `images` fill the `<image>` markers in order. `streamer` (a transformers streamer)
     receives tokens as they are generated.
     """
+    return generate_batch(built, [(messages, list(images))], settings, streamer=streamer)[0]
+
+
+@torch.no_grad()
+def generate_batch(built: Built, conversations: list[Conversation],
+                   settings: GenerationSettings | None = None, streamer=None) -> list[str]:
+    """The next answer of each conversation, generated together.
+
+    Prompts are padded on the left (pad embeddings masked out, positions from the mask), so
+    greedy answers equal those of one conversation at a time.
+    """
     settings = settings or GenerationSettings()
     model = built.model
-    ids = built.template.prompt_ids(messages, built.tokenizer)
-    pixel_values = None
-    if images:
-        image_id = add_image_token(built.tokenizer)
-        ids, _ = expand_image_slots(ids, None, image_id, model.vision.num_patches)
-        pixel_values = torch.stack([built.image_processor(image) for image in images])
     device = model.llm.get_input_embeddings().weight.device
-    input_ids = torch.tensor([ids], device=device)
-    embeds = model.input_embeddings(
-        input_ids, None if pixel_values is None else pixel_values.to(device))
-    sampling = settings.temperature > 0
+    prompts = [_prompt(built, messages, images) for messages, images in conversations]
+    length = max(len(ids) for ids, _ in prompts)
+    pad = built.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids, _ in prompts], device=device)
+    mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids, _ in prompts],
+                        device=device)
+    pixels = [p for _, p in prompts if p is not None]
+    embeds = model.input_embeddings(input_ids, torch.cat(pixels).to(device) if pixels else None)
     output = model.llm.generate(
-        inputs_embeds=embeds,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=sampling,
-        temperature=settings.temperature if sampling else None,
-        top_p=settings.top_p if sampling else None,
-        top_k=settings.top_k if sampling else None,
-        repetition_penalty=settings.repetition_penalty,
-        eos_token_id=stop_token_ids(built),
-        pad_token_id=built.tokenizer.pad_token_id,
-        streamer=streamer,
-    )
-    return built.tokenizer.decode(output[0], skip_special_tokens=True).strip()
+        inputs_embeds=embeds, attention_mask=mask, eos_token_id=stop_token_ids(built),
+        pad_token_id=pad, streamer=streamer, **_sampling(settings))
+    return [text.strip() for text in built.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
 def normalize_answer(text: str) -> str:

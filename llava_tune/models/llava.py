@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from llava_tune.constants import IMAGE_TOKEN_INDEX
+from llava_tune.models.loss import lm_loss_sum
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
 
@@ -34,6 +37,21 @@ def merge_image_features(
     return embeds.masked_scatter(slots.unsqueeze(-1), features)
 
 
+@dataclass
+class LossSum:
+    """What a training forward returns: the summed token losses and how many tokens they are."""
+
+    loss_sum: torch.Tensor
+    """[] float32: sum of the next-token cross-entropies of the label tokens."""
+    num_tokens: torch.Tensor
+    """[] int64: label tokens counted."""
+
+
+def _causal_lm(llm: nn.Module) -> nn.Module:
+    """The transformers causal LM under a PEFT wrapper (its LoRA layers are injected in place)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
 class LlavaModel(nn.Module):
     """LLaVA: `vision` and `projector` are None for text-only models (stage sft)."""
 
@@ -46,32 +64,51 @@ class LlavaModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[I, 3, S, S] -> projected patch features [I, N, D_llm]."""
-        features = self.vision(pixel_values)
+        return self.project(self.vision(pixel_values))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Tower features [I, N, Dv] (maybe cached, maybe fp16) -> [I, N, D_llm]."""
         weight = next(self.projector.parameters())
-        return self.projector(features.to(weight.dtype))
+        return self.projector(features.to(device=weight.device, dtype=weight.dtype))
 
     def input_embeddings(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, T] ids (IMAGE_TOKEN_INDEX in image slots) + [I, 3, S, S] -> [B, T, D]."""
+        """[B, T] ids (IMAGE_TOKEN_INDEX in image slots) + images as pixels [I, 3, S, S] or as
+        the tower's features [I, N, Dv] -> input embeddings [B, T, D]."""
         embed = self.llm.get_input_embeddings()
         embeds = embed(input_ids.clamp(min=0))
         features = None
-        if pixel_values is not None:
-            if self.vision is None:
+        if pixel_values is not None or image_features is not None:
+            if self.projector is None:
                 raise ValueError("this model has no vision tower, but images were given")
-            features = self.encode_images(pixel_values)
+            features = (self.project(image_features) if image_features is not None
+                        else self.encode_images(pixel_values))
         return merge_image_features(embeds, input_ids, features)
 
     def forward(
         self,
         input_ids: torch.Tensor,
+        labels: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        **kwargs,
-    ):
-        """Causal-LM forward; loss (mean over label tokens) when labels [B, T] are given."""
+        image_features: torch.Tensor | None = None,
+    ) -> LossSum:
+        """Training forward: [B, T] ids and labels (+ images) -> summed loss over the label
+        tokens (see models/loss.py; the LM head only sees positions that carry a label)."""
+        embeds = self.input_embeddings(input_ids, pixel_values, image_features)
+        causal_lm = _causal_lm(self.llm)
+        hidden = causal_lm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        loss_sum, count = lm_loss_sum(hidden, causal_lm.get_output_embeddings(), labels)
+        return LossSum(loss_sum, count)
+
+    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+               **kwargs) -> torch.Tensor:
+        """[B, T] ids (+ images) -> logits [B, T, V] (inference and parity checks)."""
         embeds = self.input_embeddings(input_ids, pixel_values)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
-                        **kwargs)
+        return self.llm(inputs_embeds=embeds, use_cache=False, **kwargs).logits

@@ -1,8 +1,8 @@
 """Everything the embedded demo starts from, written into one folder, no downloads.
 
-    python data/make_demo.py OUT_DIR
+    python -m llava_tune.demo OUT_DIR [--train N] [--heldout N] [--seed S]
 
-OUT_DIR/shapes/       the SHAPES.md data (images, pretrain.json, finetune.json, heldout.json, text.json)
+OUT_DIR/shapes/       the shapes data (data/SHAPES.md) (images, pretrain.json, finetune.json, heldout.json, text.json)
 OUT_DIR/lm-init/      a randomly initialized tiny InternLM2-architecture LM, in InternLM2's own
                       checkpoint layout, with a byte-fallback tokenizer trained on the demo's text
 OUT_DIR/vision/       a tiny open_clip ViT config and its (random, frozen) weights
@@ -20,12 +20,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import demo_tokenizer  # noqa: E402
-import shapes  # noqa: E402
-
-from llava_tune.models.internlm2 import save_internlm2_checkpoint  # noqa: E402
+from llava_tune.convert.internlm2 import save_internlm2_checkpoint
+from llava_tune.demo import shapes
+from llava_tune.demo import tokenizer as demo_tokenizer
 
 LM_SHAPE = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 2}

@@ -15,22 +15,24 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
+from llava_tune.convert.weights import (
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    checkpoint_files,
+    iter_checkpoint_shards,
+    save_safetensors,
+)
 from llava_tune.errors import UserError
-from llava_tune.files import atomic_dir
+from llava_tune.files import atomic_dir, read_json
 
 CONFIG_NAME = "config.json"
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_WEIGHTS = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
 
 INTERNLM2_AUTO_MAP = {
     "AutoConfig": "configuration_internlm2.InternLM2Config",
@@ -41,13 +43,20 @@ INTERNLM2_AUTO_MAP = {
 # InternLM2's remote code implements only these rotary scalings; both exist in transformers too.
 _ROPE_TYPES = ("linear", "dynamic")
 
+LINEAR_RENAMES = {
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+}
+"""Per-layer InternLM2 linear module -> its Llama name, for the linears that are a plain rename
+(wqkv is split into QKV_PROJS instead). Also the names of their LoRAs (convert/xtuner.py)."""
+QKV_PROJS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
 # Per-layer InternLM2 key suffix -> Llama key suffix, for the keys that are a plain rename.
 _LAYER_RENAMES = {
-    "attention.wo.weight": "self_attn.o_proj.weight",
+    **{f"{intern}.weight": f"{llama}.weight" for intern, llama in LINEAR_RENAMES.items()},
     "attention.wo.bias": "self_attn.o_proj.bias",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
@@ -65,17 +74,8 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def _read_config(path: str | os.PathLike) -> dict[str, Any]:
-    config_path = Path(path) / CONFIG_NAME
-    try:
-        return json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise UserError(
-            f"{config_path} does not exist; point to a checkpoint folder that has config.json"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{config_path} is not valid JSON ({e}); re-download the checkpoint"
-        ) from None
+    return read_json(Path(path) / CONFIG_NAME, "checkpoint config",
+                     "point to a checkpoint folder with a valid config.json (re-download it)")
 
 
 def is_internlm2_dir(path: str | os.PathLike) -> bool:
@@ -182,7 +182,7 @@ def llama_to_internlm2_config(cfg: LlamaConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- tensors
 
 
-def _head_counts(heads: int, kv_heads: int, hidden: int) -> tuple[int, int, int]:
+def head_counts(heads: int, kv_heads: int, hidden: int) -> tuple[int, int, int]:
     if heads % kv_heads:
         raise ValueError(
             f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
@@ -190,7 +190,7 @@ def _head_counts(heads: int, kv_heads: int, hidden: int) -> tuple[int, int, int]
     return kv_heads, heads // kv_heads, hidden // heads
 
 
-def _split_wqkv(
+def split_wqkv(
     wqkv: torch.Tensor, kv_heads: int, groups: int, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """wqkv [(H + 2*KV)*D, C] (or its bias [(H + 2*KV)*D]) -> q [H*D, ...], k, v [KV*D, ...].
@@ -207,10 +207,10 @@ def _split_wqkv(
     return q, k, v
 
 
-def _pack_wqkv(
+def pack_wqkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int, groups: int, head_dim: int
 ) -> torch.Tensor:
-    """Inverse of ``_split_wqkv``: q [H*D, ...], k, v [KV*D, ...] -> wqkv [(H + 2*KV)*D, ...]."""
+    """Inverse of ``split_wqkv``: q [H*D, ...], k, v [KV*D, ...] -> wqkv [(H + 2*KV)*D, ...]."""
     rest = q.shape[1:]
     grouped = torch.cat(
         [
@@ -241,11 +241,11 @@ def internlm2_to_llama_tensors(
             return {prefix + _LAYER_RENAMES[suffix]: tensor}
         if suffix in ("attention.wqkv.weight", "attention.wqkv.bias"):
             heads = cfg["num_attention_heads"]
-            counts = _head_counts(
+            counts = head_counts(
                 heads, cfg.get("num_key_value_heads") or heads, cfg["hidden_size"]
             )
             kind = suffix.rsplit(".", 1)[1]
-            q, k, v = _split_wqkv(tensor, *counts)
+            q, k, v = split_wqkv(tensor, *counts)
             return {
                 f"{prefix}self_attn.q_proj.{kind}": q,
                 f"{prefix}self_attn.k_proj.{kind}": k,
@@ -265,7 +265,7 @@ def llama_to_internlm2_state_dict(
     Shapes are kept except q [H*D, C], k and v [KV*D, C] -> wqkv [(H + 2*KV)*D, C] (biases alike).
     Raises ValueError for a key InternLM2 has no place for, or a layer missing q, k or v.
     """
-    counts = _head_counts(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size)
+    counts = head_counts(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size)
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in sd.items():
@@ -288,7 +288,7 @@ def llama_to_internlm2_state_dict(
         if missing:
             names = ", ".join(f"model.layers.{layer}.self_attn.{p}_proj.{kind}" for p in missing)
             raise ValueError(f"state dict lacks {names}, needed to pack wqkv")
-        packed = _pack_wqkv(parts["q"], parts["k"], parts["v"], *counts)
+        packed = pack_wqkv(parts["q"], parts["k"], parts["v"], *counts)
         out[f"model.layers.{layer}.attention.wqkv.{kind}"] = packed
     if (
         "output.weight" not in out
@@ -303,60 +303,6 @@ def llama_to_internlm2_state_dict(
 # --------------------------------------------------------------------------- files
 
 
-def _shards_from_index(path: Path, index_name: str) -> list[str]:
-    index_path = path / index_name
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(
-            f"{index_path} is not a valid shard index ({e!r}); re-download the checkpoint"
-        ) from None
-    shards = list(dict.fromkeys(weight_map.values()))
-    for shard in shards:
-        if not (path / shard).is_file():
-            raise UserError(
-                f"{shard} listed in {index_name} is missing in {path}; re-download the checkpoint"
-            )
-    return shards
-
-
-def checkpoint_files(path: Path) -> list[Path]:
-    """Weight files of the checkpoint in ``path``, in load order, all present: a single
-    ``model.safetensors`` / ``pytorch_model.bin`` or the shards of their index."""
-    if (path / SAFE_WEIGHTS).is_file():
-        return [path / SAFE_WEIGHTS]
-    if (path / SAFE_INDEX).is_file():
-        return [path / name for name in _shards_from_index(path, SAFE_INDEX)]
-    if (path / BIN_WEIGHTS).is_file():
-        return [path / BIN_WEIGHTS]
-    if (path / BIN_INDEX).is_file():
-        return [path / name for name in _shards_from_index(path, BIN_INDEX)]
-    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    raise UserError(
-        f"no model weights in {path}: expected {SAFE_WEIGHTS} or {BIN_WEIGHTS} (or a sharded "
-        f"index of either); found {present}; point to a complete checkpoint folder or "
-        "re-download it"
-    )
-
-
-def iter_checkpoint_shards(
-    path: str | os.PathLike,
-) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Yield (shard file name, its state dict on the CPU), one shard at a time.
-
-    Reads ``model.safetensors``, a sharded safetensors index, ``pytorch_model.bin`` or a sharded
-    .bin index. Every listed shard is checked before the first is read, so a broken download fails
-    before any work. Raises UserError naming the missing file.
-    """
-    path = Path(path)
-    for file in checkpoint_files(path):
-        if file.suffix == ".safetensors":
-            yield file.name, load_file(file, device="cpu")
-        else:
-            # weights_only: a .bin is a pickle, and unpickling arbitrary objects runs code.
-            yield file.name, torch.load(file, map_location="cpu", weights_only=True)
-
-
 def _safetensors_name(shard: str) -> str:
     """pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors (names kept otherwise)."""
     if shard.endswith(".safetensors"):
@@ -365,20 +311,6 @@ def _safetensors_name(shard: str) -> str:
     if stem.startswith("pytorch_model"):
         stem = "model" + stem.removeprefix("pytorch_model")
     return stem + ".safetensors"
-
-
-def _save_shard(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    seen: set[int] = set()
-    ready = {}
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        # safetensors refuses tensors sharing storage (tied weights, views of one buffer).
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        ready[key] = tensor
-    save_file(ready, file, metadata={"format": "pt"})
 
 
 def _is_complete(path: Path) -> bool:
@@ -420,7 +352,7 @@ def convert_internlm2_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Pat
             for key in list(state_dict):
                 # pop: drop each source tensor as soon as it is converted.
                 converted.update(internlm2_to_llama_tensors(key, state_dict.pop(key), cfg))
-            _save_shard(converted, tmp / name)
+            save_safetensors(converted, tmp / name)
             for key, tensor in converted.items():
                 weight_map[key] = name
                 total_size += tensor.numel() * tensor.element_size()
@@ -437,24 +369,25 @@ def convert_internlm2_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Pat
     return dst
 
 
-def save_internlm2_checkpoint(
+def write_internlm2_checkpoint(
     state_dict: dict[str, torch.Tensor],
     cfg: LlamaConfig,
-    out_dir: str | os.PathLike,
+    folder: str | os.PathLike,
     extra_files: Sequence[Path] = (),
 ) -> None:
-    """Write a LlamaForCausalLM state dict as a published-layout InternLM2 checkpoint.
-
-    ``out_dir`` gets config.json (InternLM2 layout, remote-code auto_map) and one
-    model.safetensors with InternLM2 keys. It is built beside ``out_dir`` and renamed into place,
-    replacing an existing ``out_dir`` only when complete. ``extra_files`` (the tokenizer's) are
-    copied in before that rename.
-    """
-    out_dir = Path(out_dir)
+    """Write a LlamaForCausalLM state dict into `folder` as a published-layout InternLM2
+    checkpoint: config.json (InternLM2 layout, remote-code auto_map), one model.safetensors
+    with InternLM2 keys, and `extra_files` (the tokenizer's) copied in."""
+    folder = Path(folder)
     internlm2_cfg = llama_to_internlm2_config(cfg)
-    tensors = llama_to_internlm2_state_dict(state_dict, cfg)
+    save_safetensors(llama_to_internlm2_state_dict(state_dict, cfg), folder / SAFE_WEIGHTS)
+    (folder / CONFIG_NAME).write_text(json.dumps(internlm2_cfg, indent=2) + "\n")
+    for file in extra_files:
+        shutil.copy2(file, folder / Path(file).name)
+
+
+def save_internlm2_checkpoint(state_dict: dict[str, torch.Tensor], cfg: LlamaConfig,
+                              out_dir: str | os.PathLike, extra_files: Sequence[Path] = ()) -> None:
+    """`write_internlm2_checkpoint` into `out_dir`, which appears complete or not at all."""
     with atomic_dir(out_dir) as tmp:
-        _save_shard(tensors, tmp / SAFE_WEIGHTS)
-        (tmp / CONFIG_NAME).write_text(json.dumps(internlm2_cfg, indent=2) + "\n")
-        for file in extra_files:
-            shutil.copy2(file, tmp / Path(file).name)
+        write_internlm2_checkpoint(state_dict, cfg, tmp, extra_files)

@@ -1,4 +1,5 @@
-"""Hugging Face CLIP <-> open_clip vision towers, converted weight for weight.
+"""open_clip vision towers: created from a name (+ weights file), or from a Hugging Face CLIP
+folder converted weight for weight, and back to transformers' CLIP for export.
 
 Users hold OpenAI's CLIP as a Hugging Face folder (`openai/clip-vit-large-patch14-336`:
 config.json + model.safetensors or pytorch_model.bin); our tower is open_clip's
@@ -28,7 +29,7 @@ to transformers' Llava (whose vision tower is a `CLIPVisionModel`).
 
 from __future__ import annotations
 
-import json
+import logging
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from llava_tune.convert.weights import checkpoint_files, load_weights, open_safetensors
 from llava_tune.errors import UserError
-from llava_tune.models.internlm2 import checkpoint_files
+from llava_tune.files import read_json
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionConfig
@@ -67,11 +69,11 @@ _EXPECTED_LAYOUT = ("a Hugging Face CLIP folder: config.json with model_type 'cl
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
+    """config.json of a folder, or None when it is missing or unreadable (not a CLIP folder)."""
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        return read_json(path / "config.json")
+    except UserError:
         return None
-    return config if isinstance(config, dict) else None
 
 
 def is_hf_clip_dir(path: str | Path) -> bool:
@@ -133,16 +135,13 @@ def _load_vision_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]
     unknown: list[str] = []
     for file in checkpoint_files(path):
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            # safe_open reads only the tensors asked for: a CLIPModel's text tower stays on disk.
-            with safe_open(str(file), framework="pt") as f:
+            # Only the tensors asked for are read: a CLIPModel's text tower stays on disk.
+            with open_safetensors(file) as f:
                 keys = list(f.keys())
                 tensors.update({rel: f.get_tensor(k) for k in keys
                                 if (rel := _tower_key(k)) is not None})
         else:
-            # weights_only: a .bin is a pickle; never run code from a downloaded file.
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = load_weights(file)
             keys = list(state)
             tensors.update({rel: v for k, v in state.items() if (rel := _tower_key(k)) is not None})
         unknown += [k for k in keys if _tower_key(k) is None and not k.startswith(_IGNORED_PREFIXES)
@@ -150,8 +149,10 @@ def _load_vision_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]
     return tensors, unknown
 
 
-def _hf_to_open_clip_keys(layers: int, with_projection: bool) -> dict[str, str | tuple[str, ...]]:
-    """open_clip key -> tower-relative HF key (or the q, k, v keys fused into it, in order)."""
+def _hf_to_open_clip_keys(layers: int, with_projection: bool,
+                          split_qkv: bool = False) -> dict[str, str | tuple[str, ...]]:
+    """open_clip key -> tower-relative HF key (or the q, k, v keys fused into its in_proj, in
+    order). `split_qkv`: the tower's attention has separate q/k/v_proj (models/vision.py)."""
     mapping: dict[str, str | tuple[str, ...]] = {
         "conv1.weight": "embeddings.patch_embedding.weight",
         "class_embedding": "embeddings.class_embedding",
@@ -163,8 +164,12 @@ def _hf_to_open_clip_keys(layers: int, with_projection: bool) -> dict[str, str |
     for i in range(layers):
         ours, theirs = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
         for p in ("weight", "bias"):
-            mapping[f"{ours}attn.in_proj_{p}"] = tuple(
-                f"{theirs}self_attn.{x}_proj.{p}" for x in "qkv")
+            if split_qkv:
+                for x in "qkv":
+                    mapping[f"{ours}attn.{x}_proj.{p}"] = f"{theirs}self_attn.{x}_proj.{p}"
+            else:
+                mapping[f"{ours}attn.in_proj_{p}"] = tuple(
+                    f"{theirs}self_attn.{x}_proj.{p}" for x in "qkv")
             for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
                          ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
                          ("mlp.c_proj", "mlp.fc2")):
@@ -255,7 +260,7 @@ def open_clip_from_hf_dir(path: str | Path) -> nn.Module:
     mean, std = OPENAI_MEAN, OPENAI_STD
     pre = path / "preprocessor_config.json"
     if pre.is_file():
-        processor = json.loads(pre.read_text())
+        processor = read_json(pre, "image processor config")
         mean = tuple(processor.get("image_mean", mean))
         std = tuple(processor.get("image_std", std))
     # Same dict open_clip.create_model attaches, so VisionTower.mean/std/image_size work as usual.
@@ -268,7 +273,8 @@ def open_clip_from_hf_dir(path: str | Path) -> nn.Module:
 
 def hf_clip_vision_state_dict(
         visual: nn.Module) -> tuple[CLIPVisionConfig, dict[str, torch.Tensor]]:
-    """An open_clip `VisionTransformer` as a transformers `CLIPVisionModel`: (config, state dict).
+    """An open_clip `VisionTransformer` (attention as open_clip builds it, or split into q/k/v
+    Linears as our VisionTower does) as a transformers `CLIPVisionModel`: (config, state dict).
 
     Keys are exactly those of the installed transformers' `CLIPVisionModel(config).state_dict()`,
     so a strict `load_state_dict` works: `embeddings.*`, `pre_layrnorm.*`, `encoder.layers.N.*`,
@@ -325,8 +331,9 @@ def hf_clip_vision_state_dict(
     )
 
     ours = visual.state_dict()
+    split = "transformer.resblocks.0.attn.q_proj.weight" in ours
     state: dict[str, torch.Tensor] = {}
-    for key, target in _hf_to_open_clip_keys(len(blocks), with_projection=False).items():
+    for key, target in _hf_to_open_clip_keys(len(blocks), False, split_qkv=split).items():
         value = ours[key].detach()
         if isinstance(target, tuple):
             # Split the fused [3W(, W)] in-projection back into q, k, v.
@@ -343,3 +350,37 @@ def hf_clip_vision_state_dict(
         state = {_PREFIX + k: v for k, v in state.items()}
     assert set(state) == expected, sorted(expected ^ set(state))[:5]
     return config, state
+
+
+def create_open_clip(name: str, pretrained: str | None = None, config_file: str | None = None) -> nn.Module:
+    """The visual part of an open_clip model, frozen and in eval mode.
+
+    `pretrained` is a local weights file (None: random init, for tests and the demo), or a
+    Hugging Face CLIP folder (e.g. a download of openai/clip-vit-large-patch14-336); a folder's
+    own config.json defines the tower, so `name` and `config_file` are then ignored.
+    `config_file` registers a model config JSON first, named after the file's stem.
+    """
+    import open_clip
+
+    if pretrained is not None and Path(pretrained).is_dir():
+        # Any folder goes here: one in neither layout gets an error describing the HF layout.
+        return open_clip_from_hf_dir(pretrained)
+    if config_file is not None:
+        if not Path(config_file).is_file():
+            raise UserError(f"vision config file {config_file} not found")
+        open_clip.add_model_config(config_file)
+    if name not in open_clip.list_models():
+        raise UserError(
+            f"unknown open_clip model {name!r}; use a name from open_clip.list_models() "
+            "(OpenAI weights need the -quickgelu variant, e.g. ViT-L-14-336-quickgelu) "
+            "or set model.vision.config_file"
+        )
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise UserError(f"vision tower weights {pretrained} not found; set model.vision.pretrained")
+    # open_clip warns about random init, which is what pretrained=None asks for.
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained)
+    finally:
+        logging.disable(logging.NOTSET)
+    return model.visual

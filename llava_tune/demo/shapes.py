@@ -1,4 +1,4 @@
-"""Generate the embedded demo's data: the shapes task of /work/shared/SHAPES.md.
+"""Generate the embedded demo's data: the shapes task (rules in data/SHAPES.md).
 
 One RGB image per sample (white background, one filled shape of one of six colors), plus
 LLaVA-format JSON files for the two training stages, a held-out evaluation set and a
@@ -15,7 +15,7 @@ Layout written by :func:`generate` under ``out_dir``::
 
 Image paths inside the JSON files are relative to ``out_dir/images``.
 
-Usage: ``python data/shapes.py OUT_DIR [--train N] [--heldout N] [--seed S] [--image-size 112]``
+Usage: ``python -m llava_tune.demo.shapes OUT_DIR [--train N] [--heldout N] [--seed S] [--image-size 112]``
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.files import write_text_atomic
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
@@ -53,9 +54,6 @@ BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
 SIZE_RANGE: tuple[float, float] = (0.4, 0.8)
 """Shape size s as a fraction of the image side (uniform)."""
-
-IMAGE_TOKEN = "<image>"
-"""Placeholder for the image in a human turn (same as llava_tune.constants.IMAGE_TOKEN)."""
 
 COLOR_QUESTION = "What color is the shape?"
 """The evaluated color question (exact form)."""
@@ -441,7 +439,7 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python data/shapes.py OUT_DIR [--train N] [--heldout N] [--seed S] ...``."""
+    """Command line: ``python -m llava_tune.demo.shapes OUT_DIR [--train N] [--heldout N] [--seed S] ...``."""
     parser = argparse.ArgumentParser(description="Generate the shapes demo data (SHAPES.md).")
     parser.add_argument("out_dir", help="output folder")
     parser.add_argument("--train", type=int, default=2000, help="training images (default 2000)")

@@ -6,11 +6,7 @@ own module names (``attention.wqkv``, ``attention.wo``, ``feed_forward.w1/w2/w3`
 ``output``). We train a transformers Llama with q/k/v/o_proj, gate/up/down_proj and lm_head, so
 the adapter is renamed and ``wqkv``'s LoRA split or packed by rows exactly like the base weight
 (per key-value head: G query heads, then the key head, then the value head; see
-``models/internlm2.py``).
-
-A LoRA on a linear layer adds ``scale * B @ A`` to its weight (``scale = alpha / r``, or
-``alpha / sqrt(r)`` with rsLoRA). Rows of ``B`` are output features, so splitting ``B`` by rows
-and keeping ``A`` splits the update exactly as the base weight is split.
+``convert/internlm2.py`` and, for LoRA arithmetic, ``convert/lora.py``).
 """
 
 from __future__ import annotations
@@ -19,16 +15,12 @@ import json
 import math
 import os
 import re
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import peft
 import torch
-from peft.utils.other import get_pattern_key
-from safetensors.torch import load_file
 
+from llava_tune import rundir
 from llava_tune.config import (
     Config,
     LoraConfig,
@@ -37,27 +29,35 @@ from llava_tune.config import (
     VisionConfig,
     config_to_yaml,
 )
-from llava_tune.engine.build import read_run_config
+from llava_tune.convert.internlm2 import (
+    LINEAR_RENAMES,
+    QKV_PROJS,
+    head_counts,
+    pack_wqkv,
+    split_wqkv,
+)
+from llava_tune.convert.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_SAFE,
+    Lora,
+    adapter_tensors,
+    lora_patterns,
+    lora_scale,
+    read_lora_adapter,
+    target_module_names,
+    tidy_alpha,
+)
+from llava_tune.convert.projector import read_projector_state, write_projector_state
+from llava_tune.convert.weights import save_safetensors
 from llava_tune.errors import UserError
-from llava_tune.files import atomic_dir
-from llava_tune.models.internlm2 import _head_counts, _pack_wqkv, _save_shard, _split_wqkv
+from llava_tune.files import atomic_dir, read_json
 
 PROJECTOR = "projector"
 ADAPTER = "llm_adapter"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SAFE = "adapter_model.safetensors"
-ADAPTER_BIN = "adapter_model.bin"
-PREFIX = "base_model.model."
 
-# XTuner (InternLM2) module path suffix -> ours (Llama), for the LoRAs that are a plain rename.
-_RENAMES = {
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-}
+_RENAMES = LINEAR_RENAMES
 _RENAMES_BACK = {ours: theirs for theirs, ours in _RENAMES.items()}
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_QKV = QKV_PROJS
 _XT_KEY = re.compile(
     r"^base_model\.model\.(model\.layers\.\d+\.(?:attention\.(?:wqkv|wo)|feed_forward\.w[123])"
     r"|output)\.lora_([AB])(?:\.default)?\.weight$"
@@ -118,102 +118,7 @@ class ProjectorModel(PreTrainedModel):
 '''
 
 
-@dataclass
-class _Lora:
-    """One module's LoRA: update = scale * B @ A, A [r, in], B [out, r]."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    alpha: float
-
-    @property
-    def r(self) -> int:
-        return self.A.shape[0]
-
-
-def _scale(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / (math.sqrt(r) if rslora else r)
-
-
-def _tidy(number: float) -> int | float:
-    """An alpha that is a whole number is written as an int (PEFT and our Config both do)."""
-    return int(round(number)) if abs(number - round(number)) < 1e-9 else number
-
-
 # --------------------------------------------------------------------------- reading
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{file} not found") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{file} must hold a JSON object")
-    return data
-
-
-def _read_weights(folder: Path, names: tuple[str, ...]) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The first of ``names`` present in ``folder`` (safetensors, or a .bin read weights-only)."""
-    for name in names:
-        file = folder / name
-        if file.is_file():
-            if name.endswith(".safetensors"):
-                return file, load_file(file, device="cpu")
-            # weights_only: a .bin is a pickle, and unpickling arbitrary objects runs code.
-            return file, torch.load(file, map_location="cpu", weights_only=True)
-    raise UserError(f"no weights in {folder}: expected {' or '.join(names)}")
-
-
-def _read_adapter(folder: Path, key_pattern: re.Pattern) -> tuple[dict[str, Any], dict[str, _Lora]]:
-    """(adapter_config.json, module path -> its LoRA) of a PEFT LoRA adapter folder.
-
-    Module paths are relative to the causal LM (``model.layers.0.attention.wqkv``, ``output``).
-    Keys ``key_pattern`` does not know, and PEFT features that change the update beyond
-    ``scale * B @ A``, are refused.
-    """
-    cfg = _read_json(folder / ADAPTER_CONFIG)
-    problems = []
-    if cfg.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type is {cfg.get('peft_type')!r}, not LORA")
-    if cfg.get("use_dora"):
-        problems.append("use_dora is set (DoRA has no LoRA equivalent)")
-    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-        problems.append(f"bias={cfg.get('bias')!r} / lora_bias={cfg.get('lora_bias')!r} "
-                        "(trained biases are not supported)")
-    if cfg.get("fan_in_fan_out"):
-        problems.append("fan_in_fan_out is set")
-    if cfg.get("modules_to_save"):
-        problems.append(f"modules_to_save={cfg['modules_to_save']} (fully trained modules)")
-    if problems:
-        raise UserError(f"{folder} cannot be converted: " + "; ".join(problems))
-    file, state = _read_weights(folder, (ADAPTER_SAFE, ADAPTER_BIN))
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        match = key_pattern.match(key)
-        if match is None:
-            if key.endswith("lm_head.base_layer.weight"):
-                continue  # PEFT's copy of the (untrained) base head; the base LLM has it
-            raise UserError(f"{file}: unexpected key {key!r}; only LoRA A/B weights of "
-                            "the attention, MLP and output layers can be converted")
-        parts.setdefault(match.group(1), {})[match.group(2)] = tensor
-    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    modules = {}
-    for path, ab in sorted(parts.items()):
-        if set(ab) != {"A", "B"}:
-            raise UserError(f"{file}: {path} has lora_{''.join(ab)} without its partner")
-        lora = _Lora(ab["A"], ab["B"],
-                     alphas.get(get_pattern_key(list(alphas), path), cfg.get("lora_alpha", 8)))
-        expected_r = ranks.get(get_pattern_key(list(ranks), path), cfg.get("r", 8))
-        if lora.A.ndim != 2 or lora.B.ndim != 2 or lora.B.shape[1] != lora.r or lora.r != expected_r:
-            raise UserError(f"{file}: {path} has lora_A {tuple(lora.A.shape)} and lora_B "
-                            f"{tuple(lora.B.shape)}, not rank {expected_r} as {ADAPTER_CONFIG} says")
-        modules[path] = lora
-    if not modules:
-        raise UserError(f"{file} holds no LoRA weights")
-    return cfg, modules
 
 
 def _llm_shape(llm: Path) -> dict[str, int]:
@@ -221,7 +126,7 @@ def _llm_shape(llm: Path) -> dict[str, int]:
     if not (llm / "config.json").is_file():
         raise UserError(f"base LLM {llm} has no config.json; point --llm at the InternLM2 "
                         "checkpoint folder the XTuner model was trained on")
-    cfg = _read_json(llm / "config.json")
+    cfg = read_json(llm / "config.json")
     if cfg.get("model_type") not in ("internlm2", "llama"):
         raise UserError(f"base LLM {llm} is a {cfg.get('model_type')!r} model; XTuner's "
                         "InternLM2 adapters need an InternLM2 (or InternLM2-as-Llama) checkpoint")
@@ -230,7 +135,7 @@ def _llm_shape(llm: Path) -> dict[str, int]:
     hidden = cfg["hidden_size"]
     head_dim = cfg.get("head_dim") or hidden // heads
     if cfg["model_type"] == "internlm2":
-        _head_counts(heads, kv, hidden)
+        head_counts(heads, kv, hidden)
     return {"hidden": hidden, "heads": heads, "kv": kv, "groups": heads // kv, "head_dim": head_dim,
             "inter": cfg["intermediate_size"], "vocab": cfg["vocab_size"],
             "layers": cfg["num_hidden_layers"]}
@@ -264,99 +169,16 @@ def _vision_width(name: str, config_file: str | None) -> int:
     cfg = open_clip.get_model_config(name)
     vision = (cfg or {}).get("vision_cfg") or {}
     if cfg is None or vision.get("timm_model_name"):
-        from llava_tune.models.vision import VisionTower, create_open_clip
+        from llava_tune.convert.open_clip import create_open_clip
 
-        return VisionTower(create_open_clip(name, None, config_file)).hidden_size
+        return create_open_clip(name, None, config_file).transformer.width
     return int(vision.get("width", 768))  # open_clip's VisionCfg default
-
-
-# --------------------------------------------------------------------------- projector
-
-
-def _read_projector(folder: Path, vision_width: int, llm_hidden: int,
-                    what: str) -> tuple[dict[str, torch.Tensor], int]:
-    """Projector weights (model.N.weight/bias) checked against the tower and LLM widths, and its
-    depth. A projector saved without biases gets zero biases: the same function."""
-    cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-    act = cfg.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise UserError(f"{folder}/config.json: hidden_act {act!r}; llava-tune's projector uses "
-                        "exact GELU ('gelu') between its layers")
-    file, state = _read_weights(folder, ("model.safetensors", "pytorch_model.bin"))
-    weights = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"model\.(\d+)\.weight", k)))
-    depth = len(weights)
-    if depth == 0 or weights != list(range(0, 2 * depth, 2)):
-        raise UserError(f"{file}: keys {sorted(state)} are not a projector's "
-                        "(model.0.weight, model.2.weight, ...)")
-    if "depth" in cfg and cfg["depth"] != depth:
-        raise UserError(f"{folder}/config.json says depth {cfg['depth']}, {file} has {depth} layers")
-    expected = {}
-    for i in range(depth):
-        expected[f"model.{2 * i}.weight"] = (llm_hidden, vision_width if i == 0 else llm_hidden)
-        expected[f"model.{2 * i}.bias"] = (llm_hidden,)
-    unknown = sorted(set(state) - set(expected))
-    if unknown:
-        raise UserError(f"{file}: unexpected keys {unknown}")
-    out = {}
-    for key, shape in expected.items():
-        tensor = state.get(key)
-        if tensor is None and key.endswith(".bias"):
-            tensor = torch.zeros(shape, dtype=state[key.replace(".bias", ".weight")].dtype)
-        if tuple(tensor.shape) != shape:
-            raise UserError(
-                f"{file}: {key} has shape {tuple(tensor.shape)}, expected {shape} for {what}; "
-                "the projector was trained for another vision tower or LLM")
-        out[key] = tensor
-    return out, depth
-
-
-def _write_our_projector(folder: Path, state: dict[str, torch.Tensor], vision_width: int,
-                         llm_hidden: int, depth: int) -> None:
-    """What `Projector.save` writes, tensors kept as they are."""
-    folder.mkdir()
-    _save_shard(state, folder / "model.safetensors")
-    config = {"vision_hidden_size": vision_width, "llm_hidden_size": llm_hidden, "depth": depth}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
-# --------------------------------------------------------------------------- adapter writing
-
-
-def _patterns(modules: dict[str, _Lora]) -> tuple[int, int | float, dict, dict]:
-    """Global (r, alpha) = the most common pair; rank_pattern / alpha_pattern for the rest, keyed
-    by module name when all its layers agree, else by the module's full path."""
-    pairs = {path: (lora.r, _tidy(lora.alpha)) for path, lora in modules.items()}
-    r, alpha = Counter(pairs.values()).most_common(1)[0][0]
-    by_leaf: dict[str, set] = {}
-    for path, pair in pairs.items():
-        by_leaf.setdefault(path.rsplit(".", 1)[-1], set()).add(pair)
-    rank_pattern, alpha_pattern = {}, {}
-    for path, (pr, pa) in sorted(pairs.items()):
-        leaf = path.rsplit(".", 1)[-1]
-        key = leaf if len(by_leaf[leaf]) == 1 else re.escape(path)
-        if pr != r:
-            rank_pattern[key] = pr
-        if pa != alpha:
-            alpha_pattern[key] = pa
-    return r, alpha, rank_pattern, alpha_pattern
-
-
-def _adapter_tensors(modules: dict[str, _Lora]) -> dict[str, torch.Tensor]:
-    out = {}
-    for path, lora in modules.items():
-        out[f"{PREFIX}{path}.lora_A.weight"] = lora.A
-        out[f"{PREFIX}{path}.lora_B.weight"] = lora.B
-    return out
-
-
-def _target_modules(modules: dict[str, _Lora]) -> list[str]:
-    return sorted({path.rsplit(".", 1)[-1] for path in modules})
 
 
 # --------------------------------------------------------------------------- import
 
 
-def _to_ours(modules: dict[str, _Lora], shape: dict[str, int]) -> dict[str, _Lora]:
+def _to_ours(modules: dict[str, Lora], shape: dict[str, int]) -> dict[str, Lora]:
     """InternLM2 LoRAs -> Llama LoRAs: wqkv's B split by rows like the base weight, A shared."""
     out = {}
     counts = (shape["kv"], shape["groups"], shape["head_dim"])
@@ -367,14 +189,14 @@ def _to_ours(modules: dict[str, _Lora], shape: dict[str, int]) -> dict[str, _Lor
         layer, suffix = _LAYER.match(path).groups()
         prefix = f"model.layers.{layer}."
         if suffix == "attention.wqkv":
-            for proj, b in zip(_QKV, _split_wqkv(lora.B, *counts), strict=True):
-                out[prefix + proj] = _Lora(lora.A, b, lora.alpha)
+            for proj, b in zip(_QKV, split_wqkv(lora.B, *counts), strict=True):
+                out[prefix + proj] = Lora(lora.A, b, lora.alpha)
         else:
             out[prefix + _RENAMES[suffix]] = lora
     return out
 
 
-def _check_adapter_shapes(modules: dict[str, _Lora], shape: dict[str, int], llm: Path,
+def _check_adapter_shapes(modules: dict[str, Lora], shape: dict[str, int], llm: Path,
                           file: Path) -> None:
     for path, lora in modules.items():
         io = _xtuner_io(path, shape)
@@ -396,7 +218,7 @@ def is_xtuner_dir(path: str | os.PathLike) -> bool:
 def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
                   llm: str | os.PathLike, vision_name: str,
                   vision_pretrained: str | None = None, vision_config_file: str | None = None,
-                  feature_layer: int = -2) -> Path:
+                  feature_layer: int | None = None) -> Path:
     """Write XTuner's LLaVA artifact in ``xtuner_dir`` as an equivalent llava-tune run dir.
 
     ``xtuner_dir`` holds ``projector/`` and/or ``llm_adapter/`` (what XTuner's ``pth_to_hf``
@@ -420,6 +242,7 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
     (DoRA, trained biases, modules_to_save, vision LoRA) that have no equivalent here.
     """
     xtuner_dir, run_dir, llm = Path(xtuner_dir), Path(run_dir), Path(llm)
+    feature_layer = -2 if feature_layer is None else feature_layer
     if not xtuner_dir.is_dir() or not is_xtuner_dir(xtuner_dir):
         raise UserError(f"{xtuner_dir} is not an XTuner LLaVA artifact: expected {PROJECTOR}/ "
                         f"and/or {ADAPTER}/{ADAPTER_CONFIG} in it (what xtuner convert "
@@ -444,11 +267,11 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
     if (xtuner_dir / PROJECTOR).is_dir():
         what = (f"vision tower {vision_name} (width {width}) and LLM {llm} "
                 f"(hidden size {shape['hidden']})")
-        projector, depth = _read_projector(xtuner_dir / PROJECTOR, width, shape["hidden"], what)
+        projector, depth = read_projector_state(xtuner_dir / PROJECTOR, width, shape["hidden"], what)
 
     adapter_cfg, modules = {}, {}
     if (xtuner_dir / ADAPTER).is_dir():
-        adapter_cfg, theirs = _read_adapter(xtuner_dir / ADAPTER, _XT_KEY)
+        adapter_cfg, theirs = read_lora_adapter(xtuner_dir / ADAPTER, _XT_KEY)
         _check_adapter_shapes(theirs, shape, llm, xtuner_dir / ADAPTER)
         modules = _to_ours(theirs, shape)
 
@@ -459,8 +282,8 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
                           config_file=absolute(vision_config_file), feature_layer=feature_layer)
     train = TrainConfig(llm="frozen")
     if modules:
-        r, alpha, rank_pattern, alpha_pattern = _patterns(modules)
-        targets = _target_modules(modules)
+        r, alpha, rank_pattern, alpha_pattern = lora_patterns(modules)
+        targets = target_module_names(modules)
         dropout = float(adapter_cfg.get("lora_dropout", 0.0))
         train = TrainConfig(llm="lora", lora=LoraConfig(r=r, alpha=int(round(alpha)),
                                                         dropout=dropout, target_modules=targets))
@@ -468,9 +291,11 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
                     model=ModelConfig(llm=absolute(llm), quantization=None, vision=vision,
                                       projector_depth=depth or 2),
                     train=train)
+    parts = ([rundir.PROJECTOR] if projector is not None else []) + (
+        [rundir.LLM_ADAPTER] if modules else [])
     with atomic_dir(run_dir) as tmp:
         if projector is not None:
-            _write_our_projector(tmp / PROJECTOR, projector, width, shape["hidden"], depth)
+            write_projector_state(tmp / PROJECTOR, projector, width, shape["hidden"], depth)
         if modules:
             (tmp / ADAPTER).mkdir()
             peft.LoraConfig(
@@ -479,19 +304,20 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
                 use_rslora=bool(adapter_cfg.get("use_rslora")), task_type="CAUSAL_LM",
                 base_model_name_or_path=absolute(llm), inference_mode=True,
             ).save_pretrained(tmp / ADAPTER)
-            _save_shard(_adapter_tensors(modules), tmp / ADAPTER / ADAPTER_SAFE)
-        (tmp / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
+            save_safetensors(adapter_tensors(modules), tmp / ADAPTER / ADAPTER_SAFE)
+        (tmp / rundir.CONFIG).write_text(config_to_yaml(config), encoding="utf-8")
+        rundir.mark_complete(tmp, parts, steps=0)
     return run_dir
 
 
 # --------------------------------------------------------------------------- export
 
 
-def _to_xtuner(modules: dict[str, _Lora], shape: dict[str, int], rslora: bool) -> dict[str, _Lora]:
+def _to_xtuner(modules: dict[str, Lora], shape: dict[str, int], rslora: bool) -> dict[str, Lora]:
     """Llama LoRAs -> InternLM2 LoRAs; see `export_xtuner` for how q/k/v become one wqkv LoRA."""
     counts = (shape["kv"], shape["groups"], shape["head_dim"])
-    out: dict[str, _Lora] = {}
-    qkv: dict[str, dict[str, _Lora]] = {}
+    out: dict[str, Lora] = {}
+    qkv: dict[str, dict[str, Lora]] = {}
     for path, lora in modules.items():
         if path == "lm_head":
             out["output"] = lora
@@ -513,14 +339,14 @@ def _to_xtuner(modules: dict[str, _Lora], shape: dict[str, int], rslora: bool) -
         path = f"model.layers.{layer}.attention.wqkv"
         if shared:
             first = parts[_QKV[0]]
-            b = _pack_wqkv(*(parts[p].B for p in _QKV), *counts)
-            out[path] = _Lora(first.A, b, first.alpha)
+            b = pack_wqkv(*(parts[p].B for p in _QKV), *counts)
+            out[path] = Lora(first.A, b, first.alpha)
             continue
         present = [p for p in _QKV if p in parts]
         rank = sum(parts[p].r for p in present)
         first = parts[present[0]]
-        scale = _scale(first.alpha, first.r, rslora)
-        alpha = _tidy(first.alpha * (math.sqrt(rank / first.r) if rslora else rank / first.r))
+        scale = lora_scale(first.alpha, first.r, rslora)
+        alpha = tidy_alpha(first.alpha * (math.sqrt(rank / first.r) if rslora else rank / first.r))
         dtype = first.B.dtype
         blocks, col = {}, 0
         for p in _QKV:
@@ -528,22 +354,21 @@ def _to_xtuner(modules: dict[str, _Lora], shape: dict[str, int], rslora: bool) -
             if p in parts:
                 lora = parts[p]
                 b = lora.B
-                ratio = _scale(lora.alpha, lora.r, rslora) / scale
+                ratio = lora_scale(lora.alpha, lora.r, rslora) / scale
                 if ratio != 1.0:
                     b = b * ratio
                 block[:, col:col + lora.r] = b
                 col += lora.r
             blocks[p] = block
         a = torch.cat([parts[p].A for p in present], dim=0)
-        out[path] = _Lora(a, _pack_wqkv(*(blocks[p] for p in _QKV), *counts), alpha)
+        out[path] = Lora(a, pack_wqkv(*(blocks[p] for p in _QKV), *counts), alpha)
     return out
 
 
-def export_xtuner(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  base: str | os.PathLike | None = None) -> Path:
-    """Write a run's projector and LLM LoRA in XTuner's LLaVA layout; returns ``out_dir``.
+def write_xtuner(run_dir: Path, folder: Path, base_dir: Path) -> None:
+    """Write a run's projector and LLM LoRA in XTuner's LLaVA layout into ``folder``.
 
-    ``out_dir`` gets ``projector/`` (XTuner's ProjectorModel: config.json with
+    ``folder`` gets ``projector/`` (XTuner's ProjectorModel: config.json with
     visual_hidden_size / llm_hidden_size / depth / hidden_act / bias, model.safetensors, and the
     two small remote-code files its auto_map names) and, when the run trained a LoRA,
     ``llm_adapter/``: a PEFT adapter on InternLM2's module names (o_proj -> wo, gate_proj -> w1,
@@ -561,11 +386,8 @@ def export_xtuner(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     alpha' / sqrt(r') with rsLoRA); both go in the adapter's rank_pattern / alpha_pattern, the
     other modules keeping r and alpha. A layer missing one of q/k/v gets zero rows for it.
 
-    ``base`` replaces the run's recorded base LLM folder (needed for the head counts). Written
-    atomically: ``out_dir`` appears complete or not at all, replacing an existing one.
+    ``base_dir`` is the run's base LLM (needed for the head counts).
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config = read_run_config(run_dir)
     if (run_dir / "llm").is_dir():
         raise UserError(f"{run_dir} trained the full LLM (llm/); XTuner's llm_adapter layout "
                         "holds LoRA adapters only: export the LLM with --format internlm2")
@@ -573,22 +395,19 @@ def export_xtuner(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     has_adapter = (run_dir / ADAPTER).is_dir()
     if not has_projector and not has_adapter:
         raise UserError(f"{run_dir} has neither {PROJECTOR}/ nor {ADAPTER}/ to export")
-    base_dir = Path(base or config.model.llm)
-    if not base_dir.is_dir():
-        raise UserError(f"the base LLM of {run_dir} ({base_dir}) is gone; pass --base")
     shape = _llm_shape(base_dir)
 
     adapter = None
     if has_adapter:
-        cfg, modules = _read_adapter(run_dir / ADAPTER, _OUR_KEY)
+        cfg, modules = read_lora_adapter(run_dir / ADAPTER, _OUR_KEY)
         rslora = bool(cfg.get("use_rslora"))
         theirs = _to_xtuner(modules, shape, rslora)
-        r, alpha, rank_pattern, alpha_pattern = _patterns(theirs)
+        r, alpha, rank_pattern, alpha_pattern = lora_patterns(theirs)
         adapter_config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM",
             "base_model_name_or_path": str(base_dir),
             "r": r, "lora_alpha": alpha, "lora_dropout": cfg.get("lora_dropout", 0.0),
-            "target_modules": _target_modules(theirs), "bias": "none",
+            "target_modules": target_module_names(theirs), "bias": "none",
             "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
             "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
             "revision": None,
@@ -598,13 +417,13 @@ def export_xtuner(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
             adapter_config.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
         if rslora:
             adapter_config["use_rslora"] = True
-        adapter = (adapter_config, _adapter_tensors(theirs))
+        adapter = (adapter_config, adapter_tensors(theirs))
 
     projector = None
     if has_projector:
-        own = _read_json(run_dir / PROJECTOR / "config.json")
+        own = read_json(run_dir / PROJECTOR / "config.json")
         width, hidden = own["vision_hidden_size"], own["llm_hidden_size"]
-        state, depth = _read_projector(run_dir / PROJECTOR, width, hidden,
+        state, depth = read_projector_state(run_dir / PROJECTOR, width, hidden,
                                        f"its config.json (width {width}, hidden {hidden})")
         dtype = str(state["model.0.weight"].dtype).removeprefix("torch.")
         projector = (state, {
@@ -615,15 +434,13 @@ def export_xtuner(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
             "model_type": "projector", "torch_dtype": dtype, "visual_hidden_size": width,
         })
 
-    with atomic_dir(out_dir) as tmp:
-        if projector is not None:
-            (tmp / PROJECTOR).mkdir()
-            _save_shard(projector[0], tmp / PROJECTOR / "model.safetensors")
-            (tmp / PROJECTOR / "config.json").write_text(json.dumps(projector[1], indent=2) + "\n")
-            (tmp / PROJECTOR / "configuration_projector.py").write_text(_PROJECTOR_CONFIG_PY)
-            (tmp / PROJECTOR / "modeling_projector.py").write_text(_PROJECTOR_MODEL_PY)
-        if adapter is not None:
-            (tmp / ADAPTER).mkdir()
-            (tmp / ADAPTER / ADAPTER_CONFIG).write_text(json.dumps(adapter[0], indent=2) + "\n")
-            _save_shard(adapter[1], tmp / ADAPTER / ADAPTER_SAFE)
-    return out_dir
+    if projector is not None:
+        (folder / PROJECTOR).mkdir()
+        save_safetensors(projector[0], folder / PROJECTOR / "model.safetensors")
+        (folder / PROJECTOR / "config.json").write_text(json.dumps(projector[1], indent=2) + "\n")
+        (folder / PROJECTOR / "configuration_projector.py").write_text(_PROJECTOR_CONFIG_PY)
+        (folder / PROJECTOR / "modeling_projector.py").write_text(_PROJECTOR_MODEL_PY)
+    if adapter is not None:
+        (folder / ADAPTER).mkdir()
+        (folder / ADAPTER / ADAPTER_CONFIG).write_text(json.dumps(adapter[0], indent=2) + "\n")
+        save_safetensors(adapter[1], folder / ADAPTER / ADAPTER_SAFE)

@@ -12,7 +12,7 @@ Files written by :func:`train_tokenizer` (InternLM2's layout, without its remote
     tokenizer_config.json      add_bos/add_eos, special tokens, added_tokens_decoder, chat_template
     special_tokens_map.json    bos/eos/unk/pad and the chat tokens
 
-Usage: ``python data/demo_tokenizer.py --text-json data.json [more ...] --out DIR [--vocab-size N]``
+Usage: ``python -m llava_tune.demo.tokenizer --text-json data.json [more ...] --out DIR [--vocab-size N]``
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from typing import Any
 
 import sentencepiece as spm
 
+from llava_tune.constants import IMAGE_TOKEN
+from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.files import write_bytes_atomic, write_text_atomic
 
 CHAT_TOKENS: tuple[str, ...] = (
@@ -54,19 +56,6 @@ UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<unk>", "<s>", "</s>"
 
 PAD_TOKEN = EOS_TOKEN
 """Padding token, as in InternLM2's tokenizer_config.json."""
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-"""InternLM2's chat template (Jinja): BOS, then ``<|im_start|>{role}\\n{content}<|im_end|>\\n``
-per message, and ``<|im_start|>assistant\\n`` when ``add_generation_prompt``."""
-
-IMAGE_TOKEN = "<image>"
-"""Removed from LLaVA values before they are used as training text."""
 
 CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 """Role names the chat template writes; :func:`main` adds them to the training text."""
@@ -112,7 +101,7 @@ def tokenizer_config(sp: spm.SentencePieceProcessor) -> dict[str, Any]:
         "added_tokens_decoder": added,
         "additional_special_tokens": list(ADDITIONAL_SPECIAL_TOKENS),
         "bos_token": BOS_TOKEN,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": INTERNLM2_CHAT.jinja,
         "clean_up_tokenization_spaces": False,
         "decode_with_prefix_space": False,
         "eos_token": EOS_TOKEN,
@@ -217,7 +206,7 @@ def llava_texts(records: Iterable[dict[str, Any]]) -> Iterator[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python data/demo_tokenizer.py --text-json F [F ...] --out DIR [--vocab-size N]``."""
+    """Command line: ``python -m llava_tune.demo.tokenizer --text-json F [F ...] --out DIR [--vocab-size N]``."""
     parser = argparse.ArgumentParser(description="Train the demo's InternLM2-style tokenizer.")
     parser.add_argument(
         "--text-json", nargs="+", required=True, help="LLaVA JSON files with training text"

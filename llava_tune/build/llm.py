@@ -8,7 +8,6 @@ InternLM2's chat tokens at the ids its tokenizer_config.json gives.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -21,18 +20,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from llava_tune.convert.internlm2 import convert_internlm2_dir, is_internlm2_dir
+from llava_tune.convert.sentencepiece import sentencepiece_to_fast
+from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.errors import UserError
-from llava_tune.models.internlm2 import convert_internlm2_dir, is_internlm2_dir
-
-INTERNLM2_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-"""InternLM2-chat's template; the bos_token is part of it, so encode its output without
-adding special tokens again."""
+from llava_tune.launch import shards_parameters
 
 QUANTIZATIONS = (None, "4bit", "8bit")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
@@ -66,11 +58,15 @@ def quantization_config(quantization: str | None, device: torch.device) -> BitsA
     if quantization is None:
         return None
     if quantization == "4bit":
+        compute = resolve_dtype("auto", device)
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=resolve_dtype("auto", device),
+            bnb_4bit_compute_dtype=compute,
+            # ZeRO-3 and FSDP flatten every parameter into one dtype: store the packed 4-bit
+            # weights in the compute dtype then (the default uint8 cannot be sharded with it).
+            bnb_4bit_quant_storage=compute if shards_parameters() else torch.uint8,
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -161,97 +157,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
             "copy the tokenizer files of the base model into this folder"
         )
     if tokenizer.chat_template is None:
-        tokenizer.chat_template = INTERNLM2_CHAT_TEMPLATE
+        tokenizer.chat_template = INTERNLM2_CHAT.jinja
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _read_tokenizer_config(path: Path) -> dict:
-    file = path / "tokenizer_config.json"
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{file} is not valid JSON ({err}); restore it from the original model") from err
-
-
-def _bpe_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """BPE merges implied by a sentencepiece BPE vocab: every split of a piece into two
-    pieces, ranked by the merged piece's id (sentencepiece orders BPE pieces by merge rank)."""
-    ranked = []
-    for piece, piece_id in vocab.items():
-        for i in range(1, len(piece)):
-            left, right = piece[:i], piece[i:]
-            if left in vocab and right in vocab:
-                ranked.append((piece_id, vocab[left], vocab[right], left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
-
-
-def sentencepiece_to_fast(path: Path) -> PreTrainedTokenizerFast:
-    """Build a fast tokenizer that encodes exactly like sentencepiece's `tokenizer.model`.
-
-    Pieces that `tokenizer_config.json`'s `added_tokens_decoder` renames (InternLM2 publishes
-    `<|im_end|>` as the unused piece `[UNUSED_TOKEN_145]`) take their new names at the same ids.
-    The dummy prefix is prepended per text span between special tokens, as InternLM2's own
-    tokenizers do.
-    """
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
-    model_file = path / "tokenizer.model"
-    proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(model_file.read_bytes())
-    except Exception as err:  # protobuf raises its own DecodeError type
-        raise UserError(f"{model_file} is not a sentencepiece model ({err})") from err
-    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        raise UserError(f"{model_file} is not a BPE sentencepiece model; only BPE (as InternLM2) is supported")
-
-    tok_config = _read_tokenizer_config(path)
-    renamed = {int(i): entry["content"] for i, entry in tok_config.get("added_tokens_decoder", {}).items()}
-    pieces = [renamed.get(i, p.piece) for i, p in enumerate(proto.pieces)]
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    unk = pieces[proto.trainer_spec.unk_id]
-
-    backend = Tokenizer(
-        models.BPE(vocab=vocab, merges=_bpe_merges(vocab), unk_token=unk, fuse_unk=True,
-                   byte_fallback=proto.trainer_spec.byte_fallback)
-    )
-    spaces = [normalizers.Replace(" ", "▁")]
-    if proto.normalizer_spec.add_dummy_prefix:
-        spaces.insert(0, normalizers.Prepend("▁"))
-    backend.normalizer = normalizers.Sequence(spaces)
-    strip = [decoders.Strip(" ", 1, 0)] if proto.normalizer_spec.add_dummy_prefix else []
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
-    )
-    control = {i for i, p in enumerate(proto.pieces) if p.type in (p.CONTROL, p.UNKNOWN)}
-    user_defined = {i for i, p in enumerate(proto.pieces) if p.type == p.USER_DEFINED}
-    special_ids = sorted(control | user_defined | set(renamed))
-    backend.add_special_tokens(
-        [AddedToken(pieces[i], special=True, normalized=False) for i in special_ids]
-    )
-
-    bos = tok_config.get("bos_token", pieces[proto.trainer_spec.bos_id])
-    eos = tok_config.get("eos_token", pieces[proto.trainer_spec.eos_id])
-    bos = bos["content"] if isinstance(bos, dict) else bos
-    eos = eos["content"] if isinstance(eos, dict) else eos
-    if tok_config.get("add_bos_token", True):
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
-        )
-    pad = tok_config.get("pad_token")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=eos,
-        unk_token=unk,
-        pad_token=pad["content"] if isinstance(pad, dict) else pad,
-        chat_template=tok_config.get("chat_template"),
-        model_max_length=tok_config.get("model_max_length", 32768),
-        clean_up_tokenization_spaces=False,
-    )
     return tokenizer

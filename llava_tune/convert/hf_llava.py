@@ -15,47 +15,25 @@ from transformers import (
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from llava_tune.constants import IMAGE_TOKEN
-from llava_tune.engine.build import read_run_config
+from llava_tune.convert.open_clip import hf_clip_vision_state_dict
+from llava_tune.data.template import internlm2_jinja
 from llava_tune.errors import UserError
-from llava_tune.files import atomic_dir
-from llava_tune.models.clip_convert import hf_clip_vision_state_dict
 from llava_tune.models.projector import Projector
-from llava_tune.models.vision import VisionTower, create_open_clip
-
-# The processor's template: our training text for an image turn is "<image>\n{question}".
-# No BOS here, unlike InternLM2's own template: `processor(text=...)` adds it when tokenizing.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from llava_tune.models.vision import VisionTower
 
 
-def export_hf_llava(run_dir: Path, out_dir: Path, llm, tokenizer) -> Path:
-    """Write `out_dir` with the run's vision tower (as a CLIPVisionModel), projector
-    (`multi_modal_projector`), the given merged full-precision `llm` and an `AutoProcessor`.
+def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: Projector) -> None:
+    """Write into `folder` the tower (as a CLIPVisionModel, any LoRA merged), the projector
+    (`multi_modal_projector`), the merged full-precision `llm` and an `AutoProcessor`.
 
     `<image>` becomes a real token: the LLM's vocabulary grows by one row (its embedding is
     never read, image features replace it) and generation is told never to produce it.
     """
-    config = read_run_config(run_dir)
-    if config.stage == "sft":
-        raise UserError(f"{run_dir} is a text-only run; export it with --format llm")
-    if config.model.projector_depth != 2:
+    if projector.config["depth"] != 2:
         raise UserError("transformers' Llava projector is Linear-GELU-Linear; this run's "
-                        f"projector has depth {config.model.projector_depth}")
-    v = config.model.vision
-    tower = VisionTower(create_open_clip(v.name, v.pretrained, v.config_file), v.feature_layer)
-    projector = Projector(tower.hidden_size, llm.config.hidden_size, 2)
-    projector.load(run_dir / "projector")
-    vision_config, vision_state = hf_clip_vision_state_dict(tower.visual)
+                        f"projector has depth {projector.config['depth']}: export it with "
+                        "--format xtuner instead")
+    vision_config, vision_state = hf_clip_vision_state_dict(tower.base)
 
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -65,7 +43,7 @@ def export_hf_llava(run_dir: Path, out_dir: Path, llm, tokenizer) -> Path:
 
     llava_config = LlavaConfig(
         vision_config=vision_config, text_config=llm.config, image_token_id=image_id,
-        vision_feature_layer=v.feature_layer, vision_feature_select_strategy="default",
+        vision_feature_layer=tower.feature_layer, vision_feature_select_strategy="default",
         projector_hidden_act="gelu", multimodal_projector_bias=True,
         image_seq_length=tower.num_patches, tie_word_embeddings=False,
     )
@@ -86,11 +64,11 @@ def export_hf_llava(run_dir: Path, out_dir: Path, llm, tokenizer) -> Path:
     image_processor = LlavaImageProcessorPil(
         do_pad=True, size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_mean=list(tower.mean), image_std=list(tower.std))
+    # No BOS in the processor's template, unlike InternLM2's own: `processor(text=...)` adds it.
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=LLAVA_CHAT_TEMPLATE,
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=internlm2_jinja(bos=False, image_items=True),
         patch_size=tower.visual.patch_size[0], vision_feature_select_strategy="default",
         image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return out_dir
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)

@@ -1,0 +1,70 @@
+"""`llava-tune`: the command line. Parses, calls the library, prints; nothing else.
+
+Every command imports what it needs when it runs, so `llava-tune --help` starts without torch.
+A user's mistake (UserError) prints one line of `error: ...` and exits 2; anything else is a bug
+and keeps its traceback (`--debug` shows tracebacks for user errors too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llava_tune.cli import chat, commands
+from llava_tune.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-tune", description="Give an InternLM2 chat model eyes: LLaVA-style "
+        "pretrain + QLoRA finetune, text SFT, chat, eval and export.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show a traceback for every error, user errors too")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands.add_train(sub)
+    commands.add_eval(sub)
+    chat.add_parser(sub)
+    commands.add_export(sub)
+    commands.add_import_xtuner(sub)
+    commands.add_plot(sub)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own output: no deprecation notices or per-file loading bars
+    from inside the libraries (progress.enable turns the useful bars back on)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes announces on import that an optional CPU kernel could not be fetched from a
+    # model hub; llava-tune never downloads at run time, so that notice only misleads.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    from llava_tune import progress
+
+    progress.enable(not args.quiet and sys.stderr.isatty())
+    try:
+        return args.func(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

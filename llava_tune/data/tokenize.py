@@ -1,0 +1,49 @@
+"""One conversation record to token ids and labels: a pure function, tested directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from llava_tune.constants import IGNORE_INDEX
+from llava_tune.data.template import ChatTemplate
+
+OK = "ok"
+TRUNCATED = "truncated"
+IMAGE_CUT = "an image does not fit in max_length"
+NO_ANSWER = "no answer within max_length"
+USABLE = (OK, TRUNCATED)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    """[T]; each `<image>` is still one id here (the dataset expands it to N slots)."""
+    labels: list[int]
+    """[T]; IGNORE_INDEX outside the answers."""
+    status: str
+    """OK, TRUNCATED, or why the record cannot train (IMAGE_CUT, NO_ANSWER)."""
+
+
+def tokenize_record(record: dict, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                    max_length: int, image_token_id: int | None = None,
+                    num_image_tokens: int = 0) -> Tokenized:
+    """Ids and labels of a record's conversation, as long as they fit in `max_length` once
+    every `<image>` becomes `num_image_tokens` slots.
+
+    A longer sample is cut at max_length (TRUNCATED), unless the cut would go through an image
+    (IMAGE_CUT) or leave no answer to learn from (NO_ANSWER): such a sample cannot train.
+    """
+    ids, labels = template.encode(record["messages"], tokenizer)
+    extra = num_image_tokens - 1  # each image id becomes num_image_tokens slots
+    slots = [i for i, token in enumerate(ids) if token == image_token_id] if image_token_id is not None else []
+    if len(ids) + extra * len(slots) <= max_length:
+        return Tokenized(ids, labels, OK)
+    last_image_end = slots[-1] + 1 + extra * len(slots) if slots else 0
+    if last_image_end > max_length:
+        return Tokenized([], [], IMAGE_CUT)
+    keep = max_length - extra * len(slots)
+    if all(label == IGNORE_INDEX for label in labels[:keep]):
+        return Tokenized([], [], NO_ANSWER)
+    return Tokenized(ids[:keep], labels[:keep], TRUNCATED)

@@ -1,0 +1,130 @@
+"""Write a finished run in other layouts: its merged LLM as transformers Llama (`llm`) or
+InternLM2 (`internlm2`), the whole model as transformers Llava (`hf-llava`), or XTuner's
+LLaVA folders (`xtuner`).
+
+Exports never destroy: a target inside the run (or the run inside the target) is refused, a
+non-empty target needs `force`, and even then only a previous export's own files are replaced;
+a folder holding anything else is moved aside, never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llava_tune import rundir
+from llava_tune.build.model import Built, load_run, recorded_base
+from llava_tune.convert.hf_llava import write_hf_llava
+from llava_tune.convert.internlm2 import write_internlm2_checkpoint
+from llava_tune.convert.xtuner import write_xtuner
+from llava_tune.errors import UserError
+from llava_tune.files import atomic_dir
+
+FORMATS = ("llm", "internlm2", "hf-llava", "xtuner")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+MARKER = "llava_tune_export.json"
+"""Written into every export: which run, which format, which files (so --force knows what it
+may replace)."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    moved_aside: Path | None = None
+    """Where the target's previous contents went (a folder that was not our export)."""
+
+
+def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
+           base: str | os.PathLike | None = None, force: bool = False) -> ExportResult:
+    """Export a finished run; `out_dir` appears complete or not at all."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    check_target(run_dir, out_dir, force)
+    config = rundir.read_run_config(run_dir)
+    rundir.check_complete(run_dir)
+    writers = {"llm": _write_llm, "internlm2": _write_internlm2, "hf-llava": _write_hf_llava,
+               "xtuner": _write_xtuner}
+    moved = _move_aside_foreign(out_dir) if out_dir.exists() else None
+    with atomic_dir(out_dir) as tmp:
+        writers[fmt](run_dir, tmp, base, config)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / MARKER).write_text(json.dumps({"run_dir": str(run_dir.resolve()), "format": fmt,
+                                              "files": files}, indent=2) + "\n")
+    return ExportResult(out_dir, moved)
+
+
+def check_target(run_dir: Path, out_dir: Path, force: bool) -> None:
+    run, out = run_dir.resolve(), out_dir.resolve()
+    if out == run or run in out.parents or out in run.parents:
+        raise UserError(f"export target {out_dir} overlaps the run {run_dir}; write the export "
+                        "to a folder outside the run dir")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"export target {out_dir} is a file; give a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"export target {out_dir} is not empty; choose a new folder, or pass "
+                        "--force to replace it (a previous export is replaced; other contents "
+                        "are moved aside, never deleted)")
+
+
+def _move_aside_foreign(out_dir: Path) -> Path | None:
+    """Leave a previous export for atomic_dir to replace; move any other folder aside."""
+    if not any(out_dir.iterdir()):
+        out_dir.rmdir()  # empty: nothing to keep
+        return None
+    marker = out_dir / MARKER
+    if marker.is_file():
+        try:
+            ours = set(json.loads(marker.read_text(encoding="utf-8"))["files"]) | {MARKER}
+        except (ValueError, KeyError, TypeError):
+            ours = set()
+        present = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()}
+        if present <= ours:
+            return None
+    aside = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(out_dir, aside)
+    return aside
+
+
+def merged_model(run_dir: Path, base) -> Built:
+    """The run in full precision on the CPU with every LoRA merged into its weights: the
+    original base weights, not the 4-bit ones it trained against, so nothing of the
+    quantization error is baked into the export."""
+    built = load_run(run_dir, base=base, quantization=None, device="cpu")
+    model = built.model
+    if hasattr(model.llm, "merge_and_unload"):
+        model.llm = model.llm.merge_and_unload()
+    if model.vision is not None and hasattr(model.vision.visual, "merge_and_unload"):
+        model.vision.visual = model.vision.visual.merge_and_unload()
+    return built
+
+
+def _write_llm(run_dir: Path, folder: Path, base, config) -> None:
+    built = merged_model(run_dir, base)
+    built.model.llm.save_pretrained(folder)
+    built.tokenizer.save_pretrained(folder)
+
+
+def _write_internlm2(run_dir: Path, folder: Path, base, config) -> None:
+    base_dir = recorded_base(run_dir, config, base)
+    if not (base_dir / "tokenizer.model").is_file():
+        raise UserError(f"the internlm2 format needs InternLM2's tokenizer.model, which the "
+                        f"base LLM {base_dir} lacks; export with --format llm instead")
+    llm = merged_model(run_dir, base).model.llm
+    tokenizer_files = [base_dir / name for name in TOKENIZER_FILES if (base_dir / name).is_file()]
+    write_internlm2_checkpoint(llm.state_dict(), llm.config, folder, tokenizer_files)
+
+
+def _write_hf_llava(run_dir: Path, folder: Path, base, config) -> None:
+    if config.stage == "sft":
+        raise UserError(f"{run_dir} is a text-only run; export it with --format llm")
+    built = merged_model(run_dir, base)
+    model = built.model
+    write_hf_llava(folder, model.llm, built.tokenizer, model.vision, model.projector)
+
+
+def _write_xtuner(run_dir: Path, folder: Path, base, config) -> None:
+    write_xtuner(run_dir, folder, recorded_base(run_dir, config, base))

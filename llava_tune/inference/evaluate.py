@@ -1,0 +1,131 @@
+"""Exact-match evaluation: greedy answers to every user turn that has a reference answer."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llava_tune.build.model import Built
+from llava_tune.data.formats import read_conversations
+from llava_tune.data.image import load_image
+from llava_tune.data.template import Message
+from llava_tune.errors import UserError
+from llava_tune.inference.generate import (
+    GenerationSettings,
+    generate_batch,
+    normalize_answer,
+    strip_image_markers,
+)
+
+
+@dataclass
+class EvalItem:
+    record_id: str
+    images: list[str]
+    messages: list[Message]
+    """The conversation up to and including the question."""
+    answer: str
+
+
+@dataclass
+class EvalSummary:
+    correct: int = 0
+    total: int = 0
+    by_question: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    """question -> [correct, total]"""
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def add(self, question: str, hit: bool) -> None:
+        self.correct += hit
+        self.total += 1
+        self.by_question[question][0] += hit
+        self.by_question[question][1] += 1
+
+    def as_dict(self, max_questions: int = 10) -> dict:
+        """accuracy, correct, total, and by_question when there are few distinct questions."""
+        out = {"accuracy": self.accuracy, "correct": self.correct, "total": self.total}
+        if len(self.by_question) <= max_questions:
+            out["by_question"] = {q: {"accuracy": c / n, "total": n}
+                                  for q, (c, n) in self.by_question.items()}
+        return out
+
+
+def eval_items(records: list[dict]) -> Iterator[EvalItem]:
+    """An item for every assistant turn that follows a user turn, with the history before it."""
+    for record in records:
+        messages = record["messages"]
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant" and i > 0:
+                yield EvalItem(record["id"], record["images"], messages[:i], message["content"])
+
+
+def check_output(path: str | os.PathLike | None, what: str) -> None:
+    """Refuse an output path that cannot be written, before any answer is computed."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a file name")
+    if not path.parent.exists():
+        raise UserError(f"{what} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"{what} {path}: folder {path.parent} is not writable")
+
+
+def evaluate(built: Built, data: str | os.PathLike, image_folder: str | os.PathLike | None,
+             settings: GenerationSettings, batch_size: int = 8, out: str | os.PathLike | None = None,
+             on_progress: Callable[[int, int], None] = lambda done, total: None,
+             on_skip: Callable[[str], None] = lambda message: None) -> EvalSummary:
+    """Greedy answers to every question of `data` with a reference answer, and normalized
+    exact-match accuracy (overall and per question).
+
+    Predictions go to `out` (JSONL: id, question, prediction, answer, correct) as they are
+    produced, into `out.partial`, renamed to `out` at the end, so an interruption keeps what
+    was done. Records that cannot be read are skipped through `on_skip`.
+    """
+    check_output(out, "--out")
+    result = read_conversations(data)
+    for problem in result.problems:
+        on_skip(str(problem))
+    items = list(eval_items(result.records))
+    if not items:
+        raise UserError(f"{data} has no user turn with an answer to evaluate")
+    if any(item.images for item in items):
+        if built.model.vision is None:
+            raise UserError(f"{data} has images but the model is text-only")
+        if image_folder is None:
+            raise UserError(f"{data} has images; pass --image-folder")
+    folder = Path(image_folder) if image_folder is not None else None
+    summary = EvalSummary()
+    partial = Path(f"{out}.partial") if out is not None else None
+    sink = open(partial, "w", encoding="utf-8") if partial is not None else None
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            answers = generate_batch(built, [
+                (item.messages, [load_image(folder / name) for name in item.images])
+                for item in chunk], settings)
+            for item, prediction in zip(chunk, answers, strict=True):
+                question = strip_image_markers(item.messages[-1]["content"])
+                hit = normalize_answer(prediction) == normalize_answer(item.answer)
+                summary.add(question, hit)
+                if sink is not None:
+                    sink.write(json.dumps({"id": item.record_id, "question": question,
+                                           "prediction": prediction, "answer": item.answer,
+                                           "correct": hit}, ensure_ascii=False) + "\n")
+            if sink is not None:
+                sink.flush()
+            on_progress(min(start + batch_size, len(items)), len(items))
+    finally:
+        if sink is not None:
+            sink.close()
+    if partial is not None:
+        os.replace(partial, out)
+    return summary

@@ -1,0 +1,84 @@
+"""What the training loop reports, as typed events; the CLI draws them, tests read them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llava_tune.data.datasets import DataReport
+
+
+@dataclass
+class Started:
+    run_dir: Path
+    stage: str
+    llm: str
+    vision: str | None
+    parameters: dict[str, tuple[int, int]]
+    """component -> (trainable, total)"""
+    data: DataReport
+    eval_data: DataReport | None
+    total_steps: int
+    step: int
+    """Where the run starts (above 0 when resumed)."""
+    device: str
+    processes: int
+    carried: list[str] = field(default_factory=list)
+    """Parts loaded from init_from."""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Logged:
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    """Token-weighted mean over the label tokens since the last log, all processes."""
+    lr: float
+    tokens_per_s: float
+    memory_mb: float
+
+
+@dataclass
+class Evaluated:
+    step: int
+    eval_loss: float
+    tokens: int
+
+
+@dataclass
+class CheckpointSaved:
+    step: int
+    path: Path
+
+
+@dataclass
+class SampleSkipped:
+    """A sample that failed at load time (e.g. an unreadable image) and was left out."""
+
+    sample_id: str
+    reason: str
+
+
+@dataclass
+class Interrupted:
+    """Ctrl-C: the loop stopped at a step boundary."""
+
+    step: int
+    checkpoint: Path | None
+    resume_command: str | None
+
+
+@dataclass
+class Finished:
+    steps: int
+    loss: float
+    run_dir: Path
+    skipped: int
+    parts: list[str]
+
+
+Event = Started | Logged | Evaluated | CheckpointSaved | SampleSkipped | Interrupted | Finished
+OnEvent = Callable[[Event], None]

@@ -1,0 +1,292 @@
+"""The one training loop, on accelerate, for every stage.
+
+    train(config) = setup(config) -> Run, then fit(run)
+
+`setup` builds what a run needs (run dir and its lock, model, data, optimizer, resume state);
+`fit` runs the optimizer steps: token-weighted loss over the accumulation window and all
+processes, logging, validation, checkpoints, Ctrl-C, final weights. Nothing here prints:
+progress goes out as typed events (training/events.py).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from llava_tune import rundir
+from llava_tune.build.model import Built
+from llava_tune.data.collate import Batch
+from llava_tune.data.datasets import DataReport
+from llava_tune.training.checkpoint import save_checkpoint, save_weights
+from llava_tune.training.events import (
+    CheckpointSaved,
+    Evaluated,
+    Finished,
+    Interrupted,
+    Logged,
+    OnEvent,
+    SampleSkipped,
+    Started,
+)
+from llava_tune.training.metrics import MetricsLog, peak_memory_mb
+from llava_tune.training.plot import write_loss_plot
+
+
+@dataclass
+class Progress:
+    """Where a run is: optimizer steps done, epoch, micro-batches consumed in this epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built by `setup.setup`."""
+
+    config: object
+    run_dir: Path
+    accelerator: Accelerator
+    built: Built
+    model: torch.nn.Module
+    """The prepared (maybe distributed) model."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: torch.utils.data.DataLoader
+    eval_loader: torch.utils.data.DataLoader | None
+    params: list[torch.nn.Parameter]
+    total_steps: int
+    progress: Progress
+    started: Started
+    metrics: MetricsLog
+    data: DataReport
+    close: object = field(default=lambda: None)
+    """Releases the run dir's lock."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    data: DataReport
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False
+
+
+@dataclass
+class _Window:
+    """Sums over the micro-batches since the last log line (this process)."""
+
+    loss_sum: float = 0.0
+    label_tokens: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def train(config, on_event: OnEvent = lambda event: None, overwrite: bool = False) -> TrainResult:
+    """Train one stage as `config` says and write its run dir."""
+    from llava_tune.training.setup import setup
+
+    run = setup(config, overwrite=overwrite)
+    try:
+        return fit(run, on_event)
+    finally:
+        run.close()
+
+
+def fit(run: Run, on_event: OnEvent) -> TrainResult:
+    """Run the optimizer steps from `run.progress` to `run.total_steps`, then save the final
+    weights and the COMPLETE marker. Events go to `on_event` (main process only)."""
+    acc = run.accelerator
+    emit = on_event if acc.is_main_process else (lambda event: None)
+    emit(run.started)
+    run.model.train()
+    skipped: list[tuple[str, str]] = []
+    window, last_loss = _Window(), float("nan")
+    with _stop_requests() as stop:
+        for step_batches in _optimizer_steps(run):
+            for batch in step_batches:
+                for sample_id, reason in batch.skipped:
+                    emit(SampleSkipped(sample_id, reason))
+                skipped += batch.skipped
+            stop_now = _step(run, step_batches, window, stop.requested)
+            run.progress.step += 1
+            step = run.progress.step
+            if step % run.config.train.log_every == 0 or step == run.total_steps:
+                last_loss = _log(run, window, emit)
+                window = _Window()
+            if run.eval_loader is not None and (step == run.total_steps or (
+                    run.config.train.eval_every and step % run.config.train.eval_every == 0)):
+                _evaluate(run, emit)
+            if run.config.train.save_every and step % run.config.train.save_every == 0:
+                _checkpoint(run, emit)
+            if stop_now:
+                return _interrupted(run, emit, skipped, last_loss)
+    acc.wait_for_everyone()
+    parts = []
+    if acc.is_main_process:
+        parts = save_weights(run.run_dir, acc.unwrap_model(run.model), run.built, run.progress.step)
+        write_loss_plot(run.run_dir)
+    emit(Finished(run.progress.step, last_loss, run.run_dir, len(skipped), parts))
+    return TrainResult(run.run_dir, run.progress.step, last_loss, run.data, skipped)
+
+
+def _optimizer_steps(run: Run) -> Iterator[list[Batch]]:
+    """Micro-batches grouped per optimizer step (train.grad_accum of them; the last group of
+    an epoch may be shorter), from the run's position until total_steps."""
+    k = run.config.train.grad_accum
+    progress = run.progress
+    while progress.step < run.total_steps:
+        run.loader.set_epoch(progress.epoch)
+        loader = run.loader
+        if progress.batch_in_epoch:
+            loader = run.accelerator.skip_first_batches(run.loader, progress.batch_in_epoch)
+        group: list[Batch] = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == k:
+                progress.batch_in_epoch += len(group)
+                yield group
+                group = []
+                if progress.step >= run.total_steps:
+                    return
+        if group:
+            progress.batch_in_epoch += len(group)
+            yield group
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+
+
+def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool) -> bool:
+    """One optimizer step over `batches`; returns whether every process agrees to stop now.
+
+    The loss of the step is the sum of its token losses divided by the label tokens of the
+    whole step, over the accumulation window and every process, so every token weighs the
+    same whatever the batch size, accumulation or process count. accelerate divides by
+    grad_accum in backward and DDP averages over processes; `scale` undoes both.
+    """
+    acc = run.accelerator
+    counts = torch.tensor([sum(b.num_label_tokens for b in batches), float(stop_requested)],
+                          device=acc.device, dtype=torch.float64)
+    counts = acc.reduce(counts, reduction="sum")
+    scale = acc.num_processes * acc.gradient_accumulation_steps / max(counts[0].item(), 1.0)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        acc.sync_gradients = last
+        with nullcontext() if last else acc.no_sync(run.model):
+            out = run.model(**batch.model_inputs())
+            acc.backward(out.loss_sum * scale)
+        window.loss_sum += out.loss_sum.item()
+        window.label_tokens += batch.num_label_tokens
+        window.tokens += batch.num_tokens
+    if run.config.train.max_grad_norm:
+        acc.clip_grad_norm_(run.params, run.config.train.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad()
+    return counts[1].item() > 0
+
+
+def _log(run: Run, window: _Window, emit: OnEvent) -> float:
+    """One metrics line: the token-weighted mean loss and tokens/s of all processes."""
+    acc = run.accelerator
+    elapsed = time.perf_counter() - window.start
+    totals = acc.reduce(torch.tensor([window.loss_sum, window.label_tokens, window.tokens],
+                                     device=acc.device, dtype=torch.float64), reduction="sum")
+    loss = totals[0].item() / max(totals[1].item(), 1.0)
+    event = Logged(step=run.progress.step, total_steps=run.total_steps, epoch=run.progress.epoch,
+                   loss=round(loss, 5), lr=run.scheduler.get_last_lr()[0],
+                   tokens_per_s=round(totals[2].item() / max(elapsed, 1e-9), 1),
+                   memory_mb=round(peak_memory_mb(), 1))
+    run.metrics.write({"step": event.step, "epoch": event.epoch, "loss": event.loss,
+                       "lr": event.lr, "tokens_per_s": event.tokens_per_s,
+                       "memory_mb": event.memory_mb})
+    emit(event)
+    return loss
+
+
+@torch.no_grad()
+def _evaluate(run: Run, emit: OnEvent) -> None:
+    """Validation loss: token-weighted mean over every sample of data.eval, all processes."""
+    acc = run.accelerator
+    run.model.eval()
+    totals = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    for batch in run.eval_loader:
+        out = run.model(**batch.to(acc.device).model_inputs())
+        totals += torch.stack([out.loss_sum.double(), out.num_tokens.double()])
+    totals = acc.reduce(totals, reduction="sum")
+    run.model.train()
+    eval_loss = totals[0].item() / max(totals[1].item(), 1.0)
+    run.metrics.write({"step": run.progress.step, "eval_loss": round(eval_loss, 5)})
+    emit(Evaluated(run.progress.step, round(eval_loss, 5), int(totals[1].item())))
+
+
+def _checkpoint(run: Run, emit: OnEvent) -> Path | None:
+    """A resumable checkpoint (main process), and the loss plot so far."""
+    acc = run.accelerator
+    path = None
+    if acc.is_main_process:
+        p = run.progress
+        path = save_checkpoint(run.run_dir, p.step, acc.unwrap_model(run.model), run.optimizer,
+                               run.scheduler, {"step": p.step, "epoch": p.epoch,
+                                               "batch_in_epoch": p.batch_in_epoch},
+                               run.config.train.save_total_limit)
+        write_loss_plot(run.run_dir)
+        emit(CheckpointSaved(p.step, path))
+    acc.wait_for_everyone()
+    return path
+
+
+def _interrupted(run: Run, emit: OnEvent, skipped, last_loss) -> TrainResult:
+    """Ctrl-C reached a step boundary: checkpoint when the run writes them, say how to go on."""
+    step = run.progress.step
+    checkpoint = None
+    if run.config.train.save_every:
+        checkpoint = run.run_dir / rundir.CHECKPOINTS / f"step-{step:07d}"
+        if not checkpoint.is_dir():
+            checkpoint = _checkpoint(run, emit)
+    resume = (f"llava-tune train {run.run_dir / rundir.CONFIG} train.resume=true"
+              if checkpoint is not None else None)
+    emit(Interrupted(step, checkpoint, resume))
+    return TrainResult(run.run_dir, step, last_loss, run.data, skipped, interrupted=True)
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def _stop_requests() -> Iterator[_StopFlag]:
+    """The first Ctrl-C asks the loop to stop at the next step boundary; a second one stops at
+    once. (Only the main thread can handle signals; elsewhere Ctrl-C stops at once.)"""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def steps_for(loader_batches: int, config) -> int:
+    """Optimizer steps of a run: train.max_steps, or epochs x ceil(batches / grad_accum)."""
+    per_epoch = max(1, math.ceil(loader_batches / config.train.grad_accum))
+    return config.train.max_steps or max(1, math.ceil(config.train.epochs * per_epoch))

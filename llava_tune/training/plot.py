@@ -1,0 +1,61 @@
+"""Loss plots: RUN/loss.png after each checkpoint and at the end, and several runs overlaid."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from llava_tune import rundir
+from llava_tune.errors import UserError
+from llava_tune.files import write_bytes_atomic
+from llava_tune.training.metrics import read_metrics
+
+
+def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path:
+    """Train loss (solid), eval loss (dots) of each run, and the learning rate on a second axis
+    (dashed), one color per run. Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    lr_ax = ax.twinx()
+    for i, run_dir in enumerate(run_dirs):
+        file = Path(run_dir) / rundir.METRICS
+        if not file.is_file():
+            raise UserError(f"{run_dir} has no {rundir.METRICS} to plot; is it a run dir?")
+        records = read_metrics(file)
+        color = f"C{i}"
+        label = Path(run_dir).name if len(run_dirs) > 1 else "train loss"
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), color=color, label=label)
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o:", color=color,
+                    label=f"{label} eval" if len(run_dirs) > 1 else "eval loss")
+        if lrs:
+            lr_ax.plot(*zip(*lrs, strict=True), "--", color=color, alpha=0.4, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    lr_ax.set_ylabel("learning rate (dashed)")
+    ax.set_title(title or ", ".join(Path(r).name for r in run_dirs))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    write_bytes_atomic(out, buffer.getvalue())
+    return out
+
+
+def write_loss_plot(run_dir: Path) -> Path | None:
+    """RUN/loss.png from the run's metrics so far (none before the first log line)."""
+    metrics = run_dir / rundir.METRICS
+    if not metrics.is_file() or not read_metrics(metrics):
+        return None
+    return plot_runs([run_dir], run_dir / rundir.LOSS_PLOT, title=f"{run_dir.name}")

@@ -1,0 +1,192 @@
+"""Everything a training run needs before its first step, in the order it is needed:
+checks, accelerator, run dir and its lock, model, data, optimizer, resume state."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader, Subset
+
+from llava_tune import rundir
+from llava_tune.build.model import Built, build_model, carry_over
+from llava_tune.config import Config, absolute_paths, check_paths
+from llava_tune.data.collate import Collator
+from llava_tune.data.datasets import ConversationDataset, PackedDataset
+from llava_tune.data.sampler import LengthGroupedSampler
+from llava_tune.errors import UserError
+from llava_tune.launch import check_launch, mixed_precision
+from llava_tune.stages import STAGES, llm_mode, parameter_counts, set_trainable, vision_mode
+from llava_tune.training.checkpoint import latest_checkpoint, load_checkpoint
+from llava_tune.training.events import Started
+from llava_tune.training.loop import Progress, Run, steps_for
+from llava_tune.training.metrics import MetricsLog
+
+
+def setup(config: Config, overwrite: bool = False) -> Run:
+    """Check the config's files and the launch, take the run dir, build the model and data,
+    restore a checkpoint when resuming. Raises UserError before touching anything when the
+    run cannot start."""
+    problems = check_paths(config, needs_images=STAGES[config.stage].vision)
+    if problems:
+        raise UserError("cannot start training:\n  " + "\n  ".join(problems))
+    config = with_init_from_base(absolute_paths(config))
+    check_launch(config)
+    accelerator = make_accelerator(config)
+    run_dir = Path(config.run_dir)
+    lock = claim_run_dir(run_dir, config, overwrite, accelerator)
+    try:
+        return _build_run(config, accelerator, run_dir, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def with_init_from_base(config: Config) -> Config:
+    """A run that starts from one that trained the full LLM trains on that LLM (its llm/)."""
+    if config.init_from and (Path(config.init_from) / rundir.LLM).is_dir():
+        model = dataclasses.replace(config.model, llm=str(Path(config.init_from) / rundir.LLM))
+        return dataclasses.replace(config, model=model)
+    return config
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    # find_unused_parameters: with several processes, a batch of text-only samples leaves the
+    # projector (and tower) without gradients on one process but not the others.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=STAGES[config.stage].vision)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=config.train.grad_accum,
+        mixed_precision=mixed_precision(config.train.mixed_precision),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[ddp],
+    )
+
+
+def claim_run_dir(run_dir: Path, config: Config, overwrite: bool, accelerator: Accelerator):
+    """Lock the run dir (main process) and refuse to destroy what is in it; every process
+    learns the outcome, so a refusal stops them all."""
+    lock = rundir.RunLock(run_dir)
+    error = None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+            rundir.prepare_for_training(run_dir, config.train.resume, overwrite)
+        except UserError as err:
+            lock.release()
+            error = err
+    failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device),
+                                reduction="sum")
+    if error is not None:
+        raise error
+    if failed.item():
+        raise UserError(f"the main process refused run dir {run_dir} (see its message)")
+    return lock
+
+
+def build_for_training(config: Config, device=None) -> tuple[Built, list[str]]:
+    """The model of a run about to train: base LLM and tower, everything init_from trained,
+    the stage's parts set trainable; returns it and the parts carried over."""
+    built = build_model(config, Path(config.model.llm), config.model.quantization, device)
+    carried = carry_over(built, Path(config.init_from)) if config.init_from else []
+    set_trainable(built.model, config)
+    if config.train.gradient_checkpointing:
+        built.model.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        built.model.llm.config.use_cache = False
+        if built.model.vision is not None and built.model.vision.trains:
+            built.model.vision.base.set_grad_checkpointing(True)
+    return built, carried
+
+
+def build_dataset(config: Config, built: Built, file: str) -> ConversationDataset | PackedDataset:
+    vision = built.model.vision
+    dataset = ConversationDataset(
+        file, built.tokenizer, built.template, config.data.max_length,
+        image_folder=config.data.image_folder, image_processor=built.image_processor,
+        num_image_tokens=vision.num_patches if vision is not None else 0,
+        max_bad_fraction=config.data.max_bad_fraction, cache_dir=config.data.cache_dir,
+    )
+    if config.data.pack:
+        return PackedDataset(dataset, config.data.max_length, seed=config.train.seed)
+    return dataset
+
+
+def make_loaders(config: Config, built: Built, accelerator: Accelerator, train_set, eval_set):
+    """The training loader (shuffled, or grouped by length) and this process's share of the
+    validation set (every sample exactly once over all processes)."""
+    collate = Collator(built.tokenizer.pad_token_id)
+    tc = config.train
+    if config.data.group_by_length:
+        sampler = LengthGroupedSampler(train_set.lengths(), train_set.has_images(),
+                                       tc.batch_size * accelerator.num_processes, seed=tc.seed)
+        loader = DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler,
+                            collate_fn=collate, num_workers=config.data.num_workers)
+    else:
+        loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, collate_fn=collate,
+                            num_workers=config.data.num_workers)
+    eval_loader = None
+    if eval_set is not None:
+        share = Subset(eval_set, range(accelerator.process_index, len(eval_set),
+                                       accelerator.num_processes))
+        eval_loader = DataLoader(share, batch_size=tc.batch_size, collate_fn=collate)
+    return loader, eval_loader
+
+
+def _build_run(config: Config, accelerator: Accelerator, run_dir: Path, lock) -> Run:
+    tc = config.train
+    set_seed(tc.seed)
+    built, carried = build_for_training(config, device=accelerator.device)
+    train_set = build_dataset(config, built, config.data.train)
+    eval_set = build_dataset(config, built, config.data.eval) if config.data.eval else None
+    loader, eval_loader = make_loaders(config, built, accelerator, train_set, eval_set)
+    params = [p for p in built.model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"nothing trains in stage {config.stage} with train.llm={llm_mode(config)}")
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    # The model is already on its device (4-bit weights must not move); the loader is prepared
+    # so that an epoch counts this process's share of the batches.
+    model, optimizer, loader = accelerator.prepare(
+        built.model, optimizer, loader, device_placement=[False, True, True])
+    total_steps = steps_for(len(loader), config)
+    # Stepped by the loop once per optimizer step (accelerate's wrapper would step it once per
+    # process), so the schedule spans exactly total_steps on any number of processes.
+    scheduler = cosine_with_warmup(optimizer, round(tc.warmup_ratio * total_steps), total_steps)
+    progress = Progress()
+    if tc.resume:
+        state = load_checkpoint(latest_checkpoint(run_dir), accelerator.unwrap_model(model),
+                                optimizer, scheduler)
+        progress = Progress(state["step"], state["epoch"], state["batch_in_epoch"])
+    if accelerator.is_main_process:
+        rundir.save_config(run_dir, config)
+    metrics = MetricsLog(run_dir / rundir.METRICS, progress.step, accelerator.is_main_process)
+    started = Started(
+        run_dir=run_dir, stage=config.stage, llm=llm_mode(config), vision=vision_mode(config),
+        parameters=parameter_counts(built.model), data=train_set.report,
+        eval_data=eval_set.report if eval_set is not None else None, total_steps=total_steps,
+        step=progress.step, device=str(accelerator.device), processes=accelerator.num_processes,
+        carried=carried)
+
+    def close() -> None:
+        metrics.close()
+        lock.release()
+
+    return Run(config, run_dir, accelerator, built, model, optimizer, scheduler, loader,
+               eval_loader, params, total_steps, progress, started, metrics, train_set.report,
+               close)
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup` steps, then cosine decay to zero at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
