@@ -15,8 +15,8 @@ from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset, PackedDataset, pack_groups
 from llava_tune.data.formats import read_conversations
 from llava_tune.data.template import INTERNLM2_CHAT
-from llava_tune.models.llava import LlavaModel
 from llava_tune.errors import UserError
+from llava_tune.models.llava import LlavaModel
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = [{"role": "system", "content": "Be kind."},

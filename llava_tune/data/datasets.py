@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.formats import Problem, read_conversations
 from llava_tune.data.image import ImageProcessor, load_image
+from llava_tune.data.segments import ENCODING_VERSION
 from llava_tune.data.template import ChatTemplate, expand_image_slots
 from llava_tune.data.tokenize import TRUNCATED, USABLE, tokenize_record
 from llava_tune.errors import UserError
@@ -101,6 +102,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             key = hashlib.sha256(repr((
                 str(self.file.resolve()), stat.st_size, stat.st_mtime_ns, template, max_length,
                 num_image_tokens, self.image_id, tokenizer_fingerprint(tokenizer), len(records),
+                ENCODING_VERSION,
             )).encode()).hexdigest()[:24]
             os.makedirs(cache_dir, exist_ok=True)
             cache_file = str(Path(cache_dir) / f"tokenized-{key}.arrow")

@@ -1,18 +1,21 @@
 """Chat templates: conversations to token ids with a loss mask on the answers only.
 
-The whole conversation is rendered to one string and tokenized once, so training sees the
-same tokens as `tokenizer.apply_chat_template` at inference; the loss mask comes from the
-character spans of the answers through the tokenizer's offset mapping.
+The whole conversation is rendered to one string and tokenized in segments cut at the
+answers' boundaries (`segments.encode_segments`), so no token straddles a prompt and its answer:
+training sees the prompt exactly as inference does (`prompt_ids`) and the answer as tokens
+generation can produce after it, and the loss covers every token of each answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 
 from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_tune.data.segments import encode_segments
 from llava_tune.errors import UserError
 
 Message = dict[str, str]
@@ -80,21 +83,30 @@ class ChatTemplate:
         `add_image_token`); the dataset expands it to the image's N feature slots.
         """
         text, targets = self.render(messages, tokenizer.bos_token)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        labels = [IGNORE_INDEX] * len(ids)
-        span = 0
-        for i, (start, end) in enumerate(enc["offset_mapping"]):
-            while span < len(targets) and start >= targets[span][1]:
-                span += 1
-            if span < len(targets) and start >= targets[span][0] and end <= targets[span][1]:
-                labels[i] = ids[i]
+        ids: list[int] = []
+        labels: list[int] = []
+        for segment_ids, is_answer in _encode_spans(tokenizer, text, targets):
+            ids += segment_ids
+            labels += segment_ids if is_answer else [IGNORE_INDEX] * len(segment_ids)
         return ids, labels
 
     def prompt_ids(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        """Token ids of the conversation so far plus the start of the assistant's answer."""
-        text, _ = self.render(messages, tokenizer.bos_token, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of the conversation so far plus the start of the assistant's answer.
+
+        Tokenized like `encode` (cut at the earlier answers), so the training ids of a
+        conversation start with the prompt ids of each of its questions."""
+        text, targets = self.render(messages, tokenizer.bos_token, add_generation_prompt=True)
+        return [t for segment_ids, _ in _encode_spans(tokenizer, text, targets) for t in segment_ids]
+
+
+def _encode_spans(
+    tokenizer: PreTrainedTokenizerBase, text: str, targets: list[tuple[int, int]]
+) -> list[tuple[list[int], bool]]:
+    """`text` cut at the [start, end) `targets`: (ids, is_target) per piece, in order."""
+    cuts = [0, *(c for span in targets for c in span), len(text)]
+    pieces = [(text[a:b], i % 2 == 1) for i, (a, b) in enumerate(pairwise(cuts))]
+    encoded = encode_segments(tokenizer, [piece for piece, _ in pieces])
+    return [(ids, is_target) for ids, (_, is_target) in zip(encoded, pieces, strict=True)]
 
 
 def internlm2_jinja(bos: bool = True, image_items: bool = False) -> str:
