@@ -1,0 +1,195 @@
+"""The shapes task (data/SHAPES.md) as MMBench-style multiple choice.
+
+- `write_shapes_tsv`: an MMBench-format TSV of fresh shapes images (own random stream), two
+  questions per image: "What color is the shape?" (4 options: the right color and 3 others of
+  the 6) and "What shape is this?" (the 4 shapes), categories "color" / "shape", base64 PNG
+  images. Optionally with MMBench's own circular copies (index + k * 1e6, image = the
+  original's index), so both kinds of MMBench file can be produced.
+- `mcq_records`: LLaVA-format training records asking the same lettered questions about the
+  training images, with the prompt `llava_tune.inference.mmbench` builds at evaluation.
+
+The training answer is the letter alone ("B"), not "B. blue": it is what XTuner's instruction
+("Answer with the option's letter from the given choices directly.") asks for and what
+LLaVA-1.5's mix trains with that instruction; the letter is the first and only decision, so
+the loss is not spread over text that a causal model writes after choosing (and that could
+contradict the letter); and `extract_letter` reads a lone letter by its first, strictest rule.
+
+Usage:
+    python -m llava_tune.demo.mmbench tsv OUT.tsv [--images N] [--seed S] [--circular-copies]
+    python -m llava_tune.demo.mmbench mcq SHAPES_DIR [--out FILE] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import json
+import random
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from llava_tune.demo import shapes
+from llava_tune.files import write_text_atomic
+from llava_tune.inference.mmbench import (
+    CIRCULAR_OFFSET,
+    build_messages,
+    rotate_options,
+)
+
+LETTERS = ("A", "B", "C", "D")
+TSV_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category",
+               "l2-category", "image")
+L2_CATEGORY = "coarse_perception"
+"""MMBench's l2-category for recognizing attributes of a whole image."""
+
+
+def color_options(rng: random.Random, color: str) -> dict[str, str]:
+    """Four lettered colors: `color` and three others of the six, in random order."""
+    others = rng.sample([c for c in shapes.COLORS if c != color], 3)
+    chosen = [color, *others]
+    rng.shuffle(chosen)
+    return dict(zip(LETTERS, chosen, strict=True))
+
+
+def shape_options(rng: random.Random) -> dict[str, str]:
+    """The four shapes, lettered in random order."""
+    chosen = list(shapes.SHAPES)
+    rng.shuffle(chosen)
+    return dict(zip(LETTERS, chosen, strict=True))
+
+
+def letter_of(options: dict[str, str], text: str) -> str:
+    return next(letter for letter, option in options.items() if option == text)
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def shapes_tsv_rows(n_images: int, seed: int = 0, image_size: int = 112,
+                    circular_copies: bool = False) -> list[dict[str, str]]:
+    """The TSV's rows (column -> text): a color and a shape question per image.
+
+    Image i gives rows 2i (color) and 2i+1 (shape); both carry the image (MMBench repeats an
+    image per question). With `circular_copies`, after all originals come the rotated copies
+    `index + k * 1e6` (k = 1..3), whose image field is the original's index, as MMBench does.
+    """
+    rng = random.Random(f"shapes-mmbench-{seed}")
+    rows: list[dict[str, str]] = []
+    for i in range(n_images):
+        spec = shapes.sample_shape(rng, image_size)
+        image = shapes.draw_shape(spec["shape"], spec["color"], spec["size"], spec["center"],
+                                  image_size)
+        encoded = _png_base64(image)
+        questions = [
+            ("color", shapes.COLOR_QUESTION, color_options(rng, spec["color"]), spec["color"]),
+            ("shape", shapes.SHAPE_QUESTION, shape_options(rng), spec["shape"]),
+        ]
+        for k, (category, question, options, right) in enumerate(questions):
+            rows.append({"index": str(2 * i + k), "question": question, "hint": "", **options,
+                         "answer": letter_of(options, right), "category": category,
+                         "l2-category": L2_CATEGORY, "image": encoded})
+    if circular_copies:
+        copies = []
+        for shift in range(1, len(LETTERS)):
+            for row in rows:
+                options, answer = rotate_options({x: row[x] for x in LETTERS}, row["answer"],
+                                                 shift)
+                copies.append({**row, **options, "answer": answer,
+                               "index": str(int(row["index"]) + shift * CIRCULAR_OFFSET),
+                               "image": row["index"]})
+        rows += copies
+    return rows
+
+
+def write_shapes_tsv(path: str | Path, n_images: int = 100, seed: int = 0,
+                     image_size: int = 112, circular_copies: bool = False) -> Path:
+    """Write `shapes_tsv_rows` as an MMBench TSV (tab-separated, header first) atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(TSV_COLUMNS)
+    for row in shapes_tsv_rows(n_images, seed, image_size, circular_copies):
+        writer.writerow([row[c] for c in TSV_COLUMNS])
+    write_text_atomic(path, buffer.getvalue())
+    return Path(path)
+
+
+def mcq_records(items: Iterable[tuple[str, str, str]], seed: int = 0,
+                with_text: bool = False) -> list[dict[str, Any]]:
+    """Lettered color and shape questions about images, as LLaVA-format records.
+
+    Args:
+        items: (image path as the records should hold it, color, shape) per image.
+        seed: the options' random order.
+        with_text: answer "B. blue" instead of "B" (see the module docstring for the default).
+
+    The human turn is exactly the evaluation prompt (`build_messages`: `<image>\\n`, the
+    question, the options, the instruction), so training and evaluation see the same text.
+    """
+    rng = random.Random(f"shapes-mcq-{seed}")
+    records = []
+    for n, (image, color, shape) in enumerate(items):
+        for kind, question, options, right in (
+            ("color", shapes.COLOR_QUESTION, color_options(rng, color), color),
+            ("shape", shapes.SHAPE_QUESTION, shape_options(rng), shape),
+        ):
+            letter = letter_of(options, right)
+            answer = f"{letter}. {right}" if with_text else letter
+            human = build_messages(question, options)[0]["content"]
+            records.append({"id": f"mcq-{n:06d}-{kind}", "image": image,
+                            "conversations": [{"from": "human", "value": human},
+                                              {"from": "gpt", "value": answer}]})
+    return records
+
+
+_CAPTION = re.compile(r"A (\w+) (\w+)\.")
+
+
+def items_from_captions(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(image, color, shape) of each record of the demo's pretrain.json ("A red circle.")."""
+    items = []
+    for record in records:
+        match = _CAPTION.fullmatch(record["conversations"][-1]["value"])
+        if match is None or match.group(1) not in shapes.COLORS or match.group(2) not in shapes.SHAPES:
+            raise ValueError(f"record {record.get('id')!r} is not a shapes caption record")
+        items.append((record["image"], match.group(1), match.group(2)))
+    return items
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    tsv = commands.add_parser("tsv", help="write an MMBench-format TSV of new shapes images")
+    tsv.add_argument("out", type=Path)
+    tsv.add_argument("--images", type=int, default=100, help="images (2 questions each)")
+    tsv.add_argument("--seed", type=int, default=0)
+    tsv.add_argument("--image-size", type=int, default=112)
+    tsv.add_argument("--circular-copies", action="store_true",
+                     help="add MMBench's rotated copies (index + k * 1e6)")
+    mcq = commands.add_parser("mcq", help="lettered questions for the training images of a "
+                                          "shapes folder (from its pretrain.json)")
+    mcq.add_argument("shapes_dir", type=Path)
+    mcq.add_argument("--out", type=Path, help="default: SHAPES_DIR/finetune_mcq.json")
+    mcq.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "tsv":
+        write_shapes_tsv(args.out, args.images, args.seed, args.image_size, args.circular_copies)
+        print(f"wrote {args.out}")
+    else:
+        captions = json.loads((args.shapes_dir / "pretrain.json").read_text())
+        records = mcq_records(items_from_captions(captions), args.seed)
+        out = args.out or args.shapes_dir / "finetune_mcq.json"
+        shapes.write_json_atomic(out, records)
+        print(f"wrote {len(records)} records to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
