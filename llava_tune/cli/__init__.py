@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from llava_tune.cli import chat, commands
+from llava_tune.cli import chat, commands, web
 from llava_tune.errors import UserError
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_train(sub)
     commands.add_eval(sub)
     chat.add_parser(sub)
+    web.add_parser(sub)
     commands.add_export(sub)
     commands.add_import_xtuner(sub)
     commands.add_plot(sub)
