@@ -1,0 +1,103 @@
+"""The shipped accelerate configs (configs/accelerate/), and launches that cannot work on this
+machine refused before any model loads, naming the setting and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+
+from llava_tune.build.llm import quantization_config
+from llava_tune.config import load_config
+from llava_tune.errors import UserError
+from llava_tune.launch import check_launch, launched_with, shards_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+EXPECTED = {"multi_gpu.yaml": ("MULTI_GPU", None), "deepspeed_zero2.yaml": ("DEEPSPEED", 2),
+            "deepspeed_zero3.yaml": ("DEEPSPEED", 3), "fsdp.yaml": ("FSDP", None)}
+
+
+def launch_env(cluster) -> dict[str, str]:
+    """The variables `accelerate launch` sets for such a config (what llava-tune reads)."""
+    kind = str(cluster.distributed_type).rsplit(".", 1)[-1]
+    if kind == "DEEPSPEED":
+        return {"ACCELERATE_USE_DEEPSPEED": "true",
+                "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(cluster.deepspeed_config["zero_stage"])}
+    if kind == "FSDP":
+        return {"ACCELERATE_USE_FSDP": "true"}
+    return {}
+
+
+def test_every_shipped_config_is_listed():
+    assert sorted(p.name for p in CONFIGS) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_with_accelerates_own_loader(path):
+    cluster = load_config_from_file(str(path))
+    kind, stage = EXPECTED[path.name]
+    assert str(cluster.distributed_type).endswith(kind)
+    assert cluster.mixed_precision == "bf16" and not cluster.use_cpu
+    if stage is not None:
+        assert cluster.deepspeed_config["zero_stage"] == stage
+        # train.grad_accum decides the accumulation; a value here would override it.
+        assert "gradient_accumulation_steps" not in cluster.deepspeed_config
+    if kind == "FSDP":
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        assert cluster.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == LlamaDecoderLayer.__name__
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_trainer_reads_the_launch(path, monkeypatch, stage_overrides):
+    cluster = load_config_from_file(str(path))
+    for key, value in launch_env(cluster).items():
+        monkeypatch.setenv(key, value)
+    kind, stage = EXPECTED[path.name]
+    assert launched_with() == {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind, "ddp")
+    assert shards_parameters() == (stage == 3 or kind == "FSDP")
+    config = load_config(REPO / "configs" / "demo" / "finetune.yaml", stage_overrides("finetune"))
+    if kind == "MULTI_GPU":
+        check_launch(config)  # plain DDP works anywhere
+    elif not torch.cuda.is_available():
+        with pytest.raises(UserError, match=f"asks for {launched_with()}, which needs CUDA GPUs"):
+            check_launch(config)
+
+
+def test_sharded_4bit_weights_are_stored_in_the_compute_dtype(monkeypatch):
+    plain = quantization_config("4bit", torch.device("cpu"))
+    assert plain.bnb_4bit_quant_storage == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    sharded = quantization_config("4bit", torch.device("cpu"))
+    assert sharded.bnb_4bit_quant_storage == sharded.bnb_4bit_compute_dtype == torch.float32
+
+
+def test_8bit_cannot_be_sharded(monkeypatch, stage_overrides):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    config = load_config(REPO / "configs" / "demo" / "finetune.yaml",
+                         [*stage_overrides("finetune"), "model.quantization=8bit"])
+    with pytest.raises(UserError, match="8bit cannot be sharded.*use 4bit"):
+        check_launch(config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_fsdp_launch_on_the_cpu_fails_before_loading(tmp_path, tiny_lm, shapes_data):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1",
+         "-m", "llava_tune", "train", str(REPO / "configs" / "demo" / "sft.yaml"),
+         f"model.llm={tiny_lm}", f"data.train={shapes_data / 'text.json'}", f"run_dir={run}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "error: this launch cannot work" in result.stderr
+    assert "fsdp, which needs CUDA GPUs" in result.stderr and "torchrun" in result.stderr
+    assert not run.exists()  # refused before the run dir or the model
