@@ -21,8 +21,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from llava_tune.config import load_config
-from llava_tune.stages import STAGES
 from llava_tune.convert.internlm2 import internlm2_to_llama_config
+from llava_tune.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 2**30

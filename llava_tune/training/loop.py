@@ -210,7 +210,9 @@ def _log(run: Run, window: _Window, emit: OnEvent) -> float:
                    memory_mb=round(peak_memory_mb(), 1))
     run.metrics.write({"step": event.step, "epoch": event.epoch, "loss": event.loss,
                        "lr": event.lr, "tokens_per_s": event.tokens_per_s,
-                       "memory_mb": event.memory_mb})
+                       "memory_mb": event.memory_mb,
+                       # the window's raw numbers, so that windows can be added up (benchmarks)
+                       "tokens": int(totals[2].item()), "seconds": round(elapsed, 6)})
     emit(event)
     return loss
 
