@@ -18,7 +18,8 @@ from llava_tune.models.vision import VisionTower
 from llava_tune.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# Training configs; configs/accelerate/ holds accelerate launch configs (tests/test_launch.py).
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "accelerate")
 REAL_DIRS = ("internlm2_chat_1_8b", "internlm2_chat_7b")
 REAL = [c for c in CONFIGS if c.parent.name in REAL_DIRS and c.stem != "sft"]
 REAL_SFT = [c for c in CONFIGS if c.parent.name in REAL_DIRS and c.stem == "sft"]

@@ -69,11 +69,19 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
-def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+def assert_same_weights(a: Path, b: Path, atol: float | None = None,
+                        rtol: float | None = None) -> None:
+    """Every weight within `atol`, or the whole difference within `rtol` of the weights' norm
+    (the bug this guards against, a per-micro-batch mean, moved them by ~20%)."""
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and wa
-    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst < atol, f"{a.name} vs {b.name}: max weight difference {worst:.2e}"
+    if atol is not None:
+        worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+        assert worst < atol, f"{a.name} vs {b.name}: max weight difference {worst:.2e}"
+    if rtol is not None:
+        diff = sum((wa[k] - wb[k]).float().norm() ** 2 for k in wa) ** 0.5
+        norm = sum(wa[k].float().norm() ** 2 for k in wa) ** 0.5
+        assert diff / norm < rtol, f"{a.name} vs {b.name}: relative difference {diff / norm:.2e}"
 
 
 def test_accumulation_weighs_every_token_alike(tmp_path, tiny_lm, multi_turn):
@@ -99,13 +107,16 @@ def test_accumulation_weighs_every_token_alike(tmp_path, tiny_lm, multi_turn):
 
 
 def test_accumulation_with_images_and_4bit(tmp_path, stage_overrides):
-    """Projector + QLoRA on the 4-bit LLM: the same equivalence."""
+    """Projector + QLoRA on the 4-bit LLM: the same equivalence. Adam turns float noise in
+    near-zero gradients into steps of up to lr, and the thread count changes that noise (one
+    weight moved 5e-5 apart with 2 threads, none with 1), so the bound is on the whole."""
     config = DEMO / "finetune.yaml"
     big = train(load_config(config, finetune_args(stage_overrides, tmp_path / "b4",
                                                   "train.batch_size=4")))
     small = train(load_config(config, finetune_args(stage_overrides, tmp_path / "b2x2",
                                                     "train.batch_size=2", "train.grad_accum=2")))
-    assert_same_weights(big.run_dir, small.run_dir, atol=1e-5)
+    assert_same_weights(big.run_dir, small.run_dir, rtol=1e-5)
+    assert losses(small.run_dir) == pytest.approx(losses(big.run_dir), abs=1e-5)
 
 
 def torchrun(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
@@ -142,7 +153,9 @@ def test_two_processes_equal_one(tmp_path, tiny_lm, multi_turn, stage_overrides,
     assert [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2, 3]
     assert losses(two) == pytest.approx(losses(one.run_dir), abs=1e-5)
-    assert_same_weights(one.run_dir, two, atol=1e-5)
+    assert_same_weights(one.run_dir, two, rtol=1e-5)
+    if stage == "sft":
+        assert_same_weights(one.run_dir, two, atol=1e-5)
     assert (two / "COMPLETE").is_file() and not (two / ".lock").exists()
 
 
