@@ -66,6 +66,8 @@ class TrainPrinter:
               f"LLM {event.llm}{vision}", file=sys.stderr)
         if event.carried:
             print(f"  from init_from: {', '.join(event.carried)}", file=sys.stderr)
+        for note in event.notes:
+            print(f"  {note}", file=sys.stderr)
         for name, (trainable, total) in event.parameters.items():
             print(f"  {name:9s} {trainable:>13,} trainable of {total:>13,}", file=sys.stderr)
         print("  data: " + event.data.summary().replace("\n", "\n  "), file=sys.stderr)

@@ -143,6 +143,7 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path, lock) ->
     built, carried = build_for_training(config, device=accelerator.device)
     train_set = build_dataset(config, built, config.data.train)
     eval_set = build_dataset(config, built, config.data.eval) if config.data.eval else None
+    notes = use_feature_cache(config, built, accelerator, [train_set, eval_set])
     loader, eval_loader = make_loaders(config, built, accelerator, train_set, eval_set)
     params = [p for p in built.model.parameters() if p.requires_grad]
     if not params:
@@ -169,7 +170,7 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path, lock) ->
         parameters=parameter_counts(built.model), data=train_set.report,
         eval_data=eval_set.report if eval_set is not None else None, total_steps=total_steps,
         step=progress.step, device=str(accelerator.device), processes=accelerator.num_processes,
-        carried=carried)
+        carried=carried, notes=notes)
 
     def close() -> None:
         metrics.close()
@@ -178,6 +179,34 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path, lock) ->
     return Run(config, run_dir, accelerator, built, model, optimizer, scheduler, loader,
                eval_loader, params, total_steps, progress, started, metrics, train_set.report,
                close)
+
+
+def use_feature_cache(config: Config, built: Built, accelerator: Accelerator,
+                      datasets: list) -> list[str]:
+    """With data.feature_cache and a frozen tower, the datasets read the tower's features from
+    the cache (filled first by the main process) instead of decoding images."""
+    tower = built.model.vision
+    if not config.data.feature_cache or tower is None:
+        return []
+    if tower.trains:
+        return [f"data.feature_cache is not used: the vision tower trains "
+                f"(train.vision={vision_mode(config)})"]
+    from llava_tune import progress
+    from llava_tune.data.features import FeatureCache, tower_key
+
+    inner = [d.dataset if isinstance(d, PackedDataset) else d for d in datasets if d is not None]
+    cache = FeatureCache(config.data.feature_cache, tower_key(tower, built.image_processor),
+                         (tower.num_patches, tower.hidden_size))
+    computed = 0
+    if accelerator.is_main_process:
+        images = list(dict.fromkeys(p for d in inner for p in d.image_paths()))
+        bar = progress.Bar(len(images), desc="caching image features", unit="image")
+        computed = cache.fill(images, tower, built.image_processor, on_progress=bar.reached)
+        bar.close()
+    accelerator.wait_for_everyone()
+    for dataset in inner:
+        dataset.feature_cache = cache
+    return [f"image features from {cache.folder} ({computed} computed now)"]
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
