@@ -62,9 +62,10 @@ def test_damaged_or_stale_entries_are_recomputed(tmp_path, tower_and_processor, 
     # Other tower weights (or other image processing) are another key: other entries.
     with torch.no_grad():
         next(tower.parameters()).add_(1.0)
-    assert tower_key(tower, processor) != cache.folder.name
+    changed_weights = tower_key(tower, processor)
+    assert changed_weights != cache.folder.name
     processor.size += 1
-    assert tower_key(tower, processor) != cache.folder.name
+    assert tower_key(tower, processor) != changed_weights
 
 
 def test_cached_training_equals_plain_training(tmp_path, stage_overrides):
