@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Real-size check of the 1.8B recipe on a GPU (see scripts/gpu_check.py); --dry-run anywhere.
+#   scripts/gpu_check.sh [--dry-run] [--like internlm2-chat-7b] [OUT_DIR]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
+cd "$ROOT"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" scripts/gpu_check.py "$@"
