@@ -3,6 +3,8 @@ train, eval and export work end to end on the tiny fixtures."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -104,20 +106,35 @@ def test_eval_and_export_of_a_missing_run_dir(capsys, tmp_path, shapes_data):
 # --------------------------------------------------------------------------- train + eval
 
 
+TRAIN_OUTPUT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory, tiny_lm, tiny_vision, shapes_data) -> Path:
     run = tmp_path_factory.mktemp("cli") / "pretrain"
-    code = main(["train", str(DEMO / "pretrain.yaml"),
-                 *fixture_overrides("pretrain", tiny_lm, tiny_vision, shapes_data, run),
-                 "train.max_steps=2", "train.log_every=1"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # not a terminal: a line per log instead of a bar
+        code = main(["train", str(DEMO / "pretrain.yaml"),
+                     *fixture_overrides("pretrain", tiny_lm, tiny_vision, shapes_data, run),
+                     "train.max_steps=2", "train.log_every=1"])
     assert code == 0
+    TRAIN_OUTPUT["stderr"] = err.getvalue()
     return run
 
 
-def test_train_prints_progress_and_writes_the_run(pretrain_run, capsys):
+def test_train_prints_progress_and_writes_the_run(pretrain_run):
+    err = TRAIN_OUTPUT["stderr"]
+    lines = err.splitlines()
+    assert lines[0] == f"[pretrain] run dir {pretrain_run} on cpu, LLM frozen, vision tower frozen"
+    assert any(line.strip().startswith("projector") and "trainable of" in line for line in lines)
+    assert "data: 64 of 64 samples kept" in err
+    metrics = [json.loads(line) for line in (pretrain_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    # One progress line per logged step, with the loss metrics.jsonl recorded.
+    for m in metrics:
+        assert f"step {m['step']}/2 loss {m['loss']:.4f}" in err
+    assert lines[-1] == f"[done] 2 steps, last loss {metrics[-1]['loss']:.4f}, weights (projector) in {pretrain_run}"
     assert (pretrain_run / "projector" / "model.safetensors").is_file()
-    assert [json.loads(line)["step"] for line in
-            (pretrain_run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_eval_writes_predictions_and_accuracy(pretrain_run, shapes_data, tmp_path, capsys):

@@ -156,9 +156,18 @@ def test_mixed_image_and_text_records_train_in_one_batch(stage_overrides, shapes
     config = load_config(REPO / "configs/demo/finetune.yaml", stage_overrides("finetune") + [
         "init_from=null", f"data.train={mixed}", "train.max_steps=3", "train.batch_size=12",
         "data.max_length=64"])
-    result = train(config)
+    events = []
+    result = train(config, on_event=events.append)
     assert result.data.kept == 12 and result.steps == 3
-    assert (Path(config.run_dir) / "llm_adapter").is_dir()
+    losses = [e.loss for e in events if type(e).__name__ == "Logged"]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    # One batch of 12 holds both kinds; both the projector (image samples) and the LoRA
+    # (every sample) trained.
+    from safetensors.torch import load_file
+
+    adapter = load_file(Path(config.run_dir) / "llm_adapter" / "adapter_model.safetensors")
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert (Path(config.run_dir) / "projector" / "model.safetensors").is_file()
 
 
 def test_self_cognition_data_names_name_and_author(tmp_path):
@@ -174,21 +183,28 @@ def test_self_cognition_data_names_name_and_author(tmp_path):
         assert "Nova" in answer and "Ada Lab" in answer
 
 
-@pytest.mark.parametrize("fmt", ["openai", "xtuner", "alpaca", "llava"])
-def test_every_format_trains_a_text_only_run(fmt, stage_overrides, tmp_path):
+def test_every_format_trains_the_same_text_only_run(stage_overrides, tmp_path):
+    """The four formats of one conversation train the same run: equal losses, step by step."""
     from llava_tune.config import load_config
     from llava_tune.training.loop import train
 
-    record = {
-        "openai": {"messages": EXPECTED},
+    records = {
+        "openai": {"messages": [{"role": "user", "content": "Who are you?"},
+                                {"role": "assistant", "content": "I am Nova."}]},
         "xtuner": {"conversation": [{"input": "Who are you?", "output": "I am Nova."}]},
         "alpaca": {"instruction": "Who are you?", "input": "", "output": "I am Nova."},
         "llava": {"conversations": [{"from": "human", "value": "Who are you?"},
                                     {"from": "gpt", "value": "I am Nova."}]},
-    }[fmt]
-    data = write(tmp_path / f"{fmt}.jsonl", [record] * 4, jsonl=True)
-    config = load_config(REPO / "configs/demo/sft.yaml", stage_overrides("lm") + [
-        f"data.train={data}", "train.max_steps=2", "train.batch_size=2", "data.max_length=128"])
-    result = train(config)
-    assert (result.data.kept, result.steps) == (4, 2)
-    assert (Path(config.run_dir) / "llm_adapter" / "adapter_model.safetensors").is_file()
+    }
+    curves = {}
+    for fmt, record in records.items():
+        data = write(tmp_path / f"{fmt}.jsonl", [record] * 4, jsonl=True)
+        config = load_config(REPO / "configs/demo/sft.yaml", stage_overrides("lm", fmt) + [
+            f"data.train={data}", "train.max_steps=2", "train.batch_size=2",
+            "data.max_length=128", "train.log_every=1"])
+        result = train(config)
+        assert (result.data.kept, result.steps) == (4, 2)
+        assert (Path(config.run_dir) / "llm_adapter" / "adapter_model.safetensors").is_file()
+        curves[fmt] = [json.loads(line)["loss"] for line in
+                       (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert all(curve == curves["openai"] for curve in curves.values()), curves

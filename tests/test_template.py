@@ -207,8 +207,14 @@ def test_check_roles_errors(messages, fragment):
 
 
 def test_check_roles_accepts_system_then_alternating():
-    check_roles([{"role": "system", "content": ""}, {"role": "user", "content": "q"},
-                 {"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
+    assert check_roles(messages) is None  # accepted: no exception
+    text, spans = INTERNLM2_CHAT.render(messages, "<s>", add_generation_prompt=True)
+    assert text == ("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n"
+                    "<|im_start|>assistant\na1<|im_end|>\n<|im_start|>user\nq2<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert [text[a:b] for a, b in spans] == ["a1<|im_end|>"]
 
 
 def test_get_template():
