@@ -353,95 +353,114 @@ def evaluate_mmbench_batched(
     data = MMBenchTSV.read(tsv)
     passes, circular_source, unused = plan_passes(data, circular)
     positions = list(dict.fromkeys(item.row.position for item in passes))
-    allowed = max(1, int(max_bad_fraction * len(positions)))
-    bad: dict[int, str] = {}
-
-    def mark_bad(position: int, reason: str) -> None:
-        bad[position] = reason
-        if len(bad) > allowed:
-            listed = "; ".join(f"{data.rows[p].where()}: {r}" for p, r in list(bad.items())[:5])
-            raise UserError(
-                f"{tsv}: {len(bad)} of {len(positions)} rows have an image that cannot be "
-                f"decoded (more than {max_bad_fraction:.0%}), e.g. {listed}. The file is "
-                "damaged or its image column is not base64-encoded images; get a fresh copy")
-
-    for position in positions:
-        if position in data.bad:
-            mark_bad(position, data.bad[position])
-
+    images = _Images(tsv, data, positions, max_bad_fraction)
     writer = _PredictionWriter(paths, data.columns) if paths is not None else None
     predictions: list[MMBenchPrediction] = []
-    done = 0
-    cache: tuple[int, Image.Image] | None = None  # a row's rotations are asked back to back
-
-    def image_for(item: MMBenchPass) -> Image.Image | None:
-        nonlocal cache
-        position = item.row.position
-        if position in bad:
-            return None
-        source = data.image_source(position)
-        if cache is not None and cache[0] == source:
-            return cache[1]
-        bad_source = next((p for p in bad if data.image_source(p) == source), None)
-        if bad_source is not None:
-            mark_bad(position, f"its image (from index {data.rows[source].index}) cannot be "
-                               "decoded")
-            return None
-        try:
-            image = data.image(position)
-        except MMBenchImageError as err:
-            mark_bad(position, str(err).split(": ", 1)[-1])
-            return None
-        cache = (source, image)
-        return image
-
-    def ask(batch: list[tuple[MMBenchPass, Image.Image]]) -> None:
-        nonlocal done
-        answers = answer_batch([(item.messages(), [image]) for item, image in batch])
-        if len(answers) != len(batch):
-            raise ValueError(f"the answer callable returned {len(answers)} answers "
-                             f"for {len(batch)} questions")
-        for (item, _), text in zip(batch, answers, strict=True):
-            predictions.append(MMBenchPrediction(
-                index=item.index, group=item.group, prediction=text,
-                letter=extract_letter(text, item.options), answer=item.answer))
-            if writer is not None:
-                writer.write(item, text)
-
-    reported = -1
-
-    def report() -> None:
-        nonlocal reported
-        if writer is not None:
-            writer.flush()
-        if on_progress is not None and done != reported:
-            on_progress(done, len(passes))
-            reported = done
-
     predictions_file = None
+    reported = -1
     try:
-        batch: list[tuple[MMBenchPass, Image.Image]] = []
-        for item in passes:
-            image = image_for(item)
-            if image is None:
-                done += 1
-                continue
-            batch.append((item, image))
-            if len(batch) == batch_size:
-                ask(batch)
-                done += len(batch)
-                batch = []
-                report()
-        if batch:
-            ask(batch)
-            done += len(batch)
-        report()
+        for done, batch in _batches(passes, images, batch_size):
+            if batch:
+                predictions += _ask(answer_batch, batch, writer)
+            if writer is not None:
+                writer.flush()
+            if on_progress is not None and done != reported:
+                on_progress(done, len(passes))
+                reported = done
         if writer is not None:
             predictions_file = writer.finish()
     finally:
         if writer is not None:
             writer.close()
+    return _result(tsv, data, circular, circular_source, unused, positions, images.bad,
+                   predictions, predictions_file, paths)
 
+
+class _Images:
+    """Each pass's image, decoded once per source row (a row's rotations are asked back to
+    back); rows whose image cannot be decoded are recorded in `bad`, and more than
+    `max_bad_fraction` of the asked rows (at least one is always tolerated) raises."""
+
+    def __init__(self, tsv: Path, data: MMBenchTSV, positions: list[int],
+                 max_bad_fraction: float) -> None:
+        self.tsv, self.data, self.positions = tsv, data, positions
+        self.fraction = max_bad_fraction
+        self.allowed = max(1, int(max_bad_fraction * len(positions)))
+        self.bad: dict[int, str] = {}
+        self._last: tuple[int, Image.Image] | None = None
+        for position in positions:
+            if position in data.bad:
+                self.mark_bad(position, data.bad[position])
+
+    def mark_bad(self, position: int, reason: str) -> None:
+        self.bad[position] = reason
+        if len(self.bad) > self.allowed:
+            listed = "; ".join(f"{self.data.rows[p].where()}: {r}"
+                               for p, r in list(self.bad.items())[:5])
+            raise UserError(
+                f"{self.tsv}: {len(self.bad)} of {len(self.positions)} rows have an image that "
+                f"cannot be decoded (more than {self.fraction:.0%}), e.g. {listed}. The file is "
+                "damaged or its image column is not base64-encoded images; get a fresh copy")
+
+    def __call__(self, item: MMBenchPass) -> Image.Image | None:
+        position = item.row.position
+        if position in self.bad:
+            return None
+        source = self.data.image_source(position)
+        if self._last is not None and self._last[0] == source:
+            return self._last[1]
+        if any(self.data.image_source(p) == source for p in self.bad):
+            self.mark_bad(position, f"its image (from index {self.data.rows[source].index}) "
+                                    "cannot be decoded")
+            return None
+        try:
+            image = self.data.image(position)
+        except MMBenchImageError as err:
+            self.mark_bad(position, str(err).split(": ", 1)[-1])
+            return None
+        self._last = (source, image)
+        return image
+
+
+def _batches(passes: list[MMBenchPass], images: _Images, batch_size: int):
+    """(passes done so far, a batch of (pass, image) to ask), a batch at most `batch_size`
+    long; passes whose image is bad count as done without being asked."""
+    batch: list[tuple[MMBenchPass, Image.Image]] = []
+    done = 0
+    for item in passes:
+        image = images(item)
+        if image is None:
+            done += 1
+            continue
+        batch.append((item, image))
+        if len(batch) == batch_size:
+            done += len(batch)
+            yield done, batch
+            batch = []
+    done += len(batch)
+    yield done, batch
+
+
+def _ask(answer_batch: BatchAnswerFn, batch: list[tuple[MMBenchPass, Image.Image]],
+         writer: _PredictionWriter | None) -> list[MMBenchPrediction]:
+    answers = answer_batch([(item.messages(), [image]) for item, image in batch])
+    if len(answers) != len(batch):
+        raise ValueError(f"the answer callable returned {len(answers)} answers "
+                         f"for {len(batch)} questions")
+    out = []
+    for (item, _), text in zip(batch, answers, strict=True):
+        out.append(MMBenchPrediction(index=item.index, group=item.group, prediction=text,
+                                     letter=extract_letter(text, item.options),
+                                     answer=item.answer))
+        if writer is not None:
+            writer.write(item, text)
+    return out
+
+
+def _result(tsv: Path, data: MMBenchTSV, circular: bool, circular_source, unused: int,
+            positions: list[int], bad: dict[int, str], predictions: list[MMBenchPrediction],
+            predictions_file, paths) -> MMBenchResult:
+    """Score the predictions against each question's original row; write the summary."""
     main_rows: dict[int, MMBenchRow] = {}
     for row in data.rows:
         if row.group not in main_rows or row.index < CIRCULAR_OFFSET:
