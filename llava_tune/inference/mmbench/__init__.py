@@ -32,12 +32,14 @@ from llava_tune.inference.mmbench.answers import (
     rotate_options,
 )
 from llava_tune.inference.mmbench.evaluate import (
-    MMBenchResult,
-    Score,
     evaluate_mmbench,
     evaluate_mmbench_batched,
-    output_paths,
     plan_passes,
+)
+from llava_tune.inference.mmbench.results import (
+    MMBenchResult,
+    Score,
+    output_paths,
     score_predictions,
 )
 from llava_tune.inference.mmbench.tsv import CIRCULAR_OFFSET, MMBenchImageError, MMBenchTSV
