@@ -1,5 +1,8 @@
 """llava-tune against what users would pick instead, side by side on identical inputs.
 
+(One file on purpose, though long: a benchmark is copied and run on its own, on a GPU machine
+too; its sections are inputs, the two systems' workers, profiling, and the command line.)
+
     python scripts/bench_train.py --data demo|mix [--size demo|1_8b] [--steps 40] [--warmup 5]
         [--batch-size 8] [--repeats 3] [--ours-override k=v ...] [--out results.json]
     python scripts/bench_train.py --data mix --check      # same first batch: the two losses agree
