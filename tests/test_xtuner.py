@@ -780,3 +780,24 @@ def test_cli_import_of_the_published_layout_reports_what_it_took(tmp_path, tiny_
     assert (tmp_path / "run" / "vision_adapter" / "adapter_config.json").is_file()
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--format", "xtuner"]) == 0
     assert (tmp_path / "out" / "visual_encoder_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_imported_run_keeps_training_its_tower_lora(imported_vision, stage_overrides,
+                                                       clip_dir):
+    """init_from an import: XTuner's vision LoRA (r=8, alpha=16) continues as train.vision=lora."""
+    root, xt, run, reference, notes = imported_vision
+    config = load_config(DEMO / "finetune.yaml", [
+        *stage_overrides("finetune"), f"init_from={run}", "model.quantization=null",
+        f"model.vision.pretrained={clip_dir}", "train.vision=lora",
+        f"train.vision_lora.r={VR}", f"train.vision_lora.alpha={VALPHA}",
+        f"train.lora.r={R}", f"train.lora.alpha={ALPHA}"])
+    built, carried = build_for_training(config, device="cpu")
+    assert carried == ["projector", "llm_adapter", "vision_adapter"]
+    trainable = [n for n, p in built.model.vision.named_parameters() if p.requires_grad]
+    assert len(trainable) == 3 * 6 * 2 and all("lora_" in n for n in trainable)
+    torch.manual_seed(13)
+    pixels = torch.randn(1, 3, 32, 32)
+    built.model.vision.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(built.model.vision(pixels), clip_features(reference, pixels),
+                                   atol=1e-5, rtol=0)
