@@ -397,3 +397,40 @@ def test_demo_finetune_config_trains_a_tower_lora(stage_overrides, shapes_data, 
     heldout = subset(shapes_data / "heldout.json", tmp_path / "heldout2.json", 2)
     assert main(["eval", str(run), "--data", str(heldout), "--image-folder",
                  str(shapes_data / "images"), "--max-new-tokens", "4"]) == 0
+
+
+# --------------------------------------------------------------------------- the real recipe
+
+
+@pytest.mark.parametrize("size", ["1_8b", "7b"])
+def test_real_finetune_configs_train_xtuners_tower_lora(size):
+    """XTuner's visual_encoder_lora (r=64, alpha=16, dropout 0.05, every Linear) on the
+    ViT-L/14-336 tower: PEFT's count of its parameters is the memory estimate's."""
+    import logging
+    import sys
+
+    import open_clip
+
+    from llava_tune.models.vision import VisionTower
+    from llava_tune.stages import vision_lora_config, vision_mode
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import estimate_memory
+
+    config = load_config(REPO / "configs" / f"internlm2_chat_{size}" / "finetune.yaml")
+    assert vision_mode(config) == "lora"
+    lora = config.train.vision_lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, 0.05, "all-linear")
+    assert config.data.group_by_length and config.train.gradient_checkpointing
+
+    logging.disable(logging.WARNING)  # "no pretrained weights": meant
+    try:
+        with torch.device("meta"):
+            visual = open_clip.create_model(config.model.vision.name, device="meta").visual
+    finally:
+        logging.disable(logging.NOTSET)
+    tower = peft.get_peft_model(VisionTower(visual).visual, vision_lora_config(lora))
+    count = sum(p.numel() for n, p in tower.named_parameters() if "lora_" in n)
+    assert count == 24 * 64 * (4 * (1024 + 1024) + 2 * (1024 + 4096))
+    trainable, activations = estimate_memory.vision_training(config, config.train.batch_size)
+    assert trainable == count and activations > 0
