@@ -434,3 +434,25 @@ def test_real_finetune_configs_train_xtuners_tower_lora(size):
     assert count == 24 * 64 * (4 * (1024 + 1024) + 2 * (1024 + 4096))
     trainable, activations = estimate_memory.vision_training(config, config.train.batch_size)
     assert trainable == count and activations > 0
+
+
+def test_hf_llava_export_of_a_positive_feature_layer(lora_run, tmp_path):
+    """Our feature_layer p is block p; transformers' hidden_states[p + 1] (embeddings first)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run.run_dir, run, ignore=shutil.ignore_patterns("checkpoints"))
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["model"]["vision"]["feature_layer"] = 0
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    out = export(run, tmp_path / "hf", "hf-llava").path
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.config.vision_feature_layer == 1
+    pixels = pixels_of(5)
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(hidden[model.config.vision_feature_layer][:, 1:],
+                                   llava_tune.load_run(run).model.vision(pixels),
+                                   rtol=1e-5, atol=1e-5)
