@@ -42,7 +42,6 @@ from llava_tune.errors import UserError
 XTUNER_ADAPTER = "visual_encoder_adapter"
 XTUNER_FULL = "visual_encoder"
 CLIP_PREFIX = "vision_model."
-CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 _ANY_LORA = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
 _CLIP_PATH = re.compile(
