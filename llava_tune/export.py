@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_tune import rundir
-from llava_tune.build.model import Built, load_run, recorded_base
+from llava_tune.build.model import Built, build_tower, load_full_tower, load_run, recorded_base
 from llava_tune.convert.hf_llava import write_hf_llava
 from llava_tune.convert.internlm2 import write_internlm2_checkpoint
+from llava_tune.convert.vision_lora import write_clip_tower
 from llava_tune.convert.xtuner import write_xtuner
 from llava_tune.errors import UserError
 from llava_tune.files import atomic_dir
@@ -127,4 +128,11 @@ def _write_hf_llava(run_dir: Path, folder: Path, base, config) -> None:
 
 
 def _write_xtuner(run_dir: Path, folder: Path, base, config) -> None:
-    write_xtuner(run_dir, folder, recorded_base(run_dir, config, base))
+    vision = config.model.vision
+    write_xtuner(run_dir, folder, recorded_base(run_dir, config, base),
+                 vision_base=vision.pretrained or vision.name)
+    if (run_dir / rundir.VISION).is_dir():
+        # A fully trained tower: XTuner's visual_encoder/ (a CLIPVisionModel folder).
+        tower = build_tower(config.model)
+        load_full_tower(tower, run_dir / rundir.VISION)
+        write_clip_tower(tower.base, folder / "visual_encoder")

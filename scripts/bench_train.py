@@ -113,7 +113,9 @@ class Setup:
                  f"model.vision.pretrained={self.vision_weights}",
                  f"data.train={self.data}", f"data.image_folder={self.image_folder}",
                  f"data.max_length={self.max_length}", f"data.cache_dir={self.work / 'cache'}",
-                 "train.lora.dropout=0", "train.grad_accum=1", "train.save_every=null"]
+                 "train.lora.dropout=0", "train.grad_accum=1", "train.save_every=null",
+                 # The peer freezes the tower and batches in random order: so do we here.
+                 "train.vision=frozen", "data.group_by_length=false"]
         if self.vision_config is not None:
             items.append(f"model.vision.config_file={self.vision_config}")
         return items

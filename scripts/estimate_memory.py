@@ -7,8 +7,11 @@ Counts parameters on the meta device (nothing is allocated) and adds up, per GPU
 LM head in bf16, the vision tower in fp32, 16 bytes per trainable parameter (fp32 weight,
 gradient, two Adam moments), checkpointed activations (one bf16 hidden state per layer per
 token, plus one layer's recomputation) and the logits (bf16, their fp32 upcast and gradient)
-of a full batch at the sequence length the stage needs. CUDA context and fragmentation
-(typically 1-2 GB) come on top.
+of a full batch at the sequence length the stage needs. A tower that trains (train.vision
+lora or full) adds its LoRA (or all its weights) to the trainable parameters and its own
+checkpointed activations (one image per sample, every token of it incl. CLS); a frozen tower
+runs without autograd and keeps none. CUDA context and fragmentation (typically 1-2 GB) come
+on top.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from transformers import LlamaForCausalLM
 
 from llava_tune.config import load_config
 from llava_tune.convert.internlm2 import internlm2_to_llama_config
-from llava_tune.stages import STAGES
+from llava_tune.stages import STAGES, vision_lora_config, vision_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 2**30
@@ -36,11 +39,37 @@ INTERNLM2 = {  # published config.json values
 
 def vision_tower(name: str) -> tuple[int, int, int]:
     """(parameters, width, image tokens) of an open_clip visual tower, built on meta."""
-    import open_clip
-
-    visual = open_clip.create_model(name, device="meta").visual
+    visual = _visual(name)
     grid = visual.grid_size
     return sum(p.numel() for p in visual.parameters()), visual.transformer.width, grid[0] * grid[1]
+
+
+def _visual(name: str):
+    import open_clip
+
+    return open_clip.create_model(name, device="meta").visual
+
+
+def vision_training(config, images: int) -> tuple[int, int]:
+    """(trainable parameters, activation bytes) the tower adds when it trains, else (0, 0)."""
+    mode = vision_mode(config)
+    if mode not in ("lora", "full"):
+        return 0, 0
+    visual = _visual(config.model.vision.name)
+    blocks = visual.transformer.resblocks
+    width, layers = visual.transformer.width, len(blocks)
+    mlp = blocks[0].mlp.c_fc.out_features
+    if mode == "full":
+        trainable = sum(p.numel() for p in visual.parameters())
+    else:
+        targets = vision_lora_config(config.train.vision_lora).target_modules
+        sizes = {"q_proj": (width, width), "k_proj": (width, width), "v_proj": (width, width),
+                 "out_proj": (width, width), "c_fc": (width, mlp), "c_proj": (mlp, width)}
+        trainable = layers * sum(config.train.vision_lora.r * sum(sizes[t]) for t in targets)
+    grid = visual.grid_size
+    tokens = images * (grid[0] * grid[1] + 1)
+    activations = tokens * width * 2 * (layers + 8) + tokens * mlp * 2 * 3
+    return trainable, activations
 
 
 def estimate(config_file: Path) -> dict[str, float]:
@@ -72,6 +101,10 @@ def estimate(config_file: Path) -> dict[str, float]:
                                         else config.data.max_length)
     activations = tokens * cfg.hidden_size * 2 * (cfg.num_hidden_layers + 8) \
         + tokens * cfg.intermediate_size * 2 * 3
+    if vision:
+        tower_trainable, tower_activations = vision_training(config, config.train.batch_size)
+        trainable += tower_trainable
+        activations += tower_activations
     logits = tokens * cfg.vocab_size * (2 + 4 + 4)
     parts = {"weights": weights + vision_params * 4,
              "trainable": trainable * 16, "activations": activations, "logits": logits}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stage 2 of the real recipe: projector (from stage 1) + QLoRA on the 4-bit InternLM2-chat.
+# Stage 2 of the real recipe: projector (from stage 1) + QLoRA on the 4-bit InternLM2-chat
+# + LoRA on the CLIP tower (XTuner's recipe; train.vision=frozen turns it off).
 # Edit the paths below (or set them in the environment), then: scripts/finetune.sh [key=value ...]
 # Several GPUs: LAUNCH="accelerate launch" scripts/finetune.sh   (see README)
 set -euo pipefail

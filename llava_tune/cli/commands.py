@@ -107,7 +107,8 @@ def add_import_xtuner(sub) -> None:
     p = sub.add_parser("import-xtuner", help="turn XTuner's LLaVA output (projector/, "
                        "llm_adapter/, visual_encoder_adapter/) into a run dir for chat, eval, "
                        "export or init_from")
-    p.add_argument("xtuner_dir", help="folder with XTuner's projector/ and llm_adapter/")
+    p.add_argument("xtuner_dir", help="folder with XTuner's projector/, llm_adapter/ and "
+                   "visual_encoder_adapter/ (xtuner_config.py is read, never executed)")
     p.add_argument("run_dir", help="new run dir to write")
     p.add_argument("--llm", required=True, help="the base InternLM2 folder XTuner trained on")
     p.add_argument("--vision", default="ViT-L-14-336-quickgelu",
@@ -127,7 +128,8 @@ def cmd_import_xtuner(args: argparse.Namespace) -> int:
 
     path = import_xtuner(args.xtuner_dir, args.run_dir, llm=args.llm, vision_name=args.vision,
                          vision_pretrained=args.vision_weights,
-                         vision_config_file=args.vision_config, feature_layer=args.feature_layer)
+                         vision_config_file=args.vision_config, feature_layer=args.feature_layer,
+                         on_note=print)
     print(f"imported {args.xtuner_dir} as run dir {path}")
     return 0
 

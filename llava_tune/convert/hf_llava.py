@@ -43,7 +43,9 @@ def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: 
 
     llava_config = LlavaConfig(
         vision_config=vision_config, text_config=llm.config, image_token_id=image_id,
-        vision_feature_layer=tower.feature_layer, vision_feature_select_strategy="default",
+        # transformers indexes hidden_states, embeddings first: block p is hidden_states[p + 1].
+        vision_feature_layer=tower.feature_layer if tower.feature_layer < 0
+        else tower.feature_layer + 1, vision_feature_select_strategy="default",
         projector_hidden_act="gelu", multimodal_projector_bias=True,
         image_seq_length=tower.num_patches, tie_word_embeddings=False,
     )

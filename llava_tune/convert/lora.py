@@ -92,7 +92,9 @@ def read_lora_adapter(folder: Path, key_pattern: re.Pattern) -> tuple[dict[str, 
         expected_r = ranks.get(get_pattern_key(list(ranks), path), cfg.get("r", 8))
         if lora.A.ndim != 2 or lora.B.ndim != 2 or lora.B.shape[1] != lora.r or lora.r != expected_r:
             raise UserError(f"{file}: {path} has lora_A {tuple(lora.A.shape)} and lora_B "
-                            f"{tuple(lora.B.shape)}, not rank {expected_r} as {ADAPTER_CONFIG} says")
+                            f"{tuple(lora.B.shape)}, not rank {expected_r} as {ADAPTER_CONFIG} says; "
+                            f"the two files come from different trainings: copy {ADAPTER_CONFIG} "
+                            "and the weights from the same one")
         modules[path] = lora
     if not modules:
         raise UserError(f"{file} holds no LoRA weights")

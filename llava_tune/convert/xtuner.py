@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import peft
@@ -27,6 +28,7 @@ from llava_tune.config import (
     ModelConfig,
     TrainConfig,
     VisionConfig,
+    VisionLoraConfig,
     config_to_yaml,
 )
 from llava_tune.convert.internlm2 import (
@@ -48,7 +50,18 @@ from llava_tune.convert.lora import (
     tidy_alpha,
 )
 from llava_tune.convert.projector import read_projector_state, write_projector_state
+from llava_tune.convert.vision_lora import (
+    XTUNER_ADAPTER,
+    XTUNER_FULL,
+    read_clip_adapter,
+    tower_shape,
+    write_clip_adapter,
+    write_our_adapter,
+)
 from llava_tune.convert.weights import save_safetensors
+from llava_tune.convert.xtuner_config import FILE as XTUNER_CONFIG
+from llava_tune.convert.xtuner_config import read_xtuner_config
+from llava_tune.data.template import TEMPLATES
 from llava_tune.errors import UserError
 from llava_tune.files import atomic_dir, read_json
 
@@ -158,23 +171,6 @@ def _xtuner_io(path: str, shape: dict[str, int]) -> tuple[int, int] | None:
     }[suffix]
 
 
-def _vision_width(name: str, config_file: str | None) -> int:
-    """Width of the open_clip tower's features, from its model config (no weights built)."""
-    import open_clip
-
-    if config_file is not None:
-        if not Path(config_file).is_file():
-            raise UserError(f"vision config file {config_file} not found")
-        open_clip.add_model_config(config_file)
-    cfg = open_clip.get_model_config(name)
-    vision = (cfg or {}).get("vision_cfg") or {}
-    if cfg is None or vision.get("timm_model_name"):
-        from llava_tune.convert.open_clip import create_open_clip
-
-        return create_open_clip(name, None, config_file).transformer.width
-    return int(vision.get("width", 768))  # open_clip's VisionCfg default
-
-
 # --------------------------------------------------------------------------- import
 
 
@@ -212,19 +208,88 @@ def _check_adapter_shapes(modules: dict[str, Lora], shape: dict[str, int], llm: 
 
 def is_xtuner_dir(path: str | os.PathLike) -> bool:
     path = Path(path)
-    return (path / PROJECTOR).is_dir() or (path / ADAPTER / ADAPTER_CONFIG).is_file()
+    return ((path / PROJECTOR).is_dir() or (path / ADAPTER / ADAPTER_CONFIG).is_file()
+            or (path / XTUNER_ADAPTER / ADAPTER_CONFIG).is_file())
+
+
+def _from_xtuner_config(xtuner_dir: Path, feature_layer: int | None,
+                        note: Callable[[str], None]) -> tuple[int, str | None, int | None, str]:
+    """(feature layer, template, projector depth, the tower it names) from xtuner_config.py
+    when the folder has one (read as text, never executed); reports what it took."""
+    file = xtuner_dir / XTUNER_CONFIG
+    if not file.is_file():
+        return (-2 if feature_layer is None else feature_layer), None, None, ""
+    settings = read_xtuner_config(file)
+    if settings.token_merge_ratio not in (None, 1):
+        raise UserError(f"{file}: model.token_merge_ratio={settings.token_merge_ratio}; "
+                        "llava-tune feeds every patch token to the projector (ratio 1) and "
+                        "cannot run this model")
+    taken, defaults = [], []
+    template = settings.template
+    if template is not None:
+        if template not in TEMPLATES:
+            raise UserError(f"{file}: prompt_template is XTuner's {template}; llava-tune's "
+                            f"templates are {', '.join(TEMPLATES)}, so it cannot chat in the "
+                            "format this model was trained on")
+        taken.append(f"template {template} (prompt_template)")
+    layer = settings.visual_select_layer
+    if layer is not None:
+        if layer == 0:
+            raise UserError(f"{file}: model.visual_select_layer=0 selects the patch embeddings, "
+                            "not a transformer block; llava-tune cannot import this model")
+        # XTuner indexes transformers' hidden_states (embeddings first): hidden_states[k] is
+        # the output of block k - 1; negative indices are the same block in both.
+        ours = layer if layer < 0 else layer - 1
+        if feature_layer is None:
+            feature_layer = ours
+            taken.append(f"feature layer {ours} (model.visual_select_layer={layer})")
+        elif feature_layer != ours:
+            note(f"--feature-layer {feature_layer} replaces {file.name}'s "
+                 f"model.visual_select_layer={layer}")
+    else:
+        defaults.append("visual_select_layer -2")
+    if settings.projector_depth is not None:
+        taken.append(f"projector depth {settings.projector_depth} (model.projector_depth)")
+    else:
+        defaults.append("projector_depth 2")
+    if taken:
+        note(f"from {file}: " + "; ".join(taken))
+    if defaults:
+        note(f"{file} leaves XTuner's defaults: " + ", ".join(defaults))
+    tower = f" (its {file.name} names {settings.visual_encoder})" if settings.visual_encoder else ""
+    return (-2 if feature_layer is None else feature_layer), template, settings.projector_depth, tower
+
+
+def _check_tower_args(xtuner_dir: Path, vision_pretrained: str | None, tower_hint: str) -> None:
+    full = xtuner_dir / XTUNER_FULL
+    given = Path(vision_pretrained) if vision_pretrained is not None else None
+    if full.is_dir() and (given is None or (given.is_dir() and given.resolve() != full.resolve())):
+        raise UserError(f"{full} holds XTuner's fully trained vision tower, which this import "
+                        f"would leave out; pass it as the tower: --vision-weights {full}")
+    if given is None:
+        raise UserError(f"{xtuner_dir} needs the vision tower XTuner trained with{tower_hint}: "
+                        "pass its Hugging Face CLIP folder (e.g. a download of "
+                        "openai/clip-vit-large-patch14-336) with --vision-weights")
+    if not given.exists():
+        raise UserError(f"vision tower {given} not found; --vision-weights takes a Hugging Face "
+                        "CLIP folder or an open_clip weights file")
 
 
 def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
                   llm: str | os.PathLike, vision_name: str,
                   vision_pretrained: str | None = None, vision_config_file: str | None = None,
-                  feature_layer: int | None = None) -> Path:
+                  feature_layer: int | None = None,
+                  on_note: Callable[[str], None] | None = None) -> Path:
     """Write XTuner's LLaVA artifact in ``xtuner_dir`` as an equivalent llava-tune run dir.
 
-    ``xtuner_dir`` holds ``projector/`` and/or ``llm_adapter/`` (what XTuner's ``pth_to_hf``
-    writes for LLaVA). ``llm`` is the base InternLM2 folder the adapter was trained on, and the
-    vision arguments name the open_clip tower standing in for XTuner's CLIP encoder (OpenAI CLIP
-    ViT-L/14-336 is ``ViT-L-14-336-quickgelu`` with its weights file).
+    ``xtuner_dir`` holds ``projector/``, ``llm_adapter/`` and ``visual_encoder_adapter/`` (what
+    XTuner's ``pth_to_hf`` writes for LLaVA; any of them may be missing), maybe
+    ``xtuner_config.py``. ``llm`` is the base InternLM2 folder the adapter was trained on.
+    ``vision_pretrained`` is the tower XTuner trained with: its Hugging Face CLIP folder (e.g.
+    openai/clip-vit-large-patch14-336, which then defines the tower; ``vision_name`` is
+    ignored) or an open_clip weights file for the open_clip model ``vision_name`` (OpenAI's
+    ViT-L/14-336 is ``ViT-L-14-336-quickgelu``); a ``visual_encoder/`` (fully trained tower)
+    must be given here itself.
 
     The run dir gets:
     - ``projector/``: the tensors as saved (zero biases when saved without), after checking
@@ -234,46 +299,57 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
       wo -> o_proj, w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj, output -> lm_head. Rank,
       alpha (and rank/alpha patterns), dropout and rsLoRA are kept, so the model is the same
       function. ``base_model_name_or_path`` is ``llm``.
-    - ``config.yaml``: a finetune-stage config (pretrain without an adapter) on ``llm``,
-      unquantized, with these vision settings and the adapter's r/alpha/dropout.
+    - ``vision_adapter/``: ``visual_encoder_adapter/`` on our tower's module names (a rename:
+      see convert/vision_lora.py), tensors, ranks, alphas and dropout unchanged.
+    - ``config.yaml``: a finetune-stage config (pretrain without adapters) on ``llm``,
+      unquantized, with these vision settings and the adapters' r/alpha/dropout
+      (train.vision=lora with a vision adapter).
 
-    ``run_dir`` must not exist or be empty; it appears complete or not at all. Raises UserError
-    for a folder that is not an XTuner artifact, shapes that do not fit, or adapter features
-    (DoRA, trained biases, modules_to_save, vision LoRA) that have no equivalent here.
+    ``xtuner_config.py`` is read as text (never executed): ``model.visual_select_layer`` sets
+    the feature layer unless ``feature_layer`` is given, ``prompt_template`` must be one of our
+    templates, ``model.projector_depth`` must agree with ``projector/``; ``on_note`` is told
+    which values were taken. ``run_dir`` must not exist or be empty; it appears complete or not
+    at all. Raises UserError, before writing anything, for a folder that is not an XTuner
+    artifact, shapes that do not fit, modules our model does not have, or adapter features
+    (DoRA, trained biases, modules_to_save) that have no equivalent here.
     """
     xtuner_dir, run_dir, llm = Path(xtuner_dir), Path(run_dir), Path(llm)
-    feature_layer = -2 if feature_layer is None else feature_layer
+    note = on_note or (lambda message: None)
     if not xtuner_dir.is_dir() or not is_xtuner_dir(xtuner_dir):
-        raise UserError(f"{xtuner_dir} is not an XTuner LLaVA artifact: expected {PROJECTOR}/ "
-                        f"and/or {ADAPTER}/{ADAPTER_CONFIG} in it (what xtuner convert "
-                        "pth_to_hf writes)")
-    if (xtuner_dir / "visual_encoder_adapter").is_dir():
-        raise UserError(f"{xtuner_dir} has a visual_encoder_adapter/ (LoRA on the vision "
-                        "tower); llava-tune's tower is frozen and cannot take it")
+        raise UserError(f"{xtuner_dir} is not an XTuner LLaVA artifact: expected {PROJECTOR}/, "
+                        f"{ADAPTER}/{ADAPTER_CONFIG} and/or {XTUNER_ADAPTER}/ in it (what "
+                        "xtuner convert pth_to_hf writes)")
     if (xtuner_dir / "llm").is_dir():
         raise UserError(f"{xtuner_dir} has a fully trained llm/; import handles LoRA adapters "
                         "(llm_adapter/) only")
-    if (xtuner_dir / "visual_encoder").is_dir() and vision_pretrained is None:
-        raise UserError(f"{xtuner_dir} has a trained visual_encoder/; convert it to open_clip "
-                        "weights and pass them with --vision-weights")
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir} already exists and is not empty; choose a new run dir")
-    if vision_pretrained is not None and not Path(vision_pretrained).is_file():
-        raise UserError(f"vision tower weights {vision_pretrained} not found")
+    feature_layer, template, config_depth, tower_hint = _from_xtuner_config(
+        xtuner_dir, feature_layer, note)
+    _check_tower_args(xtuner_dir, vision_pretrained, tower_hint)
     shape = _llm_shape(llm)
-    width = _vision_width(vision_name, vision_config_file)
+    tower = tower_shape(vision_name, vision_pretrained, vision_config_file)
+    width = tower.width
 
     projector = depth = None
     if (xtuner_dir / PROJECTOR).is_dir():
-        what = (f"vision tower {vision_name} (width {width}) and LLM {llm} "
+        what = (f"vision tower {tower.source} (width {width}) and LLM {llm} "
                 f"(hidden size {shape['hidden']})")
         projector, depth = read_projector_state(xtuner_dir / PROJECTOR, width, shape["hidden"], what)
+        if config_depth is not None and config_depth != depth:
+            raise UserError(f"{xtuner_dir / XTUNER_CONFIG} says model.projector_depth="
+                            f"{config_depth}, but {xtuner_dir / PROJECTOR} has {depth} layers; "
+                            "the folder mixes two trainings: copy the projector and the config "
+                            "from the same one")
 
     adapter_cfg, modules = {}, {}
     if (xtuner_dir / ADAPTER).is_dir():
         adapter_cfg, theirs = read_lora_adapter(xtuner_dir / ADAPTER, _XT_KEY)
         _check_adapter_shapes(theirs, shape, llm, xtuner_dir / ADAPTER)
         modules = _to_ours(theirs, shape)
+    vision_cfg, vision_modules = {}, {}
+    if (xtuner_dir / XTUNER_ADAPTER).is_dir():
+        vision_cfg, vision_modules = read_clip_adapter(xtuner_dir / XTUNER_ADAPTER, tower)
 
     def absolute(path):
         return str(Path(path).resolve()) if path is not None else None
@@ -287,12 +363,21 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
         dropout = float(adapter_cfg.get("lora_dropout", 0.0))
         train = TrainConfig(llm="lora", lora=LoraConfig(r=r, alpha=int(round(alpha)),
                                                         dropout=dropout, target_modules=targets))
-    config = Config(stage="finetune" if modules else "pretrain", run_dir=absolute(run_dir),
+    if vision_modules:
+        vr, valpha, _, _ = lora_patterns(vision_modules)
+        train.vision = "lora"
+        train.vision_lora = VisionLoraConfig(
+            r=vr, alpha=int(round(valpha)), dropout=float(vision_cfg.get("lora_dropout", 0.0)),
+            target_modules=target_module_names(vision_modules))
+    config = Config(stage="finetune" if modules or vision_modules else "pretrain",
+                    run_dir=absolute(run_dir),
                     model=ModelConfig(llm=absolute(llm), quantization=None, vision=vision,
-                                      projector_depth=depth or 2),
+                                      projector_depth=depth or config_depth or 2,
+                                      template=template or ModelConfig().template),
                     train=train)
     parts = ([rundir.PROJECTOR] if projector is not None else []) + (
-        [rundir.LLM_ADAPTER] if modules else [])
+        [rundir.LLM_ADAPTER] if modules else []) + (
+        [rundir.VISION_ADAPTER] if vision_modules else [])
     with atomic_dir(run_dir) as tmp:
         if projector is not None:
             write_projector_state(tmp / PROJECTOR, projector, width, shape["hidden"], depth)
@@ -305,6 +390,9 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
                 base_model_name_or_path=absolute(llm), inference_mode=True,
             ).save_pretrained(tmp / ADAPTER)
             save_safetensors(adapter_tensors(modules), tmp / ADAPTER / ADAPTER_SAFE)
+        if vision_modules:
+            write_our_adapter(tmp / rundir.VISION_ADAPTER, vision_modules, vision_cfg,
+                              absolute(vision_pretrained))
         (tmp / rundir.CONFIG).write_text(config_to_yaml(config), encoding="utf-8")
         rundir.mark_complete(tmp, parts, steps=0)
     return run_dir
@@ -365,15 +453,20 @@ def _to_xtuner(modules: dict[str, Lora], shape: dict[str, int], rslora: bool) ->
     return out
 
 
-def write_xtuner(run_dir: Path, folder: Path, base_dir: Path) -> None:
-    """Write a run's projector and LLM LoRA in XTuner's LLaVA layout into ``folder``.
+def write_xtuner(run_dir: Path, folder: Path, base_dir: Path, vision_base: str | None = None) -> None:
+    """Write a run's projector, LLM LoRA and vision-tower LoRA in XTuner's LLaVA layout into
+    ``folder``.
 
     ``folder`` gets ``projector/`` (XTuner's ProjectorModel: config.json with
     visual_hidden_size / llm_hidden_size / depth / hidden_act / bias, model.safetensors, and the
     two small remote-code files its auto_map names) and, when the run trained a LoRA,
     ``llm_adapter/``: a PEFT adapter on InternLM2's module names (o_proj -> wo, gate_proj -> w1,
-    up_proj -> w3, down_proj -> w2, lm_head -> output). The vision tower is not written; XTuner
-    loads its own CLIP encoder. PEFT's copy of an untrained ``lm_head`` base weight is dropped.
+    up_proj -> w3, down_proj -> w2, lm_head -> output), and, when the tower has a LoRA,
+    ``visual_encoder_adapter/``: that LoRA on transformers' CLIPVisionModel names (a rename, see
+    convert/vision_lora.py; ``vision_base``, the tower's folder or name, goes in its
+    ``base_model_name_or_path``). The tower's own weights are not written here (see export.py
+    for a fully trained tower); XTuner loads its own CLIP encoder. PEFT's copy of an untrained
+    ``lm_head`` base weight is dropped.
 
     q/k/v_proj LoRAs become one ``wqkv`` LoRA. When every layer's q, k and v share one lora_A
     (an imported XTuner adapter), B is packed by rows like the base weight: the original
@@ -393,6 +486,7 @@ def write_xtuner(run_dir: Path, folder: Path, base_dir: Path) -> None:
                         "holds LoRA adapters only: export the LLM with --format internlm2")
     has_projector = (run_dir / PROJECTOR).is_dir()
     has_adapter = (run_dir / ADAPTER).is_dir()
+    has_vision_adapter = (run_dir / rundir.VISION_ADAPTER).is_dir()
     if not has_projector and not has_adapter:
         raise UserError(f"{run_dir} has neither {PROJECTOR}/ nor {ADAPTER}/ to export")
     shape = _llm_shape(base_dir)
@@ -444,3 +538,5 @@ def write_xtuner(run_dir: Path, folder: Path, base_dir: Path) -> None:
         (folder / ADAPTER).mkdir()
         (folder / ADAPTER / ADAPTER_CONFIG).write_text(json.dumps(adapter[0], indent=2) + "\n")
         save_safetensors(adapter[1], folder / ADAPTER / ADAPTER_SAFE)
+    if has_vision_adapter:
+        write_clip_adapter(run_dir / rundir.VISION_ADAPTER, folder / XTUNER_ADAPTER, vision_base)
