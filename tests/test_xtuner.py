@@ -32,7 +32,7 @@ from llava_tune.config import load_config
 from llava_tune.constants import IMAGE_TOKEN_INDEX
 from llava_tune.convert.internlm2 import internlm2_to_llama_config, internlm2_to_llama_tensors
 from llava_tune.convert.xtuner import import_xtuner
-from llava_tune.convert.xtuner_config import read_xtuner_config
+from llava_tune.convert.xtuner.config_file import read_xtuner_config
 from llava_tune.data.template import expand_image_slots
 from llava_tune.errors import UserError
 from llava_tune.export import export

@@ -1,25 +1,12 @@
-"""XTuner's LLaVA artifacts <-> llava-tune run dirs.
-
-XTuner's LLaVA on InternLM2 saves ``projector/`` (its ProjectorModel: Linear, GELU, Linear under
-``model.*``, the keys our Projector uses) and ``llm_adapter/``: a PEFT LoRA adapter on InternLM2's
-own module names (``attention.wqkv``, ``attention.wo``, ``feed_forward.w1/w2/w3``, maybe
-``output``). We train a transformers Llama with q/k/v/o_proj, gate/up/down_proj and lm_head, so
-the adapter is renamed and ``wqkv``'s LoRA split or packed by rows exactly like the base weight
-(per key-value head: G query heads, then the key head, then the value head; see
-``convert/internlm2.py`` and, for LoRA arithmetic, ``convert/lora.py``).
-"""
+"""XTuner's LLaVA folder -> a llava-tune run dir (`llava-tune import-xtuner`)."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import peft
-import torch
 
 from llava_tune import rundir
 from llava_tune.config import (
@@ -32,10 +19,6 @@ from llava_tune.config import (
     config_to_yaml,
 )
 from llava_tune.convert.internlm2 import (
-    LINEAR_RENAMES,
-    QKV_PROJS,
-    head_counts,
-    pack_wqkv,
     split_wqkv,
 )
 from llava_tune.convert.lora import (
@@ -44,10 +27,8 @@ from llava_tune.convert.lora import (
     Lora,
     adapter_tensors,
     lora_patterns,
-    lora_scale,
     read_lora_adapter,
     target_module_names,
-    tidy_alpha,
 )
 from llava_tune.convert.projector import read_projector_state, write_projector_state
 from llava_tune.convert.vision_lora import (
@@ -55,121 +36,24 @@ from llava_tune.convert.vision_lora import (
     XTUNER_FULL,
     read_clip_adapter,
     tower_shape,
-    write_clip_adapter,
     write_our_adapter,
 )
 from llava_tune.convert.weights import save_safetensors
-from llava_tune.convert.xtuner_config import FILE as XTUNER_CONFIG
-from llava_tune.convert.xtuner_config import read_xtuner_config
+from llava_tune.convert.xtuner.config_file import FILE as XTUNER_CONFIG
+from llava_tune.convert.xtuner.config_file import read_xtuner_config
+from llava_tune.convert.xtuner.layout import (
+    ADAPTER,
+    LAYER,
+    PROJECTOR,
+    QKV,
+    RENAMES,
+    XT_KEY,
+    llm_shape,
+    xtuner_io,
+)
 from llava_tune.data.template import TEMPLATES
 from llava_tune.errors import UserError
-from llava_tune.files import atomic_dir, read_json
-
-PROJECTOR = "projector"
-ADAPTER = "llm_adapter"
-
-_RENAMES = LINEAR_RENAMES
-_RENAMES_BACK = {ours: theirs for theirs, ours in _RENAMES.items()}
-_QKV = QKV_PROJS
-_XT_KEY = re.compile(
-    r"^base_model\.model\.(model\.layers\.\d+\.(?:attention\.(?:wqkv|wo)|feed_forward\.w[123])"
-    r"|output)\.lora_([AB])(?:\.default)?\.weight$"
-)
-_OUR_KEY = re.compile(
-    r"^base_model\.model\.(model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
-    r"|lm_head)\.lora_([AB])(?:\.default)?\.weight$"
-)
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-# Written into an exported projector/ so that XTuner's `AutoModel.from_pretrained(projector,
-# trust_remote_code=True)` finds the classes its config.json names.
-_PROJECTOR_CONFIG_PY = '''\
-"""XTuner-compatible projector config (written by llava-tune's export)."""
-from transformers import PretrainedConfig
-
-
-class ProjectorConfig(PretrainedConfig):
-    model_type = "projector"
-    _auto_class = "AutoConfig"
-
-    def __init__(self, visual_hidden_size=4096, llm_hidden_size=4096, depth=2,
-                 hidden_act="gelu", bias=True, **kwargs):
-        self.visual_hidden_size = visual_hidden_size
-        self.llm_hidden_size = llm_hidden_size
-        self.depth = depth
-        self.hidden_act = hidden_act
-        self.bias = bias
-        super().__init__(**kwargs)
-'''
-_PROJECTOR_MODEL_PY = '''\
-"""XTuner-compatible projector: Linear, then (activation, Linear) x (depth - 1), under `model`."""
-from torch import nn
-from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
-
-from .configuration_projector import ProjectorConfig
-
-
-class ProjectorModel(PreTrainedModel):
-    _auto_class = "AutoModel"
-    config_class = ProjectorConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-
-    def __init__(self, config):
-        super().__init__(config)
-        layers = [nn.Linear(config.visual_hidden_size, config.llm_hidden_size, bias=config.bias)]
-        for _ in range(config.depth - 1):
-            layers.append(ACT2FN[config.hidden_act])
-            layers.append(nn.Linear(config.llm_hidden_size, config.llm_hidden_size,
-                                    bias=config.bias))
-        self.model = nn.Sequential(*layers)
-        self.post_init()
-
-    def forward(self, x):
-        return self.model(x)
-'''
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _llm_shape(llm: Path) -> dict[str, int]:
-    """Sizes the conversion needs, from the base LLM's config.json (InternLM2 or Llama)."""
-    if not (llm / "config.json").is_file():
-        raise UserError(f"base LLM {llm} has no config.json; point --llm at the InternLM2 "
-                        "checkpoint folder the XTuner model was trained on")
-    cfg = read_json(llm / "config.json")
-    if cfg.get("model_type") not in ("internlm2", "llama"):
-        raise UserError(f"base LLM {llm} is a {cfg.get('model_type')!r} model; XTuner's "
-                        "InternLM2 adapters need an InternLM2 (or InternLM2-as-Llama) checkpoint")
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    hidden = cfg["hidden_size"]
-    head_dim = cfg.get("head_dim") or hidden // heads
-    if cfg["model_type"] == "internlm2":
-        head_counts(heads, kv, hidden)
-    return {"hidden": hidden, "heads": heads, "kv": kv, "groups": heads // kv, "head_dim": head_dim,
-            "inter": cfg["intermediate_size"], "vocab": cfg["vocab_size"],
-            "layers": cfg["num_hidden_layers"]}
-
-
-def _xtuner_io(path: str, shape: dict[str, int]) -> tuple[int, int] | None:
-    """(in, out) features of an InternLM2 module path, or None past the last layer."""
-    c, d = shape["hidden"], shape["head_dim"]
-    if path == "output":
-        return c, shape["vocab"]
-    layer, suffix = _LAYER.match(path).groups()
-    if int(layer) >= shape["layers"]:
-        return None
-    return {
-        "attention.wqkv": (c, (shape["heads"] + 2 * shape["kv"]) * d),
-        "attention.wo": (shape["heads"] * d, c),
-        "feed_forward.w1": (c, shape["inter"]),
-        "feed_forward.w3": (c, shape["inter"]),
-        "feed_forward.w2": (shape["inter"], c),
-    }[suffix]
-
+from llava_tune.files import atomic_dir
 
 # --------------------------------------------------------------------------- import
 
@@ -182,20 +66,20 @@ def _to_ours(modules: dict[str, Lora], shape: dict[str, int]) -> dict[str, Lora]
         if path == "output":
             out["lm_head"] = lora
             continue
-        layer, suffix = _LAYER.match(path).groups()
+        layer, suffix = LAYER.match(path).groups()
         prefix = f"model.layers.{layer}."
         if suffix == "attention.wqkv":
-            for proj, b in zip(_QKV, split_wqkv(lora.B, *counts), strict=True):
+            for proj, b in zip(QKV, split_wqkv(lora.B, *counts), strict=True):
                 out[prefix + proj] = Lora(lora.A, b, lora.alpha)
         else:
-            out[prefix + _RENAMES[suffix]] = lora
+            out[prefix + RENAMES[suffix]] = lora
     return out
 
 
 def _check_adapter_shapes(modules: dict[str, Lora], shape: dict[str, int], llm: Path,
                           file: Path) -> None:
     for path, lora in modules.items():
-        io = _xtuner_io(path, shape)
+        io = xtuner_io(path, shape)
         if io is None:
             raise UserError(f"{file}: {path} is beyond the {shape['layers']} layers of the base "
                             f"LLM {llm}; the adapter was trained on another LLM")
@@ -327,7 +211,7 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
     feature_layer, template, config_depth, tower_hint = _from_xtuner_config(
         xtuner_dir, feature_layer, note)
     _check_tower_args(xtuner_dir, vision_pretrained, tower_hint)
-    shape = _llm_shape(llm)
+    shape = llm_shape(llm)
     tower = tower_shape(vision_name, vision_pretrained, vision_config_file)
     width = tower.width
 
@@ -344,7 +228,7 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
 
     adapter_cfg, modules = {}, {}
     if (xtuner_dir / ADAPTER).is_dir():
-        adapter_cfg, theirs = read_lora_adapter(xtuner_dir / ADAPTER, _XT_KEY)
+        adapter_cfg, theirs = read_lora_adapter(xtuner_dir / ADAPTER, XT_KEY)
         _check_adapter_shapes(theirs, shape, llm, xtuner_dir / ADAPTER)
         modules = _to_ours(theirs, shape)
     vision_cfg, vision_modules = {}, {}
@@ -398,145 +282,3 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
     return run_dir
 
 
-# --------------------------------------------------------------------------- export
-
-
-def _to_xtuner(modules: dict[str, Lora], shape: dict[str, int], rslora: bool) -> dict[str, Lora]:
-    """Llama LoRAs -> InternLM2 LoRAs; see `export_xtuner` for how q/k/v become one wqkv LoRA."""
-    counts = (shape["kv"], shape["groups"], shape["head_dim"])
-    out: dict[str, Lora] = {}
-    qkv: dict[str, dict[str, Lora]] = {}
-    for path, lora in modules.items():
-        if path == "lm_head":
-            out["output"] = lora
-            continue
-        layer, suffix = _LAYER.match(path).groups()
-        if suffix in _QKV:
-            qkv.setdefault(layer, {})[suffix] = lora
-        else:
-            out[f"model.layers.{layer}.{_RENAMES_BACK[suffix]}"] = lora
-    shared = all(
-        set(parts) == set(_QKV)
-        and all(torch.equal(parts[p].A, parts[_QKV[0]].A) for p in _QKV)
-        and len({parts[p].alpha for p in _QKV}) == 1
-        for parts in qkv.values()
-    )
-    rows = {_QKV[0]: shape["heads"] * shape["head_dim"], _QKV[1]: shape["kv"] * shape["head_dim"],
-            _QKV[2]: shape["kv"] * shape["head_dim"]}
-    for layer, parts in qkv.items():
-        path = f"model.layers.{layer}.attention.wqkv"
-        if shared:
-            first = parts[_QKV[0]]
-            b = pack_wqkv(*(parts[p].B for p in _QKV), *counts)
-            out[path] = Lora(first.A, b, first.alpha)
-            continue
-        present = [p for p in _QKV if p in parts]
-        rank = sum(parts[p].r for p in present)
-        first = parts[present[0]]
-        scale = lora_scale(first.alpha, first.r, rslora)
-        alpha = tidy_alpha(first.alpha * (math.sqrt(rank / first.r) if rslora else rank / first.r))
-        dtype = first.B.dtype
-        blocks, col = {}, 0
-        for p in _QKV:
-            block = torch.zeros(rows[p], rank, dtype=dtype)
-            if p in parts:
-                lora = parts[p]
-                b = lora.B
-                ratio = lora_scale(lora.alpha, lora.r, rslora) / scale
-                if ratio != 1.0:
-                    b = b * ratio
-                block[:, col:col + lora.r] = b
-                col += lora.r
-            blocks[p] = block
-        a = torch.cat([parts[p].A for p in present], dim=0)
-        out[path] = Lora(a, pack_wqkv(*(blocks[p] for p in _QKV), *counts), alpha)
-    return out
-
-
-def write_xtuner(run_dir: Path, folder: Path, base_dir: Path, vision_base: str | None = None) -> None:
-    """Write a run's projector, LLM LoRA and vision-tower LoRA in XTuner's LLaVA layout into
-    ``folder``.
-
-    ``folder`` gets ``projector/`` (XTuner's ProjectorModel: config.json with
-    visual_hidden_size / llm_hidden_size / depth / hidden_act / bias, model.safetensors, and the
-    two small remote-code files its auto_map names) and, when the run trained a LoRA,
-    ``llm_adapter/``: a PEFT adapter on InternLM2's module names (o_proj -> wo, gate_proj -> w1,
-    up_proj -> w3, down_proj -> w2, lm_head -> output), and, when the tower has a LoRA,
-    ``visual_encoder_adapter/``: that LoRA on transformers' CLIPVisionModel names (a rename, see
-    convert/vision_lora.py; ``vision_base``, the tower's folder or name, goes in its
-    ``base_model_name_or_path``). The tower's own weights are not written here (see export.py
-    for a fully trained tower); XTuner loads its own CLIP encoder. PEFT's copy of an untrained
-    ``lm_head`` base weight is dropped.
-
-    q/k/v_proj LoRAs become one ``wqkv`` LoRA. When every layer's q, k and v share one lora_A
-    (an imported XTuner adapter), B is packed by rows like the base weight: the original
-    adapter, bit for bit. Ours are trained independently, so instead they are packed losslessly
-    by stacking in rank: wqkv lora_A = concat(A_q, A_k, A_v) [3r, hidden] and lora_B is
-    block-diagonal in rank, [(H + 2*KV)*D, 3r], B_q in columns 0..r of the query rows, B_k in
-    r..2r of the key rows, B_v in 2r..3r of the value rows, rows placed per key-value group as
-    in the base wqkv. Then B' @ A' stacks B_q A_q, B_k A_k, B_v A_v exactly. wqkv's rank is
-    r' = 3r, and its alpha is scaled so the LoRA scale is unchanged (alpha'/r' = alpha/r;
-    alpha' / sqrt(r') with rsLoRA); both go in the adapter's rank_pattern / alpha_pattern, the
-    other modules keeping r and alpha. A layer missing one of q/k/v gets zero rows for it.
-
-    ``base_dir`` is the run's base LLM (needed for the head counts).
-    """
-    if (run_dir / "llm").is_dir():
-        raise UserError(f"{run_dir} trained the full LLM (llm/); XTuner's llm_adapter layout "
-                        "holds LoRA adapters only: export the LLM with --format internlm2")
-    has_projector = (run_dir / PROJECTOR).is_dir()
-    has_adapter = (run_dir / ADAPTER).is_dir()
-    has_vision_adapter = (run_dir / rundir.VISION_ADAPTER).is_dir()
-    if not has_projector and not has_adapter:
-        raise UserError(f"{run_dir} has neither {PROJECTOR}/ nor {ADAPTER}/ to export")
-    shape = _llm_shape(base_dir)
-
-    adapter = None
-    if has_adapter:
-        cfg, modules = read_lora_adapter(run_dir / ADAPTER, _OUR_KEY)
-        rslora = bool(cfg.get("use_rslora"))
-        theirs = _to_xtuner(modules, shape, rslora)
-        r, alpha, rank_pattern, alpha_pattern = lora_patterns(theirs)
-        adapter_config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": str(base_dir),
-            "r": r, "lora_alpha": alpha, "lora_dropout": cfg.get("lora_dropout", 0.0),
-            "target_modules": target_module_names(theirs), "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-            "revision": None,
-        }
-        # Only when needed: PEFT before 0.6 / 0.7 refuses keys it does not know.
-        if rank_pattern or alpha_pattern:
-            adapter_config.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-        if rslora:
-            adapter_config["use_rslora"] = True
-        adapter = (adapter_config, adapter_tensors(theirs))
-
-    projector = None
-    if has_projector:
-        own = read_json(run_dir / PROJECTOR / "config.json")
-        width, hidden = own["vision_hidden_size"], own["llm_hidden_size"]
-        state, depth = read_projector_state(run_dir / PROJECTOR, width, hidden,
-                                       f"its config.json (width {width}, hidden {hidden})")
-        dtype = str(state["model.0.weight"].dtype).removeprefix("torch.")
-        projector = (state, {
-            "architectures": ["ProjectorModel"],
-            "auto_map": {"AutoConfig": "configuration_projector.ProjectorConfig",
-                         "AutoModel": "modeling_projector.ProjectorModel"},
-            "bias": True, "depth": depth, "hidden_act": "gelu", "llm_hidden_size": hidden,
-            "model_type": "projector", "torch_dtype": dtype, "visual_hidden_size": width,
-        })
-
-    if projector is not None:
-        (folder / PROJECTOR).mkdir()
-        save_safetensors(projector[0], folder / PROJECTOR / "model.safetensors")
-        (folder / PROJECTOR / "config.json").write_text(json.dumps(projector[1], indent=2) + "\n")
-        (folder / PROJECTOR / "configuration_projector.py").write_text(_PROJECTOR_CONFIG_PY)
-        (folder / PROJECTOR / "modeling_projector.py").write_text(_PROJECTOR_MODEL_PY)
-    if adapter is not None:
-        (folder / ADAPTER).mkdir()
-        (folder / ADAPTER / ADAPTER_CONFIG).write_text(json.dumps(adapter[0], indent=2) + "\n")
-        save_safetensors(adapter[1], folder / ADAPTER / ADAPTER_SAFE)
-    if has_vision_adapter:
-        write_clip_adapter(run_dir / rundir.VISION_ADAPTER, folder / XTUNER_ADAPTER, vision_base)
