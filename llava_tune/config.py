@@ -47,23 +47,16 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
-    """"all-linear" means every linear layer of the LLM except the LM head."""
-
-
-@dataclass
-class VisionLoraConfig:
-    """LoRA on the vision tower; the defaults are XTuner's LLaVA recipe."""
+    """A LoRA on the LLM (train.lora) or on the vision tower (train.vision_lora); the defaults
+    are XTuner's recipe for the tower."""
 
     r: int = 64
     alpha: int = 16
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
-    """"all-linear": every Linear of the tower's attention and MLP (q_proj, k_proj, v_proj,
-    out_proj, c_fc, c_proj; transformers' CLIP names fc1 and fc2 are accepted for the MLP)."""
+    """"all-linear": every linear layer of the LLM except the LM head; on the tower, every
+    Linear of its attention and MLP (q_proj, k_proj, v_proj, out_proj, c_fc, c_proj;
+    transformers' CLIP names fc1 and fc2 are accepted for the MLP)."""
 
 
 @dataclass
@@ -97,7 +90,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     vision: str | None = None
     """The vision tower: frozen, lora or full; None takes the stage's default (frozen)."""
-    vision_lora: VisionLoraConfig = field(default_factory=VisionLoraConfig)
+    vision_lora: LoraConfig = field(default_factory=LoraConfig)
     epochs: float = 1.0
     max_steps: int | None = None
     """Optimizer steps; overrides epochs when set."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import peft
 from torch import nn
 
-from llava_tune.config import Config, LoraConfig, VisionLoraConfig
+from llava_tune.config import Config, LoraConfig
 from llava_tune.errors import UserError
 from llava_tune.models.llava import LlavaModel
 from llava_tune.models.vision import VISION_LORA_TARGETS
@@ -49,7 +49,7 @@ def lora_config(lora: LoraConfig) -> peft.LoraConfig:
     )
 
 
-def vision_lora_config(lora: VisionLoraConfig) -> peft.LoraConfig:
+def vision_lora_config(lora: LoraConfig) -> peft.LoraConfig:
     """PEFT config for the tower; "all-linear" and transformers' CLIP names (fc1, fc2) become
     our module names."""
     targets = lora.target_modules

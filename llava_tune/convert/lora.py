@@ -130,3 +130,24 @@ def adapter_tensors(modules: dict[str, Lora]) -> dict[str, torch.Tensor]:
 
 def target_module_names(modules: dict[str, Lora]) -> list[str]:
     return sorted({path.rsplit(".", 1)[-1] for path in modules})
+
+
+def peft_adapter_config(modules: dict[str, Lora], task_type: str | None, base: str | None,
+                        dropout: float, rslora: bool) -> dict[str, Any]:
+    """adapter_config.json for `modules` in PEFT's layout: the most common (r, alpha) pair as
+    r / lora_alpha, the others in rank_pattern / alpha_pattern (only when there are any: PEFT
+    before 0.6 / 0.7 refuses keys it does not know)."""
+    r, alpha, rank_pattern, alpha_pattern = lora_patterns(modules)
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
+        "r": r, "lora_alpha": tidy_alpha(alpha), "lora_dropout": dropout,
+        "target_modules": target_module_names(modules), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "revision": None,
+    }
+    if rank_pattern or alpha_pattern:
+        config.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if rslora:
+        config["use_rslora"] = True
+    return config

@@ -32,9 +32,9 @@ from llava_tune.convert.lora import (
     Lora,
     adapter_tensors,
     lora_patterns,
+    peft_adapter_config,
     read_lora_adapter,
     target_module_names,
-    tidy_alpha,
 )
 from llava_tune.convert.weights import save_safetensors
 from llava_tune.errors import UserError
@@ -173,19 +173,8 @@ def write_clip_adapter(run_adapter: Path, folder: Path, base: str | None) -> Non
             raise UserError(f"{run_adapter}: LoRA on {path}, which a CLIPVisionModel has no "
                             "counterpart for; XTuner's layout cannot hold this adapter")
     theirs = {ours_to_clip(path): lora for path, lora in ours.items()}
-    r, alpha, rank_pattern, alpha_pattern = lora_patterns(theirs)
-    config: dict[str, Any] = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base,
-        "r": r, "lora_alpha": tidy_alpha(alpha), "lora_dropout": cfg.get("lora_dropout", 0.0),
-        "target_modules": target_module_names(theirs), "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "revision": None,
-    }
-    if rank_pattern or alpha_pattern:
-        config.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    if cfg.get("use_rslora"):
-        config["use_rslora"] = True
+    config = peft_adapter_config(theirs, None, base, cfg.get("lora_dropout", 0.0),
+                                 bool(cfg.get("use_rslora")))
     folder.mkdir()
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     save_safetensors(adapter_tensors(theirs), folder / ADAPTER_SAFE)

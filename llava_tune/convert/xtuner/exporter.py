@@ -17,10 +17,9 @@ from llava_tune.convert.lora import (
     ADAPTER_SAFE,
     Lora,
     adapter_tensors,
-    lora_patterns,
     lora_scale,
+    peft_adapter_config,
     read_lora_adapter,
-    target_module_names,
     tidy_alpha,
 )
 from llava_tune.convert.projector import read_projector_state
@@ -141,21 +140,8 @@ def write_xtuner(run_dir: Path, folder: Path, base_dir: Path, vision_base: str |
         cfg, modules = read_lora_adapter(run_dir / ADAPTER, OUR_KEY)
         rslora = bool(cfg.get("use_rslora"))
         theirs = _to_xtuner(modules, shape, rslora)
-        r, alpha, rank_pattern, alpha_pattern = lora_patterns(theirs)
-        adapter_config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": str(base_dir),
-            "r": r, "lora_alpha": alpha, "lora_dropout": cfg.get("lora_dropout", 0.0),
-            "target_modules": target_module_names(theirs), "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-            "revision": None,
-        }
-        # Only when needed: PEFT before 0.6 / 0.7 refuses keys it does not know.
-        if rank_pattern or alpha_pattern:
-            adapter_config.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-        if rslora:
-            adapter_config["use_rslora"] = True
+        adapter_config = peft_adapter_config(theirs, "CAUSAL_LM", str(base_dir),
+                                             cfg.get("lora_dropout", 0.0), rslora)
         adapter = (adapter_config, adapter_tensors(theirs))
 
     projector = None

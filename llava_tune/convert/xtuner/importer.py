@@ -15,7 +15,6 @@ from llava_tune.config import (
     ModelConfig,
     TrainConfig,
     VisionConfig,
-    VisionLoraConfig,
     config_to_yaml,
 )
 from llava_tune.convert.internlm2 import (
@@ -250,7 +249,7 @@ def import_xtuner(xtuner_dir: str | os.PathLike, run_dir: str | os.PathLike,
     if vision_modules:
         vr, valpha, _, _ = lora_patterns(vision_modules)
         train.vision = "lora"
-        train.vision_lora = VisionLoraConfig(
+        train.vision_lora = LoraConfig(
             r=vr, alpha=int(round(valpha)), dropout=float(vision_cfg.get("lora_dropout", 0.0)),
             target_modules=target_module_names(vision_modules))
     config = Config(stage="finetune" if modules or vision_modules else "pretrain",
