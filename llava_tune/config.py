@@ -221,6 +221,13 @@ def _scalar(raw: str) -> object:
     return value
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what a YAML error is, on one line (PyYAML's own message takes five)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply overrides, check every value; all problems in one UserError."""
     data: dict = {}
@@ -233,7 +240,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         except UnicodeDecodeError:
             raise UserError(f"{path} is not UTF-8 text; save the config as UTF-8") from None
         except yaml.YAMLError as err:
-            raise UserError(f"{path} is not valid YAML: {err}") from err
+            raise UserError(f"{path} is not valid YAML ({yaml_problem(err)}); fix it there") \
+                from err
         if not isinstance(data, dict):
             raise UserError(f"{path} must hold a mapping of config keys")
     for key, value in parse_overrides(list(overrides)):

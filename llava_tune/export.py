@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,6 @@ from llava_tune.convert.internlm2 import write_internlm2_checkpoint
 from llava_tune.convert.vision_lora import write_clip_tower
 from llava_tune.convert.xtuner import write_xtuner
 from llava_tune.errors import UserError
-from llava_tune.files import atomic_dir
 
 FORMATS = ("llm", "internlm2", "hf-llava", "xtuner")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -40,7 +41,11 @@ class ExportResult:
 
 def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
            base: str | os.PathLike | None = None, force: bool = False) -> ExportResult:
-    """Export a finished run; `out_dir` appears complete or not at all."""
+    """Export a finished run; `out_dir` appears complete or not at all.
+
+    The export is written into a temp folder beside `out_dir`, which replaces `out_dir` only
+    once it is complete: a failed export leaves `out_dir` as it was.
+    """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -49,16 +54,27 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
     rundir.check_complete(run_dir)
     writers = {"llm": _write_llm, "internlm2": _write_internlm2, "hf-llava": _write_hf_llava,
                "xtuner": _write_xtuner}
-    moved = _move_aside_foreign(out_dir) if out_dir.exists() else None
-    with atomic_dir(out_dir) as tmp:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target, so the final rename stays on one filesystem.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
         writers[fmt](run_dir, tmp, base, config)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         (tmp / MARKER).write_text(json.dumps({"run_dir": str(run_dir.resolve()), "format": fmt,
                                               "files": files}, indent=2) + "\n")
+        previous, moved = _clear_target(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)  # our own earlier export, replaced
     return ExportResult(out_dir, moved)
 
 
 def check_target(run_dir: Path, out_dir: Path, force: bool) -> None:
+    """Refuse, before anything is loaded, a target that overlaps the run, is a file, or is a
+    non-empty folder (unless `force`)."""
     run, out = run_dir.resolve(), out_dir.resolve()
     if out == run or run in out.parents or out in run.parents:
         raise UserError(f"export target {out_dir} overlaps the run {run_dir}; write the export "
@@ -71,23 +87,33 @@ def check_target(run_dir: Path, out_dir: Path, force: bool) -> None:
                         "are moved aside, never deleted)")
 
 
-def _move_aside_foreign(out_dir: Path) -> Path | None:
-    """Leave a previous export for atomic_dir to replace; move any other folder aside."""
+def _clear_target(out_dir: Path) -> tuple[Path | None, Path | None]:
+    """Make room for the new export at `out_dir`: returns (a previous export of ours, moved to
+    a temp name for deletion, or None; the folder that held anything else, moved aside and
+    kept, or None)."""
+    if not out_dir.exists():
+        return None, None
     if not any(out_dir.iterdir()):
         out_dir.rmdir()  # empty: nothing to keep
-        return None
+        return None, None
     marker = out_dir / MARKER
     if marker.is_file():
         try:
             ours = set(json.loads(marker.read_text(encoding="utf-8"))["files"]) | {MARKER}
         except (ValueError, KeyError, TypeError):
             ours = set()
-        present = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()}
+        present = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if not p.is_dir()}
         if present <= ours:
-            return None
-    aside = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(out_dir, aside)
-    return aside
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            return old, None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        aside = out_dir.with_name(f"{out_dir.name}.replaced-{stamp}" + (f"-{n}" if n else ""))
+        if not aside.exists():
+            os.replace(out_dir, aside)
+            return None, aside
+    raise UserError(f"too many {out_dir.name}.replaced-* folders beside {out_dir}; remove some")
 
 
 def merged_model(run_dir: Path, base) -> Built:

@@ -18,8 +18,11 @@ A run without COMPLETE was killed or is still training: it never loads by mistak
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import time
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from llava_tune.config import Config, config_from_dict, config_to_yaml
+from llava_tune.config import Config, config_from_dict, config_to_yaml, yaml_problem
 from llava_tune.errors import UserError
 from llava_tune.files import write_text_atomic
 
@@ -49,6 +52,9 @@ WEIGHT_PARTS = (PROJECTOR, LLM, LLM_ADAPTER, VISION, VISION_ADAPTER)
 them)."""
 WRITTEN_BY_TRAINING = (CONFIG, *WEIGHT_PARTS, METRICS, LOSS_PLOT, CHECKPOINTS, COMPLETE)
 """Everything a training writes into its run dir: what --overwrite may replace."""
+CONFIG_HEADER = "# llava-tune run config: the resolved settings of the training in this folder\n"
+"""First line of the config.yaml a training writes, so a user's own config.yaml in a folder
+chosen as run_dir is told apart from ours (and never overwritten)."""
 
 
 def read_run_config(run_dir: str | os.PathLike) -> Config:
@@ -63,8 +69,8 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
         raise UserError(f"{file} is not UTF-8 text; the run dir is damaged: restore config.yaml "
                         "from a backup or train again") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{file} is not valid YAML ({err}); the run dir is damaged: restore "
-                        "config.yaml from a backup or train again") from None
+        raise UserError(f"{file} is not valid YAML ({yaml_problem(err)}); the run dir is "
+                        "damaged: restore config.yaml from a backup or train again") from None
     if not isinstance(data, dict):
         raise UserError(f"{file} does not hold a config mapping; the run dir is damaged")
     return config_from_dict(data, source=file)
@@ -72,7 +78,14 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
 
 def save_config(run_dir: Path, config: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / CONFIG, config_to_yaml(config))
+    write_text_atomic(run_dir / CONFIG, CONFIG_HEADER + config_to_yaml(config))
+
+
+def resume_command(run_dir: Path, launcher: str = "llava-tune") -> str:
+    """The command that continues the run in `run_dir` from its newest checkpoint: its own
+    config.yaml holds every setting it was started with (overrides included, paths absolute),
+    so it works from any working directory."""
+    return f"{launcher} train {shlex.quote(str(Path(run_dir).resolve() / CONFIG))} train.resume=true"
 
 
 def mark_complete(run_dir: Path, parts: list[str], steps: int) -> None:
@@ -100,9 +113,9 @@ def check_complete(run_dir: Path) -> list[str]:
     if parts is None:
         checkpoints = sorted((run_dir / CHECKPOINTS).glob("step-*"))
         hint = (f" Its newest checkpoint is {checkpoints[-1]}: continue the training with "
-                f"`llava-tune train {run_dir / CONFIG} train.resume=true`, or load that "
-                "checkpoint folder instead of the run dir." if checkpoints else
-                " It has no checkpoint either: train it again.")
+                f"`{resume_command(run_dir)}`, or load that checkpoint folder instead of the "
+                "run dir." if checkpoints else
+                " It has no checkpoint either: train it again with the same command.")
         raise UserError(f"{run_dir} holds no finished run (no {COMPLETE} marker): the training "
                         f"was interrupted or is still running, so its final weights are "
                         f"missing or incomplete.{hint}")
@@ -118,60 +131,71 @@ def check_complete(run_dir: Path) -> list[str]:
 
 
 class RunLock:
-    """An exclusive lock file in a run dir, naming the holder's pid and host.
+    """An exclusive lock on a file in the run dir, which names the holder's pid and host.
 
-    A second training in the same folder fails at once, naming the holder. A lock left by a
-    process that no longer exists (killed) is taken over.
+    The kernel's lock (flock) is what excludes: a second training in the same folder fails at
+    once, naming the holder; a lock file left by a killed process holds no lock any more and
+    is simply taken over. (A pid check instead would race: two processes could both find a
+    lock "stale" and both take it.)
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.file = run_dir / LOCK
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        for _ in range(2):
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+        for _ in range(10):
+            fd = os.open(self.file, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
             try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 holder = self._holder()
-                if holder is not None and self._alive(holder):
-                    raise UserError(
-                        f"another training (pid {holder.get('pid')} on {holder.get('host')}) is "
-                        f"running in {self.file.parent}; wait for it, stop it, or choose "
-                        "another run_dir") from None
-                self.file.unlink(missing_ok=True)  # stale: its process is gone
+                who = (f"pid {holder.get('pid')} on {holder.get('host')}" if holder
+                       else "a process that is starting")
+                raise UserError(
+                    f"another training ({who}) is running in {self.file.parent}; wait for it "
+                    "to finish, stop it, or choose another run_dir") from None
+            except OSError as err:
+                os.close(fd)
+                raise UserError(f"cannot lock {self.file} ({err}); put run_dir on a filesystem "
+                                "that supports file locks") from None
+            # The previous holder unlinks the file before unlocking it: when that happened
+            # between our open and our lock, we hold a file nobody else sees; take the new one.
+            try:
+                current = os.stat(self.file)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is None or (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev):
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(record)
-            self.held = True
+            os.ftruncate(fd, 0)
+            os.write(fd, record)
+            self._fd = fd
             return
-        raise UserError(f"could not take the lock {self.file}; remove it if no training runs there")
+        raise UserError(f"could not take the lock {self.file}; another process keeps replacing "
+                        "it: make sure no other training uses this run_dir")
 
     def _holder(self) -> dict | None:
         try:
             holder = json.loads(self.file.read_text())
             return holder if isinstance(holder, dict) else None
         except (OSError, ValueError):
-            return None  # being written right now, or damaged: treat as stale on the retry
-
-    @staticmethod
-    def _alive(holder: dict) -> bool:
-        if holder.get("host") != socket.gethostname():
-            return True  # another machine's process: cannot check, assume it runs
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except (ProcessLookupError, KeyError, ValueError, TypeError):
-            return False
-        except PermissionError:
-            return True
-        return True
+            return None  # being written right now
 
     def release(self) -> None:
-        if self.held:
+        if self._fd is not None:
+            # Unlink before unlocking: a process waiting on this file then sees it is gone.
             self.file.unlink(missing_ok=True)
-            self.held = False
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass
@@ -181,23 +205,41 @@ class RunDirState:
     finished: bool
     checkpoints: list[Path]
     other_files: list[str]
+    """The user's own files (never touched)."""
+    foreign: list[str]
+    """Names a training writes (config.yaml, projector/, ...) present in a folder that holds no
+    llava-tune run: someone else's files, which a training would overwrite."""
+
+
+def _ours(run_dir: Path, finished: bool, checkpoints: list[Path]) -> bool:
+    """Whether the folder's training-named files were written by a llava-tune training."""
+    if finished or checkpoints or (run_dir / METRICS).is_file():
+        return True
+    try:
+        with open(run_dir / CONFIG, encoding="utf-8", errors="replace") as f:
+            return f.readline() == CONFIG_HEADER
+    except OSError:
+        return False
 
 
 def inspect_run_dir(run_dir: Path) -> RunDirState:
     if not run_dir.is_dir():
-        return RunDirState(False, [], [])
+        return RunDirState(False, [], [], [])
+    finished = (run_dir / COMPLETE).is_file()
+    checkpoints = sorted((run_dir / CHECKPOINTS).glob("step-*"))
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    ours = _ours(run_dir, finished, checkpoints)
     return RunDirState(
-        finished=(run_dir / COMPLETE).is_file(),
-        checkpoints=sorted((run_dir / CHECKPOINTS).glob("step-*")),
-        other_files=sorted(p.name for p in run_dir.iterdir()
-                           if p.name not in WRITTEN_BY_TRAINING and p.name != LOCK
-                           and not p.name.startswith(".")),
+        finished=finished, checkpoints=checkpoints,
+        other_files=[n for n in names if n not in WRITTEN_BY_TRAINING],
+        foreign=[] if ours else [n for n in names if n in WRITTEN_BY_TRAINING],
     )
 
 
 def prepare_for_training(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to destroy a run: a finished run or another run's checkpoints need
-    `train.resume=true` (continue) or `--overwrite` (start again); resume needs a checkpoint.
+    `train.resume=true` (continue) or `--overwrite` (start again); resume needs a checkpoint;
+    files named like a run's that no training wrote are never overwritten.
 
     With `overwrite`, only what a training writes is removed (never the user's own files).
     Also removes temp folders that a killed process left behind. Call with the lock held.
@@ -205,6 +247,13 @@ def prepare_for_training(run_dir: Path, resume: bool, overwrite: bool) -> None:
     state = inspect_run_dir(run_dir)
     if resume and overwrite:
         raise UserError("train.resume=true and --overwrite contradict each other; pick one")
+    if state.foreign:
+        raise UserError(
+            f"run_dir {run_dir} holds {', '.join(state.foreign)}, which no llava-tune training "
+            "wrote (a training writes files of these names, and would overwrite them); choose "
+            f"another run_dir, e.g. {run_dir / 'run'}, or move them away")
+    remove_stale_temp(run_dir)
+    state.checkpoints = sorted((run_dir / CHECKPOINTS).glob("step-*"))
     if resume and not state.checkpoints:
         raise UserError(f"train.resume=true, but {run_dir / CHECKPOINTS} holds no checkpoint to "
                         f"continue from (set train.save_every=N to write them); start afresh "
@@ -222,19 +271,33 @@ def prepare_for_training(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    remove_stale_temp(run_dir)
+
+
+_TEMP = re.compile(r"\.(?P<name>.+?)\.(?:(?P<kind>tmp|old)-[A-Za-z0-9_]+|[A-Za-z0-9_]+\.tmp)")
+"""Names of the temp files and folders of files.atomic_dir / write_bytes_atomic:
+`.NAME.tmp-XXXX` (being written), `.NAME.old-XXXX/NAME` (the previous NAME, being replaced),
+`.NAME.XXXX.tmp` (a file being written)."""
 
 
 def remove_stale_temp(run_dir: Path) -> None:
-    """Temp folders and files of atomic writes (`.NAME.tmp-*`, `.NAME.old-*`) that a killed
-    process left; only ours, by their name pattern, and only with the run's lock held."""
-    for folder in (run_dir, run_dir / CHECKPOINTS):
+    """Temp files and folders of atomic writes that a killed process left: only those of the
+    names a training writes (and of checkpoints/step-N), and only with the run's lock held.
+
+    A kill between the two renames of atomic_dir leaves NAME missing and its previous version
+    in `.NAME.old-XXXX/NAME`: that version is put back, not deleted.
+    """
+    for folder, ours in ((run_dir, lambda n: n in WRITTEN_BY_TRAINING),
+                         (run_dir / CHECKPOINTS, lambda n: re.fullmatch(r"step-\d+", n))):
         if not folder.is_dir():
             continue
-        for path in folder.iterdir():
-            if path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name
-                                              or path.name.endswith(".tmp")):
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+        for path in sorted(folder.iterdir()):
+            match = _TEMP.fullmatch(path.name)
+            if match is None or not ours(match["name"]):
+                continue
+            target, previous = folder / match["name"], path / match["name"]
+            if match["kind"] == "old" and not target.exists() and previous.exists():
+                os.replace(previous, target)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

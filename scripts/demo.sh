@@ -4,6 +4,7 @@
 # QLoRA on the 4-bit LM), evaluating held-out images after each stage.
 #
 #   scripts/demo.sh [OUT_DIR]        (default: demo_out/ in the repo, ignored by git)
+# Run again, it trains again: its runs are replaced (--overwrite), its export too (--force).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(realpath -m "${1:-$ROOT/demo_out}")"
@@ -18,15 +19,15 @@ python -m llava_tune.demo "$OUT" --train "${DEMO_TRAIN:-6000}" --heldout 200
 
 step "2/6 train the tiny LM on the demo's text (full training) and save it as InternLM2"
 llava-tune train configs/demo/lm.yaml model.llm="$OUT/lm-init" \
-  data.train="$OUT/shapes/text.json" run_dir="$OUT/lm-train"
-llava-tune export "$OUT/lm-train" "$OUT/lm" --format internlm2
+  data.train="$OUT/shapes/text.json" run_dir="$OUT/lm-train" --overwrite
+llava-tune export "$OUT/lm-train" "$OUT/lm" --format internlm2 --force
 
 VISION=(model.vision.config_file="$OUT/vision/demo-vit.json"
         model.vision.pretrained="$OUT/vision/demo-vit.safetensors")
 step "3/6 stage 1, pretrain: projector only, on captions"
 llava-tune train configs/demo/pretrain.yaml model.llm="$OUT/lm" "${VISION[@]}" \
   data.train="$OUT/shapes/pretrain.json" data.image_folder="$OUT/shapes/images" \
-  run_dir="$OUT/pretrain"
+  run_dir="$OUT/pretrain" --overwrite
 
 step "4/6 held-out questions after stage 1"
 llava-tune eval "$OUT/pretrain" --data "$OUT/shapes/heldout.json" \
@@ -36,7 +37,7 @@ llava-tune eval "$OUT/pretrain" --data "$OUT/shapes/heldout.json" \
 step "5/6 stage 2, finetune: projector + QLoRA (4-bit LM), on image questions"
 llava-tune train configs/demo/finetune.yaml model.llm="$OUT/lm" "${VISION[@]}" \
   init_from="$OUT/pretrain" data.train="$OUT/shapes/finetune.json" \
-  data.image_folder="$OUT/shapes/images" run_dir="$OUT/finetune"
+  data.image_folder="$OUT/shapes/images" run_dir="$OUT/finetune" --overwrite
 
 step "6/6 held-out questions after stage 2"
 llava-tune eval "$OUT/finetune" --data "$OUT/shapes/heldout.json" \

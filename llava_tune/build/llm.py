@@ -22,6 +22,7 @@ from transformers import (
 
 from llava_tune.convert.internlm2 import convert_internlm2_dir, is_internlm2_dir
 from llava_tune.convert.sentencepiece import sentencepiece_to_fast
+from llava_tune.convert.weights import check_weight_file, checkpoint_files
 from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.errors import UserError
 from llava_tune.launch import shards_parameters
@@ -126,14 +127,21 @@ def load_llm(
             f"cannot load {path}/config.json without remote code ({err}); llava-tune supports "
             "InternLM2 and native transformers causal LMs"
         ) from err
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        config=config,
-        dtype=torch_dtype,
-        quantization_config=quantization_config(quantization, device),
-        device_map={"": device},
-        trust_remote_code=False,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            config=config,
+            dtype=torch_dtype,
+            quantization_config=quantization_config(quantization, device),
+            device_map={"": device},
+            trust_remote_code=False,
+        )
+    except Exception:
+        # transformers' own error for a truncated download or a pickle is a traceback; ours
+        # names the file (a sound checkpoint re-raises the original error: a bug).
+        for file in checkpoint_files(model_dir):
+            check_weight_file(file)
+        raise
     return model, load_tokenizer(path)
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import peft
 import torch
-from safetensors.torch import load_file
 
 from llava_tune import rundir
 from llava_tune.build.llm import load_llm
 from llava_tune.config import Config, ModelConfig
+from llava_tune.convert.lora import check_adapter_folder
 from llava_tune.convert.open_clip import create_open_clip
 from llava_tune.convert.projector import load_projector
 from llava_tune.convert.weights import load_weights
@@ -92,8 +92,10 @@ def load_parts(built: Built, run_dir: Path, parts: list[str], trainable: bool = 
                 raise UserError(f"{folder} exists, but this stage has no vision tower")
             load_projector(model.projector, folder)
         elif part == rundir.LLM_ADAPTER:
+            check_adapter_folder(folder)
             model.llm = peft.PeftModel.from_pretrained(model.llm, folder, is_trainable=trainable)
         elif part == rundir.VISION_ADAPTER:
+            check_adapter_folder(folder)
             model.vision.visual = peft.PeftModel.from_pretrained(model.vision.visual, folder,
                                                                  is_trainable=trainable)
         elif part == rundir.VISION:
@@ -147,7 +149,7 @@ def _load_checkpoint(path: Path, base, quantization, device) -> Built:
     if config.init_from:
         carry_over(built, Path(config.init_from))
     set_trainable(built.model, config)
-    state = load_file(path / "trainable.safetensors")
+    state = load_weights(path / "trainable.safetensors")
     check_trainable_state(built.model, state, path)
     built.model.load_state_dict(state, strict=False)
     return for_inference(built)

@@ -8,11 +8,15 @@ and keeps its traceback (`--debug` shows tracebacks for user errors too).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from llava_tune.cli import chat, commands, web
 from llava_tune.errors import UserError
+
+USER_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+"""OSErrors that are the user's to fix (besides PermissionError): a full or read-only disk."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        # Permissions and full or read-only disks are the user's to fix; other OSErrors are
+        # bugs until shown otherwise and keep their traceback.
+        if args.debug or not (isinstance(err, PermissionError) or err.errno in USER_ERRNOS):
+            raise
+        print(f"error: {err}; fix the folder's permissions or free space, then run again",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

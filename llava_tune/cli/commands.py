@@ -55,6 +55,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_output(args.out, "--out")
     check_output(args.json, "--json")
+    outputs = [Path(p).resolve() for p in (args.out, args.json) if p]
+    if Path(args.data).resolve() in outputs or len(set(outputs)) < len(outputs):
+        raise UserError("--out, --json and --data must be three different files (an output "
+                        "would overwrite the data or the other output)")
     batch_size = args.batch_size or (16 if torch.cuda.is_available() else 8)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
@@ -65,6 +69,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            GenerationSettings(max_new_tokens=args.max_new_tokens), batch_size,
                            out=args.out, on_progress=bar.reached,
                            on_skip=lambda message: print(f"skipped {message}", file=sys.stderr))
+    except KeyboardInterrupt:
+        if args.out:
+            print(f"the predictions made so far are in {args.out}.partial", file=sys.stderr)
+        raise
     finally:
         bar.close()
     result = summary.as_dict()

@@ -47,10 +47,11 @@ class TrainPrinter:
                 self.write(f"  skipped {event.sample_id}: {event.reason}")
         elif isinstance(event, Interrupted):
             self.close()
-            where = (f"checkpoint {event.checkpoint}; continue with:\n  {event.resume_command}"
-                     if event.checkpoint else
-                     "no checkpoint was written (set train.save_every=N to have them); its "
-                     "final weights were not saved")
+            where = (f"checkpoint {event.checkpoint} written; continue with:\n  "
+                     f"{event.resume_command}" if event.checkpoint else
+                     "no checkpoint was written (train.save_every is not set), so the run "
+                     "cannot be resumed and its final weights were not saved; start it again "
+                     "with the same command (add train.save_every=N to be able to resume)")
             print(f"[interrupted] at step {event.step}: {where}", file=sys.stderr)
         elif isinstance(event, Finished):
             self.close()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft.utils.other import get_pattern_key
 
-from llava_tune.convert.weights import load_first_weights
+from llava_tune.convert.weights import check_weight_file, load_first_weights
 from llava_tune.errors import UserError
 from llava_tune.files import read_json
 
@@ -26,6 +26,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFE = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
+
+
+def check_adapter_folder(folder: Path) -> None:
+    """A PEFT adapter folder that peft can load: raise UserError naming a damaged or missing
+    adapter_config.json or weights file (peft's own errors for them are tracebacks)."""
+    fix = "restore the folder from a backup, or train again"
+    read_json(folder / ADAPTER_CONFIG, "adapter config", fix)
+    names = (ADAPTER_SAFE, ADAPTER_BIN)
+    present = [folder / name for name in names if (folder / name).is_file()]
+    if not present:
+        raise UserError(f"no adapter weights in {folder}: expected {' or '.join(names)}; {fix}")
+    check_weight_file(present[0])
 
 
 @dataclass

@@ -381,6 +381,22 @@ def create_open_clip(name: str, pretrained: str | None = None, config_file: str 
     logging.disable(logging.WARNING)
     try:
         model = open_clip.create_model(name, pretrained=pretrained)
+    except Exception as err:
+        if pretrained is None:
+            raise
+        _explain_weights_error(Path(pretrained), name, err)
+        raise
     finally:
         logging.disable(logging.NOTSET)
     return model.visual
+
+
+def _explain_weights_error(file: Path, name: str, err: Exception) -> None:
+    """open_clip failed on `file`: a corrupt file or a pickle that is not plain tensors raises
+    UserError (load_weights' message); so do weights of another model. Else the bug stands."""
+    load_weights(file)
+    if isinstance(err, RuntimeError) and "state_dict" in str(err):
+        first = str(err).strip().splitlines()[-1].strip()
+        raise UserError(f"vision tower weights {file} do not fit open_clip model {name!r} "
+                        f"({first}); set model.vision.name (and config_file) to the model "
+                        "they belong to") from err

@@ -71,6 +71,19 @@ def open_safetensors(file: Path) -> Iterator:
         raise _corrupt(file, err) from err
 
 
+def check_weight_file(file: Path) -> None:
+    """Raise UserError (naming the file and the fix) when a weights file cannot be read:
+    a safetensors file whose header is damaged or that is shorter than its header says (read
+    lazily: the tensors stay on disk), or a .bin that is corrupt or holds a pickle of anything
+    but tensors. For when a library's own loader failed on the file with its own error."""
+    if not file.is_file():
+        raise UserError(f"weights file {file} not found")
+    if file.suffix == ".safetensors":
+        with open_safetensors(file):
+            return
+    load_weights(file)
+
+
 def load_first_weights(folder: Path, names: tuple[str, ...]) -> tuple[Path, dict[str, torch.Tensor]]:
     """The first of `names` present in `folder`, loaded with `load_weights`."""
     for name in names:

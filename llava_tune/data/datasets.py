@@ -17,7 +17,7 @@ from llava_tune.data.formats import Problem, read_conversations
 from llava_tune.data.image import ImageProcessor, load_image
 from llava_tune.data.segments import ENCODING_VERSION
 from llava_tune.data.template import ChatTemplate, expand_image_slots
-from llava_tune.data.tokenize import TRUNCATED, USABLE, tokenize_record
+from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, TRUNCATED, USABLE, tokenize_record
 from llava_tune.errors import UserError
 
 
@@ -120,8 +120,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.table.set_format(columns=["id", "images", "input_ids", "labels"])
         self.report.kept = len(self.table)
         if self.report.kept == 0:
-            raise UserError(f"no usable samples in {self.file}:\n{self.report.summary()}\n"
-                            "(raise data.max_length if samples were cut, or fix the records)")
+            hint = "(raise data.max_length if samples were cut, or fix the records)"
+            if self.report.skipped.keys() & {IMAGE_CUT, NO_ANSWER}:
+                hint = self._length_hint(records, tokenizer, template, max_length)
+            raise UserError(f"no usable samples in {self.file}:\n{self.report.summary()}\n{hint}")
 
     def _usable_records(self, max_bad_fraction: float) -> list[dict]:
         """The file's records that pass every check; the rest are counted in the report."""
@@ -145,6 +147,24 @@ class ConversationDataset(torch.utils.data.Dataset):
                 "are skipped automatically: data.max_bad_fraction)"
             )
         return records
+
+    def _length_hint(self, records: list[dict], tokenizer, template: ChatTemplate,
+                     max_length: int) -> str:
+        """Which data.max_length would fit, from the whole lengths of (up to 1000) samples."""
+        lengths = []
+        for record in records[:1000]:
+            ids = tokenize_record(record, tokenizer, template, 2**62, self.image_id,
+                                  self.num_image_tokens).input_ids
+            images = ids.count(self.image_id) if self.image_id is not None else 0
+            lengths.append(len(ids) + (self.num_image_tokens - 1) * images)
+        lengths.sort()
+        images = (f"; each image alone takes {self.num_image_tokens} tokens"
+                  if self.num_image_tokens and any(r["images"] for r in records) else "")
+        span = f"{lengths[0]} to {lengths[-1]}" if lengths[0] < lengths[-1] else f"{lengths[0]}"
+        fix = f"Set data.max_length={lengths[-1]} (every sample whole)"
+        if lengths[0] < lengths[-1]:
+            fix += f", or at least {lengths[0]}"
+        return f"data.max_length={max_length} is too small: the samples take {span} tokens{images}. {fix}"
 
     def _image_problem(self, record: dict) -> str | None:
         if not record["images"]:

@@ -48,17 +48,34 @@ def read_json_records(path: Path) -> tuple[list[object], list[Problem]]:
     problem of its own record, a JSON file that does not parse is an error for the file."""
     if not path.is_file():
         raise UserError(f"data file {path} not found; check data.train / --data")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte order mark, as some editors write, is fine
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise UserError(f"data file {path} is not UTF-8 text (byte {err.start}, line {line}: "
+                        f"{raw[err.start:err.start + 1]!r}); save it as UTF-8, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {path.name} > fixed.json`") from None
     if not text.strip():
         raise UserError(f"data file {path} is empty")
-    if text.lstrip().startswith("["):
+    stripped = text.lstrip()
+    if stripped.startswith("["):
         try:
-            return json.loads(text), []
+            records = json.loads(text)
         except json.JSONDecodeError as err:
             raise UserError(
                 f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
                 "fix the file or write it as JSONL, one record per line"
             ) from err
+        return records, []
+    if stripped.startswith("{") and "\n" in text.strip():
+        # One object spread over several lines: not JSONL, whose objects take a line each.
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            return [_one_object(path, whole)], []
     records: list[object] = []
     problems: list[Problem] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -70,12 +87,38 @@ def read_json_records(path: Path) -> tuple[list[object], list[Problem]]:
             records.append(None)
             problems.append(Problem(path, len(records) - 1, None,
                                     f"line {number} is not valid JSON ({err.msg})"))
+    if len(records) == 1 and isinstance(records[0], dict):
+        records[0] = _one_object(path, records[0])
     return records, problems
+
+
+def _one_object(path: Path, data: dict) -> dict:
+    """A file that holds a single JSON object: one record (of a known format or not: the
+    format check names its keys), unless it wraps the records, as {"data": [records]} or
+    {id: record, ...} do, which is refused with where the records are."""
+    if any(key in data for key, _ in FORMATS.values()):
+        return data
+    lists = [key for key, value in data.items()
+             if isinstance(value, list) and value and all(isinstance(v, dict) for v in value)]
+    by_id = data and all(isinstance(v, dict) and any(key in v for key, _ in FORMATS.values())
+                         for v in data.values())
+    if not lists and not by_id:
+        return data
+    where = (f"the records seem to be under {lists[0]!r}: write that list alone to the file"
+             if lists else "the records are the values of one object keyed by id: write them "
+             "as a list")
+    raise UserError(f"data file {path} holds one JSON object (keys {sorted(data)[:8]}), not a "
+                    f"list of records; {where}, as a JSON list [{{...}}, {{...}}] or JSONL, "
+                    "one record per line")
 
 
 def _images(raw: dict) -> list[str]:
     image = raw.get("image", raw.get("images"))
-    return [] if image is None else [image] if isinstance(image, str) else list(image)
+    images = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise ValueError(f"'image' is {image!r}; give an image file path relative to the image "
+                         "folder (a string), or a list of them")
+    return images
 
 
 def _text(value: object, what: str) -> str:
@@ -163,7 +206,11 @@ def detect_format(path: Path, raws: list[object]) -> str:
                     return name
             raise UserError(f"{path} record {index} has keys {sorted(raw)[:8]}, which match no "
                             f"known format; each record needs {FORMAT_HELP}")
-    raise UserError(f"{path} holds no JSON object records")
+    kinds = sorted({type(raw).__name__ for raw in raws if raw is not None})
+    raise UserError(f"{path} holds no JSON object records (its records are: "
+                    f"{', '.join(kinds) or 'unreadable'}); each record must be a JSON object "
+                    f"with {FORMAT_HELP}, e.g. {{\"conversations\": [{{\"from\": \"human\", "
+                    f"\"value\": ...}}, {{\"from\": \"gpt\", \"value\": ...}}]}}")
 
 
 def check_record(record: dict) -> None:
@@ -172,7 +219,8 @@ def check_record(record: dict) -> None:
     messages = record["messages"]
     check_roles(messages)
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("has no assistant (gpt) turn to learn from")
+        raise ValueError("has no assistant (gpt) turn to learn from; add the answer as a "
+                         "'gpt' (or 'assistant') turn after the question, or remove the record")
     markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if markers != len(record["images"]):
         raise ValueError(

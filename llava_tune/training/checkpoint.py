@@ -4,6 +4,7 @@ resumable checkpoints, all written atomically."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from llava_tune import rundir
 from llava_tune.build.model import Built, check_trainable_state
 from llava_tune.convert.projector import save_projector
 from llava_tune.convert.weights import load_weights
-from llava_tune.files import atomic_dir
+from llava_tune.errors import UserError
+from llava_tune.files import atomic_dir, read_json
 from llava_tune.stages import llm_mode
 
 
@@ -82,8 +84,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
     check_trainable_state(model, weights, path)
     model.load_state_dict(weights, strict=False)
     # Our own file, written by save_checkpoint: tensors, numbers and dicts only.
-    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"checkpoint {path} is damaged ({path / 'optimizer.pt'}: "
+                        f"{str(err).strip().splitlines()[0].split('. ')[0]}); delete {path} "
+                        "to resume from the checkpoint before it") from err
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
-    return json.loads((path / "state.json").read_text())
+    return read_json(path / "state.json", "checkpoint state",
+                     f"the checkpoint is damaged: delete {path} to resume from the one before")

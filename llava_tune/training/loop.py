@@ -131,7 +131,9 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
                 _evaluate(run, emit)
             if run.config.train.save_every and step % run.config.train.save_every == 0:
                 _checkpoint(run, emit)
-            if stop_now:
+            # Several processes stop together, at the step after all of them agree (the
+            # request travels with the step's reduction); one process stops right here.
+            if stop_now or (acc.num_processes == 1 and stop.requested):
                 return _interrupted(run, emit, skipped, last_loss)
     acc.wait_for_everyone()
     parts = []
@@ -257,10 +259,22 @@ def _interrupted(run: Run, emit: OnEvent, skipped, last_loss) -> TrainResult:
         checkpoint = run.run_dir / rundir.CHECKPOINTS / f"step-{step:07d}"
         if not checkpoint.is_dir():
             checkpoint = _checkpoint(run, emit)
-    resume = (f"llava-tune train {run.run_dir / rundir.CONFIG} train.resume=true"
+    resume = (rundir.resume_command(run.run_dir, _launcher(run.accelerator.num_processes))
               if checkpoint is not None else None)
     emit(Interrupted(step, checkpoint, resume))
     return TrainResult(run.run_dir, step, last_loss, run.data, skipped, interrupted=True)
+
+
+def _launcher(processes: int) -> str:
+    """How to start the resumed run: as this one was, with as many processes."""
+    if processes == 1:
+        return "llava-tune"
+    from llava_tune.launch import launched_with
+
+    if launched_with() in ("deepspeed", "fsdp"):
+        return (f"accelerate launch --config_file YOUR_ACCELERATE_CONFIG --num_processes "
+                f"{processes} -m llava_tune")
+    return f"torchrun --standalone --nproc_per_node {processes} -m llava_tune"
 
 
 class _StopFlag:
@@ -270,7 +284,10 @@ class _StopFlag:
 @contextmanager
 def _stop_requests() -> Iterator[_StopFlag]:
     """The first Ctrl-C asks the loop to stop at the next step boundary; a second one stops at
-    once. (Only the main thread can handle signals; elsewhere Ctrl-C stops at once.)"""
+    once. (Only the main thread can handle signals; elsewhere Ctrl-C stops at once.)
+
+    torchrun starts its workers in sessions of their own: a terminal's Ctrl-C reaches torchrun
+    alone, which passes it on to every worker once."""
     flag = _StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag

@@ -38,11 +38,17 @@ def setup(config: Config, overwrite: bool = False) -> Run:
     check_launch(config)
     accelerator = make_accelerator(config)
     run_dir = Path(config.run_dir)
-    lock = claim_run_dir(run_dir, config, overwrite, accelerator)
+    created = not run_dir.exists()
+    lock = None
     try:
+        lock = claim_run_dir(run_dir, config, overwrite, accelerator)
         return _build_run(config, accelerator, run_dir, lock)
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
+        if created and accelerator.is_main_process and run_dir.is_dir() \
+                and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that never started leaves no empty folder behind
         raise
 
 
