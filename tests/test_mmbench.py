@@ -355,6 +355,21 @@ def test_circular_copies_in_the_file(circular_tsv, rows):
     assert always_a.accuracy == 0.0
 
 
+def test_circular_run_reports_the_plain_score_too(tsv, circular_tsv, rows, tmp_path):
+    # Wrong whenever yellow is option C: some questions fail in some rotations only.
+    answerer = oracle(rows, wrong_on=lambda p, px: "C. yellow" in p)
+    for path in (tsv, circular_tsv):
+        plain = mb.evaluate_mmbench(path, answerer)
+        circular = mb.evaluate_mmbench(path, answerer, circular=True, out_dir=tmp_path / "o")
+        assert plain.plain == plain.overall and plain.plain_category == plain.category
+        assert circular.plain == plain.overall and circular.plain_category == plain.category
+        assert circular.overall.correct < circular.plain.correct < 60
+        summary = json.loads(circular.summary_file.read_text())
+        assert summary["plain"] == {**plain.overall.as_dict(), "category": {
+            name: score.as_dict() for name, score in plain.category.items()}}
+        assert summary["overall"] == circular.accuracy
+
+
 def test_test_split_without_answers(tmp_path, rows):
     columns = [c for c in sm.TSV_COLUMNS if c != "answer"]
     path = write_tsv(tmp_path / "test.tsv", rows, columns)

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from llava_tune.cli import chat, commands, web
+from llava_tune.cli import chat, commands, configs, web
 from llava_tune.errors import UserError
 
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_export(sub)
     commands.add_import_xtuner(sub)
     commands.add_plot(sub)
+    configs.add_parser(sub)
     return parser
 
 

@@ -162,6 +162,24 @@ def items_from_captions(records: Sequence[dict[str, Any]]) -> list[tuple[str, st
     return items
 
 
+def add_mcq_to_finetune(shapes_dir: str | Path, fraction: float, seed: int = 0) -> int:
+    """Append `mcq_records` for the first `fraction` of the training images to finetune.json.
+
+    The images come from pretrain.json's captions (one per training image). LLaVA-1.5's mix
+    holds such lettered questions next to its free-form ones; here they teach the instruction
+    the MMBench prompt ends with. The SHAPES.md questions stay as they were, first in the
+    file. Returns how many records were added.
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    shapes_dir = Path(shapes_dir)
+    items = items_from_captions(json.loads((shapes_dir / "pretrain.json").read_text()))
+    records = mcq_records(items[:round(fraction * len(items))], seed)
+    finetune = json.loads((shapes_dir / "finetune.json").read_text())
+    shapes.write_json_atomic(shapes_dir / "finetune.json", finetune + records)
+    return len(records)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

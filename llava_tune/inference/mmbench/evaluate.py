@@ -147,6 +147,10 @@ class MMBenchResult:
     skipped: list[SkippedRow]
     skipped_questions: int
     predictions: list[MMBenchPrediction] = field(repr=False)
+    plain: Score | None = None
+    """Plain accuracy: every question's first pass (options as the file has them) alone;
+    equals `overall` when not circular, so a circular run gives both scores."""
+    plain_category: dict[str, Score] = field(default_factory=dict)
     predictions_file: Path | None = None
     summary_file: Path | None = None
 
@@ -181,6 +185,9 @@ class MMBenchResult:
             "unused_circular_copies": self.n_unused_copies,
             "skipped_rows": [vars(s) for s in self.skipped],
             "skipped_questions": self.skipped_questions,
+            "plain": None if self.plain is None else {
+                **self.plain.as_dict(),
+                "category": {k: v.as_dict() for k, v in self.plain_category.items()}},
             "predictions_file": None if self.predictions_file is None
             else str(self.predictions_file),
         }
@@ -449,12 +456,17 @@ def evaluate_mmbench_batched(
     skipped_groups = {data.rows[p].group for p in bad}
     overall, category, l2, n_questions, unscored = score_predictions(
         predictions, main_rows, skipped_groups)
+    plain, plain_category = overall, category
+    if circular:  # the first pass of each question is the plain evaluation's only one
+        plain, plain_category, *_ = score_predictions(
+            [p for p in predictions if p.index < CIRCULAR_OFFSET], main_rows, skipped_groups)
     result = MMBenchResult(
         tsv=tsv, circular=circular, circular_source=circular_source, overall=overall,
         category=category, l2_category=l2, n_questions=n_questions, n_unscored=unscored,
         n_rows=len(positions), n_unused_copies=unused,
         skipped=[SkippedRow(data.rows[p].index, data.rows[p].line, r) for p, r in bad.items()],
         skipped_questions=len(skipped_groups), predictions=predictions,
+        plain=plain, plain_category=plain_category,
         predictions_file=predictions_file,
         summary_file=None if paths is None else paths["summary"])
     if paths is not None:
