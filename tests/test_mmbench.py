@@ -220,6 +220,38 @@ def test_training_records_use_the_evaluation_prompt(shapes_data):
         with_text[0]["conversations"][0]["value"])) == letter
 
 
+def test_demo_finetune_data_gets_lettered_questions(tmp_path, shapes_data):
+    for name in ("pretrain.json", "finetune.json"):
+        (tmp_path / name).write_text((shapes_data / name).read_text())
+    original = json.loads((shapes_data / "finetune.json").read_text())
+    items = sm.items_from_captions(json.loads((shapes_data / "pretrain.json").read_text()))
+    assert sm.add_mcq_to_finetune(tmp_path, 0.25, seed=3) == 32  # 2 questions x 16 of 64 images
+    records = json.loads((tmp_path / "finetune.json").read_text())
+    assert records[:len(original)] == original  # the SHAPES.md questions stay as they were
+    assert records[len(original):] == sm.mcq_records(items[:16], seed=3)
+    with pytest.raises(ValueError, match="fraction"):
+        sm.add_mcq_to_finetune(tmp_path, 1.5)
+
+
+def test_demo_inputs_hold_lettered_questions_and_a_heldout_tsv(tmp_path):
+    from llava_tune.demo import make
+
+    assert make.main([str(tmp_path), "--train", "8", "--heldout", "3", "--mcq", "0.5"]) == 0
+    records = json.loads((tmp_path / "shapes" / "finetune.json").read_text())
+    assert len(records) == 2 * 8 + 2 * 4
+    lettered = records[16:]
+    assert [r["image"] for r in lettered] == [f"train/{i:06d}.png" for i in range(4)
+                                              for _ in range(2)]
+    assert {r["conversations"][1]["value"] for r in lettered} <= set("ABCD")
+    data = mb.MMBenchTSV.read(tmp_path / "shapes" / "heldout_mmbench.tsv")
+    assert len(data) == 6 and not data.bad and not data.has_circular_copies
+    assert [row.category for row in data.rows] == ["color", "shape"] * 3
+    # New images: none of them is a training or held-out image of the demo.
+    demo_pixels = {Image.open(p).convert("RGB").tobytes()
+                   for p in (tmp_path / "shapes" / "images").rglob("*.png")}
+    assert not {data.image(i).tobytes() for i in range(6)} & demo_pixels
+
+
 # --------------------------------------------------------------------------- letters
 
 COLORS4 = {"A": "red", "B": "blue", "C": "green", "D": "yellow"}
