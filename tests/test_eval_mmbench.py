@@ -186,7 +186,7 @@ def test_one_broken_image_is_skipped_and_reported(finetune_run, tsv, tmp_path, c
     assert "skipped index 3 (line 5):" in err and "cannot be decoded" in err
     summary = json.loads((tmp_path / "out" / "one_bad_summary.json").read_text())
     assert summary["skipped_questions"] == 1 and summary["scored"] == 59
-    assert f"/59)" in stdout.splitlines()[0]
+    assert "/59)" in stdout.splitlines()[0]
 
 
 def test_argument_mistakes(finetune_run, tsv, tmp_path, capsys, shapes_data, monkeypatch):

@@ -218,6 +218,16 @@ def test_training_records_use_the_evaluation_prompt(shapes_data):
     assert text == items[0][1]
     assert mb.extract_letter(f"{letter}. {text}", options_in(
         with_text[0]["conversations"][0]["value"])) == letter
+    assert sm.mcq_records(items[:1], seed=0, answer="letter_text") == with_text
+    # The option's text alone: the letter it reads as is the right one.
+    texts = sm.mcq_records(items, seed=0, answer="text")
+    for record, lettered in zip(texts, records, strict=True):
+        human, gpt = (turn["value"] for turn in record["conversations"])
+        assert human == lettered["conversations"][0]["value"]
+        assert mb.extract_letter(gpt, options_in(human)) == lettered["conversations"][1]["value"]
+        assert gpt in set(shapes.COLORS) | set(shapes.SHAPES)
+    with pytest.raises(ValueError, match="answer must be one of"):
+        sm.mcq_records(items, answer="B")
 
 
 def test_demo_finetune_data_gets_lettered_questions(tmp_path, shapes_data):
@@ -242,7 +252,13 @@ def test_demo_inputs_hold_lettered_questions_and_a_heldout_tsv(tmp_path):
     lettered = records[16:]
     assert [r["image"] for r in lettered] == [f"train/{i:06d}.png" for i in range(4)
                                               for _ in range(2)]
-    assert {r["conversations"][1]["value"] for r in lettered} <= set("ABCD")
+    # Answered with the option's text (make.MCQ_ANSWER), which reads as one option's letter.
+    captions = json.loads((tmp_path / "shapes" / "pretrain.json").read_text())
+    items = sm.items_from_captions(captions)[:4]
+    assert lettered == sm.mcq_records(items, seed=0, answer="text")
+    for record in lettered:
+        human, gpt = (turn["value"] for turn in record["conversations"])
+        assert mb.extract_letter(gpt, options_in(human)) is not None
     data = mb.MMBenchTSV.read(tmp_path / "shapes" / "heldout_mmbench.tsv")
     assert len(data) == 6 and not data.bad and not data.has_circular_copies
     assert [row.category for row in data.rows] == ["color", "shape"] * 3

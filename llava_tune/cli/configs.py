@@ -30,9 +30,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [(r.name, r.model, r.config.stage, r.trains, r.memory) for r in recipes]
     widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns) - 1)]
     for row in [columns, *rows]:
-        print("  ".join(f"{cell:{w}s}" for cell, w in zip(row, widths)) + "  " + row[-1])
+        print("  ".join(f"{cell:{w}s}" for cell, w in zip(row[:-1], widths, strict=True))
+              + "  " + row[-1])
     print("\nMEMORY: GPU memory per process, estimated by scripts/estimate_memory.py (add 1-2 GB "
-          "for the CUDA context).\nCopy one to edit: llava-tune configs copy NAME DEST.yaml")
+          "for the CUDA context); the demo recipes run on the CPU.\n"
+          "Copy one to edit: llava-tune configs copy NAME DEST.yaml")
     return 0
 
 

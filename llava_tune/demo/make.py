@@ -30,7 +30,10 @@ from llava_tune.demo import tokenizer as demo_tokenizer
 LM_SHAPE = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 2}
 MCQ_FRACTION = 0.5
-"""Training images that also get the lettered questions (both kinds): see scripts/demo.sh."""
+"""Training images that also get the lettered questions (both kinds)."""
+MCQ_ANSWER = "text"
+"""The lettered questions are answered with the option's text: the tiny LM does not learn to
+pick the letter (see llava_tune/demo/mmbench.py)."""
 VISION_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 112, "layers": 4, "width": 128, "head_width": 32, "patch_size": 16},
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--mcq must be in [0, 1]")
     data_dir = args.out_dir / "shapes"
     summary = shapes.generate(data_dir, n_train=args.train, n_heldout=args.heldout, seed=args.seed)
-    n_mcq = mmbench.add_mcq_to_finetune(data_dir, args.mcq, args.seed)
+    n_mcq = mmbench.add_mcq_to_finetune(data_dir, args.mcq, args.seed, answer=MCQ_ANSWER)
     mmbench.write_shapes_tsv(data_dir / "heldout_mmbench.tsv", args.heldout, args.seed)
     make_lm(args.out_dir / "lm-init", [data_dir / "text.json", data_dir / "pretrain.json",
                                       data_dir / "finetune.json"], args.seed)
