@@ -64,6 +64,7 @@ class Bar:
         if self._bar is not None:
             self._bar.total = total
             self._bar.update(done - self._bar.n)
+            self._bar.refresh()  # update() redraws at most every 0.1 s; callers report per batch
 
     def close(self) -> None:
         if self._bar is not None:

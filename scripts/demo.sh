@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The embedded demo, on a CPU, no downloads: make the shapes data, train a tiny InternLM2 LM
 # on its text, then stage 1 (pretrain: projector only) and stage 2 (finetune: projector +
-# QLoRA on the 4-bit LM), evaluating held-out images after each stage.
+# QLoRA on the 4-bit LM), evaluating held-out images after each stage, and after stage 2 also
+# MMBench-style lettered questions about new images (plain and CircularEval).
 #
 #   scripts/demo.sh [OUT_DIR]        (default: demo_out/ in the repo, ignored by git)
 # Run again, it trains again: its runs are replaced (--overwrite), its export too (--force).
@@ -14,35 +15,39 @@ cd "$ROOT"
 START=$SECONDS
 step() { echo; echo "== $1 ($(( SECONDS - START ))s so far)"; }
 
-step "1/6 demo data, tokenizer, random tiny LM and vision tower -> $OUT"
+step "1/7 demo data, tokenizer, random tiny LM and vision tower -> $OUT"
 python -m llava_tune.demo "$OUT" --train "${DEMO_TRAIN:-6000}" --heldout 200
 
-step "2/6 train the tiny LM on the demo's text (full training) and save it as InternLM2"
+step "2/7 train the tiny LM on the demo's text (full training) and save it as InternLM2"
 llava-tune train configs/demo/lm.yaml model.llm="$OUT/lm-init" \
   data.train="$OUT/shapes/text.json" run_dir="$OUT/lm-train" --overwrite
 llava-tune export "$OUT/lm-train" "$OUT/lm" --format internlm2 --force
 
 VISION=(model.vision.config_file="$OUT/vision/demo-vit.json"
         model.vision.pretrained="$OUT/vision/demo-vit.safetensors")
-step "3/6 stage 1, pretrain: projector only, on captions"
+step "3/7 stage 1, pretrain: projector only, on captions"
 llava-tune train configs/demo/pretrain.yaml model.llm="$OUT/lm" "${VISION[@]}" \
   data.train="$OUT/shapes/pretrain.json" data.image_folder="$OUT/shapes/images" \
   run_dir="$OUT/pretrain" --overwrite
 
-step "4/6 held-out questions after stage 1"
+step "4/7 held-out questions after stage 1"
 llava-tune eval "$OUT/pretrain" --data "$OUT/shapes/heldout.json" \
   --image-folder "$OUT/shapes/images" --out "$OUT/pretrain/heldout_predictions.jsonl" \
   --json "$OUT/pretrain/heldout_accuracy.json"
 
-step "5/6 stage 2, finetune: projector + QLoRA (4-bit LM), on image questions"
+step "5/7 stage 2, finetune: projector + QLoRA (4-bit LM), on image questions"
 llava-tune train configs/demo/finetune.yaml model.llm="$OUT/lm" "${VISION[@]}" \
   init_from="$OUT/pretrain" data.train="$OUT/shapes/finetune.json" \
   data.image_folder="$OUT/shapes/images" run_dir="$OUT/finetune" --overwrite
 
-step "6/6 held-out questions after stage 2"
+step "6/7 held-out questions after stage 2"
 llava-tune eval "$OUT/finetune" --data "$OUT/shapes/heldout.json" \
   --image-folder "$OUT/shapes/images" --out "$OUT/finetune/heldout_predictions.jsonl" \
   --json "$OUT/finetune/heldout_accuracy.json"
+
+step "7/7 MMBench-format lettered questions about new images after stage 2 (CircularEval)"
+llava-tune eval "$OUT/finetune" --mmbench "$OUT/shapes/heldout_mmbench.tsv" --circular \
+  --out "$OUT/finetune/mmbench" --batch-size 32 --max-new-tokens 8
 
 echo
 echo "== demo done in $(( SECONDS - START ))s; held-out accuracy:"
@@ -56,5 +61,12 @@ for stage in ("pretrain", "finetune"):
     q = s["by_question"]
     print(f"{stage:10s} {q['What color is the shape?']['accuracy']:7.3f} "
           f"{q['What shape is this?']['accuracy']:7.3f} {s['accuracy']:7.3f}")
+m = json.loads((out / "finetune" / "mmbench" / "heldout_mmbench_summary.json").read_text())
+print(f"\nMMBench-format, after stage 2 ({m['questions']} lettered questions about new images):")
+print(f"{'':10s} {'color':>7s} {'shape':>7s} {'both':>7s}")
+for name, scores in (("plain", m["plain"]), ("circular", m)):
+    c = scores["category"]
+    overall = scores["accuracy"] if name == "plain" else scores["overall"]
+    print(f"{name:10s} {c['color']['accuracy']:7.3f} {c['shape']['accuracy']:7.3f} {overall:7.3f}")
 PY
 echo "chat with it: llava-tune chat $OUT/finetune --image $OUT/shapes/images/heldout/000000.png"

@@ -6,8 +6,9 @@ Counts parameters on the meta device (nothing is allocated) and adds up, per GPU
 4-bit linear weights at ~0.53 bytes/parameter (NF4 + double-quantized scales), embeddings and
 LM head in bf16, the vision tower in fp32, 16 bytes per trainable parameter (fp32 weight,
 gradient, two Adam moments), checkpointed activations (one bf16 hidden state per layer per
-token, plus one layer's recomputation) and the logits (bf16, their fp32 upcast and gradient)
-of a full batch at the sequence length the stage needs. A tower that trains (train.vision
+token, plus one layer's recomputation) and the logits of one loss chunk (llava_tune/models/
+loss.py: at most DEFAULT_CHUNK label tokens' logits live at a time, in bf16, their fp32 upcast,
+its gradient and the bf16 gradient), for a full batch at the sequence length the stage needs. A tower that trains (train.vision
 lora or full) adds its LoRA (or all its weights) to the trainable parameters and its own
 checkpointed activations (one image per sample, every token of it incl. CLS); a frozen tower
 runs without autograd and keeps none. CUDA context and fragmentation (typically 1-2 GB) come
@@ -25,6 +26,7 @@ from transformers import LlamaForCausalLM
 
 from llava_tune.config import load_config
 from llava_tune.convert.internlm2 import internlm2_to_llama_config
+from llava_tune.models.loss import DEFAULT_CHUNK
 from llava_tune.stages import STAGES, vision_lora_config, vision_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +107,8 @@ def estimate(config_file: Path) -> dict[str, float]:
         tower_trainable, tower_activations = vision_training(config, config.train.batch_size)
         trainable += tower_trainable
         activations += tower_activations
-    logits = tokens * cfg.vocab_size * (2 + 4 + 4)
+    # The chunked loss: one chunk of label tokens' logits at a time, never the whole batch's.
+    logits = min(tokens, DEFAULT_CHUNK) * cfg.vocab_size * (2 + 4 + 4 + 2)
     parts = {"weights": weights + vision_params * 4,
              "trainable": trainable * 16, "activations": activations, "logits": logits}
     return {k: v / GB for k, v in parts.items()} | {"total": sum(parts.values()) / GB}

@@ -218,6 +218,54 @@ def test_training_records_use_the_evaluation_prompt(shapes_data):
     assert text == items[0][1]
     assert mb.extract_letter(f"{letter}. {text}", options_in(
         with_text[0]["conversations"][0]["value"])) == letter
+    assert sm.mcq_records(items[:1], seed=0, answer="letter_text") == with_text
+    # The option's text alone: the letter it reads as is the right one.
+    texts = sm.mcq_records(items, seed=0, answer="text")
+    for record, lettered in zip(texts, records, strict=True):
+        human, gpt = (turn["value"] for turn in record["conversations"])
+        assert human == lettered["conversations"][0]["value"]
+        assert mb.extract_letter(gpt, options_in(human)) == lettered["conversations"][1]["value"]
+        assert gpt in set(shapes.COLORS) | set(shapes.SHAPES)
+    with pytest.raises(ValueError, match="answer must be one of"):
+        sm.mcq_records(items, answer="B")
+
+
+def test_demo_finetune_data_gets_lettered_questions(tmp_path, shapes_data):
+    for name in ("pretrain.json", "finetune.json"):
+        (tmp_path / name).write_text((shapes_data / name).read_text())
+    original = json.loads((shapes_data / "finetune.json").read_text())
+    items = sm.items_from_captions(json.loads((shapes_data / "pretrain.json").read_text()))
+    assert sm.add_mcq_to_finetune(tmp_path, 0.25, seed=3) == 32  # 2 questions x 16 of 64 images
+    records = json.loads((tmp_path / "finetune.json").read_text())
+    assert records[:len(original)] == original  # the SHAPES.md questions stay as they were
+    assert records[len(original):] == sm.mcq_records(items[:16], seed=3)
+    with pytest.raises(ValueError, match="fraction"):
+        sm.add_mcq_to_finetune(tmp_path, 1.5)
+
+
+def test_demo_inputs_hold_lettered_questions_and_a_heldout_tsv(tmp_path):
+    from llava_tune.demo import make
+
+    assert make.main([str(tmp_path), "--train", "8", "--heldout", "3", "--mcq", "0.5"]) == 0
+    records = json.loads((tmp_path / "shapes" / "finetune.json").read_text())
+    assert len(records) == 2 * 8 + 2 * 4
+    lettered = records[16:]
+    assert [r["image"] for r in lettered] == [f"train/{i:06d}.png" for i in range(4)
+                                              for _ in range(2)]
+    # Answered with the option's text (make.MCQ_ANSWER), which reads as one option's letter.
+    captions = json.loads((tmp_path / "shapes" / "pretrain.json").read_text())
+    items = sm.items_from_captions(captions)[:4]
+    assert lettered == sm.mcq_records(items, seed=0, answer="text")
+    for record in lettered:
+        human, gpt = (turn["value"] for turn in record["conversations"])
+        assert mb.extract_letter(gpt, options_in(human)) is not None
+    data = mb.MMBenchTSV.read(tmp_path / "shapes" / "heldout_mmbench.tsv")
+    assert len(data) == 6 and not data.bad and not data.has_circular_copies
+    assert [row.category for row in data.rows] == ["color", "shape"] * 3
+    # New images: none of them is a training or held-out image of the demo.
+    demo_pixels = {Image.open(p).convert("RGB").tobytes()
+                   for p in (tmp_path / "shapes" / "images").rglob("*.png")}
+    assert not {data.image(i).tobytes() for i in range(6)} & demo_pixels
 
 
 # --------------------------------------------------------------------------- letters
@@ -353,6 +401,21 @@ def test_circular_copies_in_the_file(circular_tsv, rows):
     assert all(p.index < OFFSET for p in plain.predictions)
     always_a = mb.evaluate_mmbench(circular_tsv, lambda m, i: "A", circular=True)
     assert always_a.accuracy == 0.0
+
+
+def test_circular_run_reports_the_plain_score_too(tsv, circular_tsv, rows, tmp_path):
+    # Wrong whenever yellow is option C: some questions fail in some rotations only.
+    answerer = oracle(rows, wrong_on=lambda p, px: "C. yellow" in p)
+    for path in (tsv, circular_tsv):
+        plain = mb.evaluate_mmbench(path, answerer)
+        circular = mb.evaluate_mmbench(path, answerer, circular=True, out_dir=tmp_path / "o")
+        assert plain.plain == plain.overall and plain.plain_category == plain.category
+        assert circular.plain == plain.overall and circular.plain_category == plain.category
+        assert circular.overall.correct < circular.plain.correct < 60
+        summary = json.loads(circular.summary_file.read_text())
+        assert summary["plain"] == {**plain.overall.as_dict(), "category": {
+            name: score.as_dict() for name, score in plain.category.items()}}
+        assert summary["overall"] == circular.accuracy
 
 
 def test_test_split_without_answers(tmp_path, rows):

@@ -22,20 +22,29 @@ def add_train(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from llava_tune.cli.progress import TrainPrinter
     from llava_tune.config import load_config
+    from llava_tune.recipes import check_placeholders
     from llava_tune.training.loop import train
 
     config = load_config(args.config, args.overrides)
+    check_placeholders(config, args.config)  # a copied recipe's <path to ...> left unfilled
     result = train(config, on_event=TrainPrinter(bar=not args.quiet and sys.stderr.isatty()),
                    overwrite=args.overwrite)
     return 130 if result.interrupted else 0
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="greedy answers and exact-match accuracy on a data file")
+    from llava_tune.cli import mmbench
+
+    p = sub.add_parser("eval", help="greedy answers and exact-match accuracy on a data file, "
+                       "or MMBench-format multiple choice")
     p.add_argument("run_dir", help="run dir or a checkpoint of one")
-    p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL with reference answers")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="LLaVA-format JSON/JSONL with reference answers")
+    mmbench.add_arguments(p, source)
     p.add_argument("--image-folder", help="folder the records' image paths are relative to")
-    p.add_argument("--out", help="write predictions as JSONL (id, question, prediction, answer)")
+    p.add_argument("--out", help="--data: write predictions as JSONL (id, question, prediction, "
+                   "answer); --mmbench: a folder for the predictions TSV (MMBench's submission "
+                   "layout) and the summary JSON")
     p.add_argument("--json", help="write the accuracy summary as JSON")
     p.add_argument("--base", help="base LLM folder, when it moved since training")
     p.add_argument("--batch-size", type=int, default=None,
@@ -45,6 +54,12 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.mmbench is not None:
+        from llava_tune.cli.mmbench import cmd_eval_mmbench
+
+        return cmd_eval_mmbench(args)
+    if args.circular:
+        raise UserError("--circular is for --mmbench (CircularEval of multiple-choice questions)")
     import torch
 
     from llava_tune import progress
@@ -59,7 +74,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if Path(args.data).resolve() in outputs or len(set(outputs)) < len(outputs):
         raise UserError("--out, --json and --data must be three different files (an output "
                         "would overwrite the data or the other output)")
-    batch_size = args.batch_size or (16 if torch.cuda.is_available() else 8)
+    batch_size = (args.batch_size if args.batch_size is not None
+                  else 16 if torch.cuda.is_available() else 8)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
     built = load_run(args.run_dir, base=args.base)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig
 
+from llava_tune import progress
 from llava_tune.convert.weights import (
     SAFE_INDEX,
     SAFE_WEIGHTS,
@@ -345,7 +346,9 @@ def convert_internlm2_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Pat
         weight_map: dict[str, str] = {}
         total_size = 0
         names = []
-        for shard, state_dict in iter_checkpoint_shards(src):
+        shards = progress.track(iter_checkpoint_shards(src), total=len(checkpoint_files(src)),
+                                desc=f"converting {src.name} to Llama", unit="shard")
+        for shard, state_dict in shards:
             name = _safetensors_name(shard)
             names.append(name)
             converted: dict[str, torch.Tensor] = {}

@@ -1,8 +1,11 @@
 """Everything the embedded demo starts from, written into one folder, no downloads.
 
-    python -m llava_tune.demo OUT_DIR [--train N] [--heldout N] [--seed S]
+    python -m llava_tune.demo OUT_DIR [--train N] [--heldout N] [--seed S] [--mcq F]
 
-OUT_DIR/shapes/       the shapes data (data/SHAPES.md) (images, pretrain.json, finetune.json, heldout.json, text.json)
+OUT_DIR/shapes/       the shapes data (data/SHAPES.md) (images, pretrain.json, finetune.json, heldout.json, text.json);
+                      finetune.json also asks lettered-option questions about some training
+                      images, and heldout_mmbench.tsv holds MMBench-format questions about new
+                      images (llava_tune/demo/mmbench.py)
 OUT_DIR/lm-init/      a randomly initialized tiny InternLM2-architecture LM, in InternLM2's own
                       checkpoint layout, with a byte-fallback tokenizer trained on the demo's text
 OUT_DIR/vision/       a tiny open_clip ViT config and its (random, frozen) weights
@@ -21,11 +24,16 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llava_tune.convert.internlm2 import save_internlm2_checkpoint
-from llava_tune.demo import shapes
+from llava_tune.demo import mmbench, shapes
 from llava_tune.demo import tokenizer as demo_tokenizer
 
 LM_SHAPE = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 2}
+MCQ_FRACTION = 0.5
+"""Training images that also get the lettered questions (both kinds)."""
+MCQ_ANSWER = "text"
+"""The lettered questions are answered with the option's text: the tiny LM does not learn to
+pick the letter (see llava_tune/demo/mmbench.py)."""
 VISION_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 112, "layers": 4, "width": 128, "head_width": 32, "patch_size": 16},
@@ -74,14 +82,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mcq", type=float, default=MCQ_FRACTION,
+                        help="fraction of the training images that also get lettered-option "
+                        f"(MMBench-style) color and shape questions (default {MCQ_FRACTION})")
     args = parser.parse_args(argv)
+    if not 0 <= args.mcq <= 1:
+        parser.error("--mcq must be in [0, 1]")
     data_dir = args.out_dir / "shapes"
     summary = shapes.generate(data_dir, n_train=args.train, n_heldout=args.heldout, seed=args.seed)
+    n_mcq = mmbench.add_mcq_to_finetune(data_dir, args.mcq, args.seed, answer=MCQ_ANSWER)
+    mmbench.write_shapes_tsv(data_dir / "heldout_mmbench.tsv", args.heldout, args.seed)
     make_lm(args.out_dir / "lm-init", [data_dir / "text.json", data_dir / "pretrain.json",
                                       data_dir / "finetune.json"], args.seed)
     make_vision(args.out_dir / "vision", args.seed)
     print(f"demo inputs in {args.out_dir}: {summary.get('n_train', args.train)} train / "
-          f"{summary.get('n_heldout', args.heldout)} held-out images, lm-init/, vision/")
+          f"{summary.get('n_heldout', args.heldout)} held-out images, {n_mcq} lettered "
+          f"questions, {args.heldout} MMBench-format held-out images, lm-init/, vision/")
     return 0
 
 

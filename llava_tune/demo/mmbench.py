@@ -14,9 +14,17 @@ LLaVA-1.5's mix trains with that instruction; the letter is the first and only d
 the loss is not spread over text that a causal model writes after choosing (and that could
 contradict the letter); and `extract_letter` reads a lone letter by its first, strictest rule.
 
+The embedded demo trains with `answer="text"` instead (the option's text alone, "blue"),
+which `extract_letter` maps to its letter. Picking the letter means finding, in the prompt,
+the option that matches the image and copying the letter before it; the demo's 4-layer LM did
+not learn that in the demo's budget (measured: trained with letter answers, stage 2 answered
+"A" to every question, CircularEval 0; even 1,000 extra steps of text-only lettered questions
+for the LM alone left it at 0.31, chance being 0.25). A 1.8B or 7B LLM has the skill from its
+own training; the letter records are for those.
+
 Usage:
     python -m llava_tune.demo.mmbench tsv OUT.tsv [--images N] [--seed S] [--circular-copies]
-    python -m llava_tune.demo.mmbench mcq SHAPES_DIR [--out FILE] [--seed S]
+    python -m llava_tune.demo.mmbench mcq SHAPES_DIR [--out FILE] [--seed S] [--answer STYLE]
 """
 
 from __future__ import annotations
@@ -120,18 +128,27 @@ def write_shapes_tsv(path: str | Path, n_images: int = 100, seed: int = 0,
     return Path(path)
 
 
+ANSWER_STYLES = ("letter", "letter_text", "text")
+
+
 def mcq_records(items: Iterable[tuple[str, str, str]], seed: int = 0,
-                with_text: bool = False) -> list[dict[str, Any]]:
+                with_text: bool = False, answer: str = "letter") -> list[dict[str, Any]]:
     """Lettered color and shape questions about images, as LLaVA-format records.
 
     Args:
         items: (image path as the records should hold it, color, shape) per image.
         seed: the options' random order.
-        with_text: answer "B. blue" instead of "B" (see the module docstring for the default).
+        with_text: answer "B. blue" instead of "B" (see the module docstring for the default);
+            the same as `answer="letter_text"`.
+        answer: "letter" ("B"), "letter_text" ("B. blue") or "text" (the option's text alone,
+            "blue", which `extract_letter` maps to its letter).
 
     The human turn is exactly the evaluation prompt (`build_messages`: `<image>\\n`, the
     question, the options, the instruction), so training and evaluation see the same text.
     """
+    if answer not in ANSWER_STYLES:
+        raise ValueError(f"answer must be one of {ANSWER_STYLES}, got {answer!r}")
+    style = "letter_text" if with_text else answer
     rng = random.Random(f"shapes-mcq-{seed}")
     records = []
     for n, (image, color, shape) in enumerate(items):
@@ -140,11 +157,11 @@ def mcq_records(items: Iterable[tuple[str, str, str]], seed: int = 0,
             ("shape", shapes.SHAPE_QUESTION, shape_options(rng), shape),
         ):
             letter = letter_of(options, right)
-            answer = f"{letter}. {right}" if with_text else letter
+            reply = {"letter": letter, "letter_text": f"{letter}. {right}", "text": right}[style]
             human = build_messages(question, options)[0]["content"]
             records.append({"id": f"mcq-{n:06d}-{kind}", "image": image,
                             "conversations": [{"from": "human", "value": human},
-                                              {"from": "gpt", "value": answer}]})
+                                              {"from": "gpt", "value": reply}]})
     return records
 
 
@@ -160,6 +177,25 @@ def items_from_captions(records: Sequence[dict[str, Any]]) -> list[tuple[str, st
             raise ValueError(f"record {record.get('id')!r} is not a shapes caption record")
         items.append((record["image"], match.group(1), match.group(2)))
     return items
+
+
+def add_mcq_to_finetune(shapes_dir: str | Path, fraction: float, seed: int = 0,
+                        answer: str = "letter") -> int:
+    """Append `mcq_records` for the first `fraction` of the training images to finetune.json.
+
+    The images come from pretrain.json's captions (one per training image). LLaVA-1.5's mix
+    holds such lettered questions next to its free-form ones; here they teach the MMBench
+    prompt and an answer `extract_letter` reads (`answer`: see `mcq_records`). The SHAPES.md
+    questions stay as they were, first in the file. Returns how many records were added.
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    shapes_dir = Path(shapes_dir)
+    items = items_from_captions(json.loads((shapes_dir / "pretrain.json").read_text()))
+    records = mcq_records(items[:round(fraction * len(items))], seed, answer=answer)
+    finetune = json.loads((shapes_dir / "finetune.json").read_text())
+    shapes.write_json_atomic(shapes_dir / "finetune.json", finetune + records)
+    return len(records)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,13 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     mcq.add_argument("shapes_dir", type=Path)
     mcq.add_argument("--out", type=Path, help="default: SHAPES_DIR/finetune_mcq.json")
     mcq.add_argument("--seed", type=int, default=0)
+    mcq.add_argument("--answer", choices=ANSWER_STYLES, default="letter",
+                     help="letter (B), letter_text (B. blue) or text (blue); default letter")
     args = parser.parse_args(argv)
     if args.command == "tsv":
         write_shapes_tsv(args.out, args.images, args.seed, args.image_size, args.circular_copies)
         print(f"wrote {args.out}")
     else:
         captions = json.loads((args.shapes_dir / "pretrain.json").read_text())
-        records = mcq_records(items_from_captions(captions), args.seed)
+        records = mcq_records(items_from_captions(captions), args.seed, answer=args.answer)
         out = args.out or args.shapes_dir / "finetune_mcq.json"
         shapes.write_json_atomic(out, records)
         print(f"wrote {len(records)} records to {out}")

@@ -267,12 +267,17 @@ def _result(tsv: Path, data: MMBenchTSV, circular: bool, circular_source, unused
     skipped_groups = {data.rows[p].group for p in bad}
     overall, category, l2, n_questions, unscored = score_predictions(
         predictions, main_rows, skipped_groups)
+    plain, plain_category = overall, category
+    if circular:  # the first pass of each question is the plain evaluation's only one
+        plain, plain_category, *_ = score_predictions(
+            [p for p in predictions if p.index < CIRCULAR_OFFSET], main_rows, skipped_groups)
     result = MMBenchResult(
         tsv=tsv, circular=circular, circular_source=circular_source, overall=overall,
         category=category, l2_category=l2, n_questions=n_questions, n_unscored=unscored,
         n_rows=len(positions), n_unused_copies=unused,
         skipped=[SkippedRow(data.rows[p].index, data.rows[p].line, r) for p, r in bad.items()],
         skipped_questions=len(skipped_groups), predictions=predictions,
+        plain=plain, plain_category=plain_category,
         predictions_file=predictions_file,
         summary_file=None if paths is None else paths["summary"])
     if paths is not None:

@@ -92,6 +92,10 @@ class MMBenchResult:
     skipped: list[SkippedRow]
     skipped_questions: int
     predictions: list[MMBenchPrediction] = field(repr=False)
+    plain: Score | None = None
+    """Plain accuracy: every question's first pass (options as the file has them) alone;
+    equals `overall` when not circular, so a circular run gives both scores."""
+    plain_category: dict[str, Score] = field(default_factory=dict)
     predictions_file: Path | None = None
     summary_file: Path | None = None
 
@@ -126,6 +130,9 @@ class MMBenchResult:
             "unused_circular_copies": self.n_unused_copies,
             "skipped_rows": [vars(s) for s in self.skipped],
             "skipped_questions": self.skipped_questions,
+            "plain": None if self.plain is None else {
+                **self.plain.as_dict(),
+                "category": {k: v.as_dict() for k, v in self.plain_category.items()}},
             "predictions_file": None if self.predictions_file is None
             else str(self.predictions_file),
         }
