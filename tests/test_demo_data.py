@@ -1,4 +1,7 @@
-"""Fast checks of the embedded demo's data generator and tokenizer (llava_tune/demo/)."""
+"""Fast checks of the embedded demo's data generator and tokenizer (llava_tune/demo/).
+
+(Over 400 lines: one file for the demo's generators, which share fixtures.)
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """MMBench-format evaluation (llava_tune/inference/mmbench/) and the shapes MMBench data
-(llava_tune/demo/mmbench.py), with fake answer callables instead of a model."""
+(llava_tune/demo/mmbench.py), with fake answer callables instead of a model.
+
+(Over 400 lines: the TSV reader, answer extraction, CircularEval and the demo's MMBench data
+share fixtures.)
+"""
 
 from __future__ import annotations
 

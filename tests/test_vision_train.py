@@ -1,6 +1,10 @@
 """train.vision = lora | full on the tiny fixtures: gradients reach the tower only when it
 trains; the run saves, loads, chats, evaluates and exports it (hf-llava with the LoRA merged,
-xtuner as CLIPVisionModel names, checked against transformers' CLIP); init_from carries it."""
+xtuner as CLIPVisionModel names, checked against transformers' CLIP); init_from carries it.
+
+(Over 400 lines: every path a trained tower takes, save, load, chat, eval, export, share
+one tiny trained run.)
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
 """`llava-tune web`: the page's handlers on a tiny finetuned run (no browser), and the page
 itself in headless Chromium (slow): the answer it shows is `llava-tune chat`'s, two tabs never
 share a conversation, bad input gets a message in the page and the server goes on serving,
-and the page fetches nothing from outside the machine."""
+and the page fetches nothing from outside the machine.
+
+(Over 400 lines: the page's handlers and the browser test share one trained run and app.)
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,9 @@
 The reference merges XTuner's LoRA into the InternLM2 weights in InternLM2's own layout
 (W_wqkv + scale * B @ A, ...) and only then converts to Llama, so a wrong split of wqkv's LoRA
 shows up as wrong logits.
+
+(Over 400 lines: the XTuner reference model in its own layout is built here, once, for
+both import and export.)
 """
 
 from __future__ import annotations

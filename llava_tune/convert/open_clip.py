@@ -25,6 +25,9 @@ Both spellings are read here.
 
 `open_clip_from_hf_dir` reads such a folder; `hf_clip_vision_state_dict` goes back, for export
 to transformers' Llava (whose vision tower is a `CLIPVisionModel`).
+
+(Over 400 lines on purpose: the two directions of one weight mapping, HF CLIP <-> open_clip,
+read best side by side.)
 """
 
 from __future__ import annotations
