@@ -23,8 +23,11 @@ llava-tune train configs/demo/lm.yaml model.llm="$OUT/lm-init" \
   data.train="$OUT/shapes/text.json" run_dir="$OUT/lm-train" --overwrite
 llava-tune export "$OUT/lm-train" "$OUT/lm" --format internlm2 --force
 
+# The tower is frozen in both stages: its features are computed once per image (stage 1) and
+# read back from the cache in stage 2 (data.feature_cache).
 VISION=(model.vision.config_file="$OUT/vision/demo-vit.json"
-        model.vision.pretrained="$OUT/vision/demo-vit.safetensors")
+        model.vision.pretrained="$OUT/vision/demo-vit.safetensors"
+        data.feature_cache="$OUT/features")
 step "3/7 stage 1, pretrain: projector only, on captions"
 llava-tune train configs/demo/pretrain.yaml model.llm="$OUT/lm" "${VISION[@]}" \
   data.train="$OUT/shapes/pretrain.json" data.image_folder="$OUT/shapes/images" \
