@@ -60,13 +60,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_mmbench(args)
     if args.circular:
         raise UserError("--circular is for --mmbench (CircularEval of multiple-choice questions)")
-    import torch
 
     from llava_tune import progress
     from llava_tune.build.model import load_run
     from llava_tune.files import write_text_atomic
     from llava_tune.inference.evaluate import check_output, evaluate
-    from llava_tune.inference.generate import GenerationSettings
+    from llava_tune.inference.generate import GenerationSettings, eval_batch_size
 
     check_output(args.out, "--out")
     check_output(args.json, "--json")
@@ -74,10 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if Path(args.data).resolve() in outputs or len(set(outputs)) < len(outputs):
         raise UserError("--out, --json and --data must be three different files (an output "
                         "would overwrite the data or the other output)")
-    batch_size = (args.batch_size if args.batch_size is not None
-                  else 16 if torch.cuda.is_available() else 8)
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    batch_size = eval_batch_size(args.batch_size)
     built = load_run(args.run_dir, base=args.base)
     bar = progress.Bar(0, desc="evaluating", unit="question")
     try:

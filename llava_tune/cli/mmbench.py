@@ -42,11 +42,9 @@ def _print_scores(title: str, overall, category: dict) -> None:
 
 
 def cmd_eval_mmbench(args: argparse.Namespace) -> int:
-    import torch
-
     from llava_tune import progress
     from llava_tune.build.model import load_run
-    from llava_tune.inference.generate import GenerationSettings
+    from llava_tune.inference.generate import GenerationSettings, eval_batch_size
     from llava_tune.inference.mmbench import evaluate_mmbench_batched, output_paths
 
     if args.image_folder:
@@ -54,10 +52,7 @@ def cmd_eval_mmbench(args: argparse.Namespace) -> int:
     if args.json:
         raise UserError("--json is for --data; with --mmbench, --out DIR gets the summary JSON "
                         "(and the predictions TSV)")
-    batch_size = (args.batch_size if args.batch_size is not None
-                  else 16 if torch.cuda.is_available() else 8)
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    batch_size = eval_batch_size(args.batch_size)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
 
     # The model loads at the first question: the library reads and checks the TSV and the
