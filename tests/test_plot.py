@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from llava_tune.cli import main
+from llava_tune.training.plot import LossPlotter
 
 # matplotlib's first two cycle colors: run 1 and run 2 of an overlay.
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)
@@ -62,3 +63,37 @@ def test_plot_refuses_what_is_not_a_run_and_a_folder_as_out(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
     assert main(["plot", str(run), "--out", str(tmp_path)]) == 2
     assert "is a directory; give a .png file name" in capsys.readouterr().err
+
+
+def test_the_trainer_draws_its_plot_in_a_child_process(tmp_path):
+    """LossPlotter runs `python -m llava_tune.training.plot RUN`: the training process never
+    imports matplotlib (35 MB of its peak memory), and a failed drawing is reported, not lost."""
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path / "run", [2.0, 1.0, 0.5])
+    plotter = LossPlotter(run)
+    plotter.update()  # a checkpoint's redraw: started, not waited for
+    assert plotter.child is not None and plotter.child.args[1:3] == ["-m", "llava_tune.training.plot"]
+    assert plotter.finish() is None and plotter.child is None
+    assert pixels_of(run / "loss.png", C0) > 200
+    # The same module run on its own, without torch or matplotlib loaded by the import.
+    code = ("import sys, llava_tune.training.plot; "
+            "print(sorted({'torch', 'matplotlib'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+    # A drawing that fails (here: loss.png is a folder) comes back as the child's error.
+    (run / "loss.png").unlink()
+    (run / "loss.png").mkdir()
+    error = plotter.finish()
+    assert error and "loss.png" in error
+
+
+def test_a_failed_final_plot_is_a_warning_after_the_weights(capsys):
+    from llava_tune.cli.progress import TrainPrinter
+    from llava_tune.training.events import Finished
+
+    TrainPrinter(bar=False)(Finished(3, 0.5, Path("RUN"), 0, ["projector"],
+                                     ["RUN/loss.png not drawn: disk full"]))
+    err = capsys.readouterr().err
+    assert "[done] 3 steps" in err and "  warning: RUN/loss.png not drawn: disk full" in err

@@ -57,6 +57,8 @@ class TrainPrinter:
             self.close()
             if event.skipped:
                 print(f"  {event.skipped} samples skipped at load time", file=sys.stderr)
+            for warning in event.warnings:
+                print(f"  warning: {warning}", file=sys.stderr)
             print(f"[done] {event.steps} steps, last loss {event.loss:.4f}, weights "
                   f"({', '.join(event.parts)}) in {event.run_dir}", file=sys.stderr)
 

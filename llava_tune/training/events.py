@@ -78,6 +78,8 @@ class Finished:
     run_dir: Path
     skipped: int
     parts: list[str]
+    warnings: list[str] = field(default_factory=list)
+    """What went wrong besides the weights (which are saved), e.g. the loss plot."""
 
 
 Event = Started | Logged | Evaluated | CheckpointSaved | SampleSkipped | Interrupted | Finished

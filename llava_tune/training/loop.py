@@ -38,7 +38,7 @@ from llava_tune.training.events import (
     Started,
 )
 from llava_tune.training.metrics import MetricsLog, peak_memory_mb
-from llava_tune.training.plot import write_loss_plot
+from llava_tune.training.plot import LossPlotter
 
 
 @dataclass
@@ -72,6 +72,8 @@ class Run:
     data: DataReport
     close: object = field(default=lambda: None)
     """Releases the run dir's lock."""
+    plotter: LossPlotter | None = None
+    """Draws RUN/loss.png (main process; set by `fit`)."""
 
 
 @dataclass
@@ -111,6 +113,8 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
     acc = run.accelerator
     emit = on_event if acc.is_main_process else (lambda event: None)
     emit(run.started)
+    if acc.is_main_process:
+        run.plotter = LossPlotter(run.run_dir)
     run.model.train()
     skipped: list[tuple[str, str]] = []
     window, last_loss = _Window(), float("nan")
@@ -136,11 +140,13 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
             if stop_now or (acc.num_processes == 1 and stop.requested):
                 return _interrupted(run, emit, skipped, last_loss)
     acc.wait_for_everyone()
-    parts = []
+    parts, warnings = [], []
     if acc.is_main_process:
         parts = save_weights(run.run_dir, acc.unwrap_model(run.model), run.built, run.progress.step)
-        write_loss_plot(run.run_dir)
-    emit(Finished(run.progress.step, last_loss, run.run_dir, len(skipped), parts))
+        plot_error = run.plotter.finish()
+        if plot_error:  # the weights are saved: a missing plot is worth a warning, not a failure
+            warnings.append(f"{run.run_dir / rundir.LOSS_PLOT} not drawn: {plot_error}")
+    emit(Finished(run.progress.step, last_loss, run.run_dir, len(skipped), parts, warnings))
     return TrainResult(run.run_dir, run.progress.step, last_loss, run.data, skipped)
 
 
@@ -245,7 +251,7 @@ def _checkpoint(run: Run, emit: OnEvent) -> Path | None:
                                run.scheduler, {"step": p.step, "epoch": p.epoch,
                                                "batch_in_epoch": p.batch_in_epoch},
                                run.config.train.save_total_limit)
-        write_loss_plot(run.run_dir)
+        run.plotter.update()
         emit(CheckpointSaved(p.step, path))
     acc.wait_for_everyone()
     return path
@@ -261,6 +267,8 @@ def _interrupted(run: Run, emit: OnEvent, skipped, last_loss) -> TrainResult:
             checkpoint = _checkpoint(run, emit)
     resume = (rundir.resume_command(run.run_dir, _launcher(run.accelerator.num_processes))
               if checkpoint is not None else None)
+    if run.plotter is not None:
+        run.plotter.wait()  # no child left drawing into the run dir after this process exits
     emit(Interrupted(step, checkpoint, resume))
     return TrainResult(run.run_dir, step, last_loss, run.data, skipped, interrupted=True)
 

@@ -7,13 +7,13 @@ import os
 import resource
 from pathlib import Path
 
-import torch
-
 from llava_tune.files import write_text_atomic
 
 
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated by torch on CUDA, else the process's peak RSS."""
+    import torch  # here, so that reading metrics (the loss plot's child process) needs no torch
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
