@@ -32,8 +32,12 @@ Each run is its own process, alternating ours/peer; --repeats of each; the media
 reported. Steady state excludes the first --warmup steps. Real tokens count every non-padding
 position (image slots included) in both systems; samples/s is real tokens/s divided by the
 data set's mean real tokens per sample (the same divisor for both; with packing ours has no
-fixed samples per step). Peak memory: max_memory_allocated on a GPU, the process's peak RSS on
-the CPU.
+fixed samples per step). Peak memory: max_memory_allocated on a GPU; on the CPU each process's
+own peak RSS (VmHWM) read by itself when its training ends. Not wait4's ru_maxrss of the
+process: that one also counts the parent's peak (a vfork + exec child inherits it) and the
+interpreter's exit, where destructors in torch's shared libraries page in up to ~120 MB of
+code (measured: `import torch` alone, 507 MB in the process, 632 MB by wait4); it is kept in
+the results as process_peak_mb.
 
 --size demo: the demo's 4-layer InternLM2-architecture LM and tiny ViT (llava_tune/demo/make.py),
 data.max_length 128 (demo) / 1024 (mix). --size 1_8b: InternLM2-chat-1.8B's shapes with
@@ -350,10 +354,10 @@ def run_ours(setup: Setup, name: str, steps: int, warmup: int, batch_size: int,
     steady = [r for r in rows if r["step"] > warmup]
     if not steady or "tokens" not in steady[0]:
         raise RuntimeError(f"{run_dir}/metrics.jsonl has no steady-state window with token counts")
-    gpu = _gpu_available()
     return {"tokens": sum(r["tokens"] for r in steady), "seconds": sum(r["seconds"] for r in steady),
             "steps": steps - warmup,
-            "peak_mb": rows[-1]["memory_mb"] if gpu else run.peak_rss_mb,
+            "peak_mb": rows[-1]["memory_mb"],  # the trainer's own peak (module docstring)
+            "process_peak_mb": round(run.peak_rss_mb, 1),
             "process_s": round(run.seconds, 2)}
 
 
@@ -382,7 +386,8 @@ def run_peer(setup: Setup, name: str, steps: int, warmup: int, batch_size: int, 
         raise _failed(f"peer ({name})", run)
     result = json.loads((out_dir / "result.json").read_text())
     if mode == "bench":
-        result["peak_mb"] = result["peak_gpu_mb"] if _gpu_available() else run.peak_rss_mb
+        result["peak_mb"] = result["peak_gpu_mb"] if _gpu_available() else result["peak_rss_mb"]
+        result["process_peak_mb"] = round(run.peak_rss_mb, 1)
         result["process_s"] = round(run.seconds, 2)
     return result
 
@@ -499,6 +504,7 @@ def peer_worker(spec: dict[str, Any]) -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from llava_tune.cli import quiet_libraries
+    from llava_tune.training.metrics import peak_rss_mb
 
     quiet_libraries()
     config = our_config(Path(spec["config"]), spec["overrides"])
@@ -561,7 +567,8 @@ def peer_worker(spec: dict[str, Any]) -> None:
         result.update(tokens=int(sum(t.item() for t in tokens[warmup:])),
                       seconds=timer.times[-1] - timer.times[warmup - 1],
                       steps=steps - warmup,
-                      peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+                      peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                      peak_rss_mb=peak_rss_mb())
     elif mode == "check":
         result["losses"] = LossTrainer.losses
     elif mode == "profile":

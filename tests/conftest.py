@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from llava_tune.cli import main
 from llava_tune.demo import make as make_demo
 from llava_tune.demo import shapes
 
@@ -62,3 +63,22 @@ def stage_overrides(tiny_lm, tiny_vision, shapes_data, tmp_path):
                 f"run_dir={tmp_path / run}", "train.log_every=1"]
 
     return overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune_run(tmp_path_factory, tiny_lm, tiny_vision, shapes_data) -> Path:
+    """A finished stage-2 run as configs/demo/finetune.yaml trains it (projector + LoRA on the
+    4-bit tiny LM; 2 steps, no stage 1), for the tests that load a run: chat, web, eval.
+    Shared by them, so read-only: a test that changes a run works on a copy."""
+    run = tmp_path_factory.mktemp("tiny-finetune") / "finetune"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAVA_TUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        assert main(["train", str(REPO / "configs" / "demo" / "finetune.yaml"),
+                     f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
+                     f"model.vision.config_file={tiny_vision[0]}",
+                     f"model.vision.pretrained={tiny_vision[1]}",
+                     f"data.train={shapes_data / 'finetune.json'}",
+                     f"data.image_folder={shapes_data / 'images'}", "init_from=null",
+                     f"run_dir={run}", "train.batch_size=4", "data.max_length=128",
+                     "train.warmup_ratio=0", "train.max_steps=2", "train.log_every=1"]) == 0
+    return run

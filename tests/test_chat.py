@@ -61,18 +61,6 @@ def _train(config: str, overrides: list[str], cache_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def finetune_run(tmp_path_factory, tiny_lm, tiny_vision, shapes_data, cache_dir) -> Path:
-    """Projector + LoRA on the 4-bit tiny LM, as configs/demo/finetune.yaml (no stage 1)."""
-    run = tmp_path_factory.mktemp("chat") / "finetune"
-    _train("finetune.yaml", [
-        f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
-        f"model.vision.config_file={tiny_vision[0]}", f"model.vision.pretrained={tiny_vision[1]}",
-        f"data.train={shapes_data / 'finetune.json'}", f"data.image_folder={shapes_data / 'images'}",
-        "init_from=null", f"run_dir={run}"], cache_dir)
-    return run
-
-
-@pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tiny_lm, shapes_data, cache_dir) -> Path:
     """A text-only run: the full tiny LM trained on the text corpus."""
     run = tmp_path_factory.mktemp("chat") / "sft"
@@ -125,9 +113,9 @@ def spawn(env: dict, model: Path, *args) -> tuple[pexpect.spawn, io.StringIO]:
 
 
 @pytest.fixture(scope="module")
-def one_shot(env, finetune_run, image) -> subprocess.CompletedProcess:
+def one_shot(env, tiny_finetune_run, image) -> subprocess.CompletedProcess:
     """The reference: one question about `image`, greedy, 8 tokens at most."""
-    return chat(env, finetune_run, "--image", image, "--question", QUESTION, *SHORT)
+    return chat(env, tiny_finetune_run, "--image", image, "--question", QUESTION, *SHORT)
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +146,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 # --------------------------------------------------------------------------- scripted
 
 
-def test_one_shot_prints_only_the_eval_prediction(env, finetune_run, one_shot, answer, image,
+def test_one_shot_prints_only_the_eval_prediction(env, tiny_finetune_run, one_shot, answer, image,
                                                    shapes_data, tmp_path, capsys):
     assert assert_clean_answer(one_shot) == answer and answer
     assert "note:" not in one_shot.stderr  # an image is attached
 
     # Without streaming: the same answer, printed at once (runs while eval below does).
-    unstreamed = start(env, finetune_run, "--image", image, "--question", QUESTION, *SHORT,
+    unstreamed = start(env, tiny_finetune_run, "--image", image, "--question", QUESTION, *SHORT,
                        "--no-stream")
 
     # `llava-tune eval` on a one-record file with the same image and question predicts it.
@@ -173,7 +161,7 @@ def test_one_shot_prints_only_the_eval_prediction(env, finetune_run, one_shot, a
         "id": "q0", "image": str(image.relative_to(shapes_data / "images")),
         "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"},
                           {"from": "gpt", "value": "It is red."}]}]))
-    code = main(["eval", str(finetune_run), "--data", str(data), "--image-folder",
+    code = main(["eval", str(tiny_finetune_run), "--data", str(data), "--image-folder",
                  str(shapes_data / "images"), "--out", str(preds), *SHORT])
     assert code == 0, capsys.readouterr().err
     [row] = [json.loads(line) for line in preds.read_text().splitlines()]
@@ -183,11 +171,11 @@ def test_one_shot_prints_only_the_eval_prediction(env, finetune_run, one_shot, a
     assert unstreamed.stdout == one_shot.stdout, unstreamed.stderr
 
 
-def test_piped_questions_are_one_conversation(env, finetune_run, image, answer):
+def test_piped_questions_are_one_conversation(env, tiny_finetune_run, image, answer):
     # A blank line is skipped; /reset starts over, so the third answer is the first again;
     # an unknown command ends the script with exit 2 after the answers so far.
     stdin = f"{QUESTION}\n{SECOND}\n\n/reset\n{QUESTION}\n/nope\n{SECOND}\n"
-    result = chat(env, finetune_run, "--image", image, *SHORT, stdin=stdin)
+    result = chat(env, tiny_finetune_run, "--image", image, *SHORT, stdin=stdin)
     assert_one_line_error(result, "unknown command /nope", "/help")
     assert result.stdout.endswith("\n\n")
     answers = result.stdout[:-2].split("\n\n")
@@ -201,10 +189,10 @@ def test_piped_questions_are_one_conversation(env, finetune_run, image, answer):
 # --------------------------------------------------------------------------- interactive
 
 
-def test_interactive_session(env, finetune_run, image, other_image, answer, tmp_path):
+def test_interactive_session(env, tiny_finetune_run, image, other_image, answer, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    child, seen = spawn(env, finetune_run, "--image", image, *SHORT)
+    child, seen = spawn(env, tiny_finetune_run, "--image", image, *SHORT)
     try:
         child.expect_exact(">>> ")
         assert "image chat" in seen.getvalue()
@@ -247,9 +235,9 @@ def test_interactive_session(env, finetune_run, image, other_image, answer, tmp_
     assert "Traceback" not in seen.getvalue()
 
 
-def test_interactive_ctrl_c_stops_the_answer_and_ctrl_d_leaves(env, finetune_run, image):
+def test_interactive_ctrl_c_stops_the_answer_and_ctrl_d_leaves(env, tiny_finetune_run, image):
     # 300 tokens take the 4-bit tiny model on the CPU many seconds: Ctrl-C lands mid-answer.
-    child, seen = spawn(env, finetune_run, "--image", image, "--max-new-tokens", "300")
+    child, seen = spawn(env, tiny_finetune_run, "--image", image, "--max-new-tokens", "300")
     try:
         child.expect_exact(">>> ")
         child.sendline(QUESTION)
@@ -272,17 +260,17 @@ def test_interactive_ctrl_c_stops_the_answer_and_ctrl_d_leaves(env, finetune_run
 # --------------------------------------------------------------------------- bad input
 
 
-def test_missing_image_exits_2_naming_it(env, finetune_run, tmp_path):
+def test_missing_image_exits_2_naming_it(env, tiny_finetune_run, tmp_path):
     missing = tmp_path / "nowhere" / "cat.png"
-    result = chat(env, finetune_run, "--image", missing, "--question", QUESTION, *SHORT)
+    result = chat(env, tiny_finetune_run, "--image", missing, "--question", QUESTION, *SHORT)
     assert_one_line_error(result, str(missing), "not found")
     assert result.stdout == ""
 
 
-def test_run_whose_base_llm_moved_needs_base(env, finetune_run, tiny_lm, image, answer,
+def test_run_whose_base_llm_moved_needs_base(env, tiny_finetune_run, tiny_lm, image, answer,
                                              tmp_path):
     moved = tmp_path / "moved-run"
-    shutil.copytree(finetune_run, moved)
+    shutil.copytree(tiny_finetune_run, moved)
     gone = tmp_path / "gone-llm"
     config = yaml.safe_load((moved / "config.yaml").read_text())
     config["model"]["llm"] = str(gone)

@@ -20,10 +20,6 @@ from llava_tune.demo import mmbench as shapes_mmbench
 from llava_tune.inference.generate import GenerationSettings
 from llava_tune.inference.mmbench import evaluate_mmbench_batched
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo"
-SMALL = ["train.batch_size=4", "data.max_length=128", "train.warmup_ratio=0",
-         "train.max_steps=2", "train.log_every=1"]
 N_IMAGES = 5  # 10 questions, 40 passes in CircularEval
 ARGS = ["--max-new-tokens", "3", "--batch-size", "7"]
 
@@ -39,21 +35,6 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def _progress_off():
     yield
     progress.enable(False)
-
-
-@pytest.fixture(scope="module")
-def finetune_run(tmp_path_factory, tiny_lm, tiny_vision, shapes_data) -> Path:
-    """Projector + LoRA on the 4-bit tiny LM, as configs/demo/finetune.yaml (no stage 1)."""
-    run = tmp_path_factory.mktemp("mmbench") / "finetune"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLAVA_TUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        assert main(["train", str(DEMO / "finetune.yaml"), f"model.llm={tiny_lm}",
-                     "model.vision.name=tiny-vit", f"model.vision.config_file={tiny_vision[0]}",
-                     f"model.vision.pretrained={tiny_vision[1]}",
-                     f"data.train={shapes_data / 'finetune.json'}",
-                     f"data.image_folder={shapes_data / 'images'}", "init_from=null",
-                     f"run_dir={run}", *SMALL]) == 0
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +67,16 @@ def no_model_load(monkeypatch):
 
 
 @pytest.mark.parametrize("circular", [False, True], ids=["plain", "circular"])
-def test_cli_scores_and_files_equal_the_librarys(finetune_run, tsv, tmp_path, capsys, circular):
+def test_cli_scores_and_files_equal_the_librarys(tiny_finetune_run, tsv, tmp_path, capsys, circular):
     out = tmp_path / "cli"
     flags = ["--circular"] if circular else []
-    code, stdout, err = run_cli(capsys, "eval", finetune_run, "--mmbench", tsv, *flags,
+    code, stdout, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", tsv, *flags,
                                 "--out", out, *ARGS)
     assert code == 0, err
     summary = json.loads((out / "shapes_summary.json").read_text())
 
     # The library, asked with the same model's batched greedy answers.
-    built = build_model.load_run(finetune_run)
+    built = build_model.load_run(tiny_finetune_run)
     reference = evaluate_mmbench_batched(
         tsv, answer_batch_fn(built, GenerationSettings(max_new_tokens=3)), circular=circular,
         out_dir=tmp_path / "lib", batch_size=7)
@@ -131,9 +112,9 @@ def test_cli_scores_and_files_equal_the_librarys(finetune_run, tsv, tmp_path, ca
     assert f"wrote {out / 'shapes_predictions.tsv'}" in err
 
 
-def test_without_out_nothing_is_written(finetune_run, tsv, tmp_path, capsys, monkeypatch):
+def test_without_out_nothing_is_written(tiny_finetune_run, tsv, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, stdout, _ = run_cli(capsys, "eval", finetune_run, "--mmbench", tsv, *ARGS)
+    code, stdout, _ = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", tsv, *ARGS)
     assert code == 0 and stdout.startswith("MMBench shapes.tsv accuracy ")
     assert list(tmp_path.iterdir()) == []
 
@@ -149,38 +130,38 @@ def assert_one_error(code: int, err: str, *needles: str) -> None:
         assert needle in err, err
 
 
-def test_tsv_missing_columns(finetune_run, tsv, tmp_path, capsys, monkeypatch):
+def test_tsv_missing_columns(tiny_finetune_run, tsv, tmp_path, capsys, monkeypatch):
     header, rows = read_rows(tsv)
     drop = [header.index("question"), header.index("image")]
     bad = write_rows(tmp_path / "bad.tsv", [c for i, c in enumerate(header) if i not in drop],
                      [[v for i, v in enumerate(row) if i not in drop] for row in rows])
     no_model_load(monkeypatch)
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--mmbench", bad, "--out",
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", bad, "--out",
                            tmp_path / "out")
     assert_one_error(code, err, str(bad), "question", "image")
     assert not (tmp_path / "out" / "bad_predictions.tsv.partial").exists()
 
 
-def test_tsv_with_broken_base64(finetune_run, tsv, tmp_path, capsys, monkeypatch):
+def test_tsv_with_broken_base64(tiny_finetune_run, tsv, tmp_path, capsys, monkeypatch):
     header, rows = read_rows(tsv)
     image = header.index("image")
     broken = [[*row[:image], "not base64 at all!", *row[image + 1:]] for row in rows]
     bad = write_rows(tmp_path / "broken.tsv", header, broken)
     no_model_load(monkeypatch)
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--mmbench", bad, "--out",
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", bad, "--out",
                            tmp_path / "out")
     assert_one_error(code, err, str(bad), "cannot be decoded", "base64")
     assert not (tmp_path / "out" / "broken_predictions.tsv.partial").exists()
 
 
-def test_one_broken_image_is_skipped_and_reported(finetune_run, tsv, tmp_path, capsys):
+def test_one_broken_image_is_skipped_and_reported(tiny_finetune_run, tsv, tmp_path, capsys):
     header, rows = read_rows(tsv)
     image = header.index("image")
     # 60 questions: one broken image (a PNG cut short) is within the 5% that may be skipped.
     many = [[str(i), *row[1:]] for i, row in enumerate(rows * 6)]
     many[3][image] = base64.b64encode(base64.b64decode(many[3][image])[:60]).decode()
     bad = write_rows(tmp_path / "one_bad.tsv", header, many)
-    code, stdout, err = run_cli(capsys, "eval", finetune_run, "--mmbench", bad, "--out",
+    code, stdout, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", bad, "--out",
                                 tmp_path / "out", *ARGS)
     assert code == 0, err
     assert "skipped index 3 (line 5):" in err and "cannot be decoded" in err
@@ -189,30 +170,30 @@ def test_one_broken_image_is_skipped_and_reported(finetune_run, tsv, tmp_path, c
     assert "/59)" in stdout.splitlines()[0]
 
 
-def test_argument_mistakes(finetune_run, tsv, tmp_path, capsys, shapes_data, monkeypatch):
+def test_argument_mistakes(tiny_finetune_run, tsv, tmp_path, capsys, shapes_data, monkeypatch):
     no_model_load(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", str(finetune_run), "--mmbench", str(tsv), "--data", "x.json"])
+        main(["eval", str(tiny_finetune_run), "--mmbench", str(tsv), "--data", "x.json"])
     assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["eval", str(finetune_run)])
+        main(["eval", str(tiny_finetune_run)])
     assert "one of the arguments --data --mmbench is required" in capsys.readouterr().err
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--data", shapes_data / "heldout.json",
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--data", shapes_data / "heldout.json",
                            "--circular")
     assert_one_error(code, err, "--circular is for --mmbench")
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--mmbench", tsv, "--image-folder",
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", tsv, "--image-folder",
                            shapes_data / "images")
     assert_one_error(code, err, "--image-folder is for --data")
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--mmbench", tsv, "--json",
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", tsv, "--json",
                            tmp_path / "a.json")
     assert_one_error(code, err, "--json is for --data")
     a_file = tmp_path / "file"
     a_file.write_text("")
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--mmbench", tsv, "--out", a_file)
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", tsv, "--out", a_file)
     assert_one_error(code, err, f"output folder {a_file} is a file")
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--mmbench", tmp_path / "none.tsv")
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", tmp_path / "none.tsv")
     assert_one_error(code, err, str(tmp_path / "none.tsv"), "not found")
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--mmbench", tsv, "--batch-size", "0")
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", tsv, "--batch-size", "0")
     assert_one_error(code, err, "--batch-size 0 must be at least 1")
 
 
@@ -226,13 +207,13 @@ def test_a_run_that_fails_to_load_leaves_no_partial_file(tsv, tmp_path, capsys):
 # --------------------------------------------------------------------------- progress
 
 
-def test_progress_bar_on_a_terminal_only(finetune_run, tsv, tmp_path, capsys, monkeypatch):
+def test_progress_bar_on_a_terminal_only(tiny_finetune_run, tsv, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--mmbench", tsv, *ARGS)
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", tsv, *ARGS)
     assert code == 0
     assert "evaluating" in err and "/10 [" in err and "question" in err
-    code, _, err = run_cli(capsys, "--quiet", "eval", finetune_run, "--mmbench", tsv, *ARGS)
+    code, _, err = run_cli(capsys, "--quiet", "eval", tiny_finetune_run, "--mmbench", tsv, *ARGS)
     assert code == 0 and "evaluating" not in err and "%|" not in err
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
-    code, _, err = run_cli(capsys, "eval", finetune_run, "--mmbench", tsv, *ARGS)
+    code, _, err = run_cli(capsys, "eval", tiny_finetune_run, "--mmbench", tsv, *ARGS)
     assert code == 0 and "evaluating" not in err and "%|" not in err

@@ -41,9 +41,6 @@ from llava_tune.inference.web import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo"
-SMALL = ["train.batch_size=4", "data.max_length=64", "train.warmup_ratio=0", "train.max_steps=2",
-         "train.log_every=1"]
 SHORT = ["--max-new-tokens", "8"]
 QUESTION = "What color is the shape?"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -62,25 +59,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finetune_run(tmp_path_factory, tiny_lm, tiny_vision, shapes_data, cache_dir) -> Path:
-    """Projector + LoRA on the 4-bit tiny LM, 2 steps, as in test_chat."""
-    run = tmp_path_factory.mktemp("web") / "finetune"
+def built(tiny_finetune_run, cache_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAVA_TUNE_CACHE", str(cache_dir))
-        assert main(["train", str(DEMO / "finetune.yaml"), f"model.llm={tiny_lm}",
-                     "model.vision.name=tiny-vit", f"model.vision.config_file={tiny_vision[0]}",
-                     f"model.vision.pretrained={tiny_vision[1]}",
-                     f"data.train={shapes_data / 'finetune.json'}",
-                     f"data.image_folder={shapes_data / 'images'}", "init_from=null",
-                     f"run_dir={run}", *SMALL]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
-def built(finetune_run, cache_dir):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLAVA_TUNE_CACHE", str(cache_dir))
-        return load_model(finetune_run)
+        return load_model(tiny_finetune_run)
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +80,10 @@ def chat_answer(model: Path, cache_dir: Path, *args) -> str:
 
 
 @pytest.fixture(scope="module")
-def answers(finetune_run, cache_dir, image) -> dict[str, str]:
+def answers(tiny_finetune_run, cache_dir, image) -> dict[str, str]:
     """The references: `llava-tune chat`'s answers with the image and without one."""
-    found = {"image": chat_answer(finetune_run, cache_dir, "--image", image),
-             "text": chat_answer(finetune_run, cache_dir)}
+    found = {"image": chat_answer(tiny_finetune_run, cache_dir, "--image", image),
+             "text": chat_answer(tiny_finetune_run, cache_dir)}
     assert found["image"] and found["text"] and found["image"] != found["text"], found
     return found
 
@@ -269,7 +251,7 @@ def test_upload_check_reads_only_the_header(bad_files, image):
             check_upload(bad_files[name])
 
 
-def test_only_loopback_without_listen_public(finetune_run, capsys, monkeypatch):
+def test_only_loopback_without_listen_public(tiny_finetune_run, capsys, monkeypatch):
     assert all(map(is_loopback, ["127.0.0.1", "127.0.1.1", "::1", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.org"]))
     check_host("0.0.0.0", listen_public=True)
@@ -278,7 +260,7 @@ def test_only_loopback_without_listen_public(finetune_run, capsys, monkeypatch):
 
     # The CLI refuses before it loads the model (or needs gradio).
     monkeypatch.setitem(sys.modules, "gradio", None)
-    assert main(["web", str(finetune_run), "--host", "0.0.0.0"]) == 2
+    assert main(["web", str(tiny_finetune_run), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --host 0.0.0.0 would let anyone") and "--listen-public" in err
 
@@ -295,9 +277,9 @@ def test_a_busy_port_is_a_user_error(built):
             serve(built, port=port)
 
 
-def test_missing_gradio_names_the_install(finetune_run, capsys, monkeypatch):
+def test_missing_gradio_names_the_install(tiny_finetune_run, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
-    assert main(["web", str(finetune_run)]) == 2
+    assert main(["web", str(tiny_finetune_run)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.startswith("error: the web chat needs gradio") and "pip install -e .[web]" in err
@@ -450,18 +432,18 @@ def save_screenshot(driver, tmp_path: Path, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_browser_chat(finetune_run, cache_dir, image, bad_files, tmp_path):
+def test_browser_chat(tiny_finetune_run, cache_dir, image, bad_files, tmp_path):
     chromium, driver_path = browser_tools()
-    with web_server(finetune_run, cache_dir, tmp_path / "server.log", *SHORT) as url:
+    with web_server(tiny_finetune_run, cache_dir, tmp_path / "server.log", *SHORT) as url:
         # The references, computed while the server loads its model.
-        answers = {"image": chat_answer(finetune_run, cache_dir, "--image", image),
-                   "text": chat_answer(finetune_run, cache_dir)}
+        answers = {"image": chat_answer(tiny_finetune_run, cache_dir, "--image", image),
+                   "text": chat_answer(tiny_finetune_run, cache_dir)}
         driver = new_browser(chromium, driver_path, Path(tempfile.mkdtemp(dir=tmp_path)))
         try:
             driver.get(url)
             first = Page(driver, driver.current_window_handle)
             first.wait(lambda: first._find("#image input[type=file]"), "the page")
-            assert driver.title == f"llava-tune: {finetune_run.name}"
+            assert driver.title == f"llava-tune: {tiny_finetune_run.name}"
 
             # Tab 1: an image and a question; the answer is `llava-tune chat`'s.
             first.upload(image)

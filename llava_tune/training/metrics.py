@@ -5,18 +5,34 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 from pathlib import Path
 
 from llava_tune.files import write_text_atomic
 
 
 def peak_memory_mb() -> float:
-    """Peak GPU memory allocated by torch on CUDA, else the process's peak RSS."""
+    """Peak GPU memory allocated by torch on CUDA, else this process's peak resident memory."""
     import torch  # here, so that reading metrics (the loss plot's child process) needs no torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS so far: VmHWM where /proc has it. getrusage's ru_maxrss
+    also counts the parent's peak when the process was started by vfork + exec (Python's
+    subprocess does that), so a trainer started from a 1 GB process would report at least 1 GB."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+        1024 if sys.platform != "darwin" else 2**20)  # KiB on Linux, bytes on macOS
 
 
 class MetricsLog:
