@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -28,6 +27,7 @@ def measure(path: str, tokens: int, batch: int, hidden: int, labels: str) -> dic
 
     from llava_tune.constants import IGNORE_INDEX
     from llava_tune.models.llava import LlavaModel
+    from llava_tune.training.metrics import peak_rss_mb
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -46,7 +46,7 @@ def measure(path: str, tokens: int, batch: int, hidden: int, labels: str) -> dic
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = peak_rss_mb() * 2**20
     if path == "plain":
         loss = model(input_ids=ids, labels=target).loss
     else:
@@ -57,7 +57,7 @@ def measure(path: str, tokens: int, batch: int, hidden: int, labels: str) -> dic
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss_mb() * 2**20 - base
     return {"path": path, "loss": loss.item(), "peak_mb": round(peak / 2**20, 1),
             "device": device}
 

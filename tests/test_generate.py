@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
 
 from llava_tune.build.model import load_run
-from llava_tune.config import load_config
 from llava_tune.data.image import load_image
 from llava_tune.inference.generate import GenerationSettings, generate, generate_batch
-from llava_tune.training.loop import train
-
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, tiny_lm, tiny_vision, shapes_data) -> Path:
-    run = tmp_path_factory.mktemp("gen") / "run"
-    train(load_config(DEMO / "finetune.yaml", [
-        f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
-        f"model.vision.config_file={tiny_vision[0]}", f"model.vision.pretrained={tiny_vision[1]}",
-        f"data.train={shapes_data / 'finetune.json'}", f"data.image_folder={shapes_data / 'images'}",
-        "init_from=null", f"run_dir={run}", "train.max_steps=4", "data.max_length=64",
-        "train.batch_size=8"]))
-    return run
-
-
-def test_batched_greedy_answers_equal_one_at_a_time(finetuned, shapes_data):
-    built = load_run(finetuned)
+def test_batched_greedy_answers_equal_one_at_a_time(tiny_finetune_run, shapes_data):
+    built = load_run(tiny_finetune_run)
     settings = GenerationSettings(max_new_tokens=12)
     records = json.loads((shapes_data / "heldout.json").read_text())[:6]
     conversations = []
@@ -43,3 +24,26 @@ def test_batched_greedy_answers_equal_one_at_a_time(finetuned, shapes_data):
     together = generate_batch(built, conversations, settings)
     assert together == alone
     assert len(set(alone)) > 1  # the prompts really differ in what they produce
+
+
+def test_batched_generation_records_no_autograd_graph(tiny_finetune_run, shapes_data):
+    """eval and MMBench call generate_batch directly: without no_grad there, the image
+    features and the prompt embeddings would keep an autograd graph per batch."""
+    import torch
+
+    built = load_run(tiny_finetune_run)
+    seen = []
+    inner = built.model.llm.generate
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_grad_enabled(), kwargs.get("inputs_embeds")))
+        return inner(*args, **kwargs)
+
+    built.model.llm.generate = spy
+    image = load_image(shapes_data / "images" / "heldout" / "000000.png")
+    with torch.enable_grad():
+        generate_batch(built, [([{"role": "user", "content": "<image>\nWhat color is the shape?"}],
+                                [image])], GenerationSettings(max_new_tokens=2))
+    assert len(seen) == 1
+    grad_enabled, embeds = seen[0]
+    assert not grad_enabled and (embeds is None or embeds.grad_fn is None)

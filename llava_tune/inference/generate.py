@@ -75,7 +75,6 @@ def generate(
     return generate_batch(built, [(messages, list(images))], settings, streamer=streamer)[0]
 
 
-@torch.no_grad()
 def eval_batch_size(requested: int | None) -> int:
     """Questions answered together: `requested`, or 16 on a GPU and 8 on a CPU (left-padded
     batches; larger ones stop paying off on 2 CPU cores)."""
@@ -85,6 +84,7 @@ def eval_batch_size(requested: int | None) -> int:
     return size
 
 
+@torch.no_grad()
 def generate_batch(built: Built, conversations: list[Conversation],
                    settings: GenerationSettings | None = None, streamer=None) -> list[str]:
     """The next answer of each conversation, generated together.
