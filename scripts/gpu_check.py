@@ -1,15 +1,21 @@
-"""Real-size check on a GPU: stage 1, stage 2 and text SFT of the 1.8B recipe, ~20 steps each,
+"""Real-size check on a GPU: stage 1, stage 2 and text SFT of the 1.8B recipe, 20 steps each,
 with the shipped configs (bf16, 4-bit NF4, gradient checkpointing, up to 2048 tokens), on a
-random InternLM2-chat-1.8B and a random CLIP ViT-L/14-336 (nothing is downloaded). Prints, per
-stage, peak GPU memory and steady real tokens/s (first log window excluded), and writes
-OUT/gpu_check.json.
+random InternLM2-chat-1.8B and a random CLIP ViT-L/14-336 (nothing is downloaded). Prints and
+writes to REPORT/gpu_check.json, per stage: peak GPU memory (torch's allocated and reserved),
+steady tokens/s and seconds per step (first log window excluded), wall time (imports, data,
+loading and 4-bit quantization included) and an MFU estimate.
 
     python scripts/gpu_check.py [OUT]             (scripts/gpu_check.sh is the same)
     python scripts/gpu_check.py --dry-run [OUT]   # any machine: tiny models, 2 steps, 64 tokens
+    python scripts/gpu_check.py --stages finetune,sft --steps 10 --report-dir R OUT
 
---like internlm2-chat-7b checks the 7B recipe instead. The tokenizer is InternLM2's real one
-when ../shared/fixtures/internlm2-tokenizer exists, else a byte-fallback tokenizer trained on
-the generated text (the vocabulary stays 92,544, so logits and memory are the real ones).
+OUT holds the big files (the random checkpoint: ~4 GB at 1.8B, ~15 GB at 7B, its converted copy
+in OUT/cache, the run dirs); REPORT (--report-dir, default OUT) gets only small ones, rewritten
+as each stage ends: gpu_check.json and each stage's log (STAGE.log). --like internlm2-chat-7b
+checks the 7B recipe instead. A finetune without the pretrain stage starts from a random
+projector (same cost). The tokenizer is --tokenizer DIR, else InternLM2's real one when
+../shared/fixtures/internlm2-tokenizer exists, else a byte-fallback tokenizer trained on the
+generated text (the vocabulary stays 92,544, so logits and memory are the real ones).
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REAL_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "internlm2-tokenizer"
 CONFIG_DIRS = {"internlm2-chat-1_8b": "internlm2_chat_1_8b", "internlm2-chat-7b": "internlm2_chat_7b"}
+STAGES = ("pretrain", "finetune", "sft")
+PEAK_BF16_FLOPS = 989e12
+"""H200 (and H100) SXM dense bf16 peak, NVIDIA's datasheet; a large bf16 matmul measured
+769-798 TFLOP/s on this workplace's H200 (see the device notes), so MFU tops out near 0.8."""
 
 
-def prepare(out: Path, like: str, dry_run: bool) -> dict[str, Path]:
+def prepare(out: Path, like: str, dry_run: bool, tokenizer: Path | None) -> dict[str, Path]:
     """The random LLM, the vision tower (weights file or None), the data; made once."""
     from llava_tune.demo import make, mix
     from llava_tune.demo import tokenizer as demo_tokenizer
@@ -39,15 +49,20 @@ def prepare(out: Path, like: str, dry_run: bool) -> dict[str, Path]:
                          image_size=32 if dry_run else 336)
     lm = out / ("lm-tiny" if dry_run else f"lm-{like}")
     if not (lm / "config.json").is_file():
-        tokenizer = REAL_TOKENIZER if (REAL_TOKENIZER / "tokenizer.model").is_file() else None
+        if tokenizer is None and (REAL_TOKENIZER / "tokenizer.model").is_file():
+            tokenizer = REAL_TOKENIZER
         if tokenizer is None:
             texts = demo_tokenizer.llava_texts(json.loads((data / "mix.json").read_text()))
             tokenizer = demo_tokenizer.train_tokenizer(texts, out / "tokenizer", 768)
-        write_checkpoint("tiny" if dry_run else like, lm, tokenizer=tokenizer)
+        write_checkpoint("tiny" if dry_run else like, lm, tokenizer=tokenizer,
+                         device="cpu" if dry_run else "cuda")  # 7B on the CPU: minutes
     text = data / "text.json"  # the text-only records, for the sft stage
     if not text.is_file():
-        records = json.loads((data / "mix.json").read_text())
-        text.write_text(json.dumps([r for r in records if "image" not in r]))
+        # 4 copies: ~400 packed 2048-token rows, so 20 steps of 16 rows run in one epoch
+        # (no short step at an epoch's end)
+        records = [r for r in json.loads((data / "mix.json").read_text()) if "image" not in r]
+        text.write_text(json.dumps([{**r, "id": f"{r['id']}-{k}"} for k in range(4)
+                                    for r in records]))
     paths = {"lm": lm, "data": data / "mix.json", "text": text, "images": data / "images"}
     if dry_run:
         config, weights = make.make_vision(out / "vision", seed=0, config={
@@ -59,13 +74,16 @@ def prepare(out: Path, like: str, dry_run: bool) -> dict[str, Path]:
     return paths
 
 
-def stage_overrides(stage: str, paths: dict[str, Path], out: Path, dry_run: bool) -> list[str]:
-    steps, length = (2, 64) if dry_run else (20, 2048)
+def stage_overrides(stage: str, paths: dict[str, Path], out: Path, dry_run: bool, steps: int,
+                    stages: list[str]) -> list[str]:
+    length = 64 if dry_run else 2048
     data = paths["text"] if stage == "sft" else paths["data"]
     items = [f"model.llm={paths['lm']}", f"data.train={data}", f"run_dir={out / stage}",
              f"train.max_steps={steps}", f"data.max_length={length}", "train.log_every=1" if
-             dry_run else "train.log_every=5", "train.save_every=null", "data.num_workers=2",
+             dry_run else "train.log_every=5", "train.save_every=null",
              f"data.cache_dir={out / 'cache'}", "data.eval=null"]
+    if dry_run:
+        items.append("data.num_workers=2")  # else the config's (4)
     if stage != "sft":
         items.append(f"data.image_folder={paths['images']}")
         if dry_run:
@@ -75,30 +93,79 @@ def stage_overrides(stage: str, paths: dict[str, Path], out: Path, dry_run: bool
         else:
             items.append("model.vision.pretrained=null")  # random ViT-L/14-336: same shapes
     if stage == "finetune":
-        items.append(f"init_from={out / 'pretrain'}")
+        items.append(f"init_from={out / 'pretrain'}" if "pretrain" in stages else "init_from=null")
     if dry_run:
         items.append("train.batch_size=2")
     return items
 
 
-def run_stage(stage: str, config: Path, overrides: list[str], out: Path) -> dict:
+def llm_matmul_params(like: str) -> int:
+    """Parameters of the LLM's matrix products: every weight but the embedding table (a
+    lookup) and the norms; the LM head is counted."""
+    from llava_tune.demo.random_checkpoint import internlm2_config, tensor_shapes
+
+    return sum(shape[0] * shape[1] for key, shape, is_norm in tensor_shapes(internlm2_config(like))
+               if not is_norm and "tok_embeddings" not in key)
+
+
+def run_stage(stage: str, config: Path, overrides: list[str], out: Path, report: Path,
+              like: str, cuda: bool) -> dict:
     env = {**os.environ, "LLAVA_TUNE_CACHE": str(out / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    log = report / f"{stage}.log"
     start = time.time()
-    result = subprocess.run([sys.executable, "-m", "llava_tune", "--quiet", "train", str(config),
-                             *overrides, "--overwrite"], env=env, cwd=ROOT, text=True,
-                            capture_output=True)
-    (out / f"{stage}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"{stage} failed (exit {result.returncode}); last lines:\n"
-                         + "\n".join((result.stdout + result.stderr).splitlines()[-25:]))
+    with open(log, "w") as output:  # written as it runs: a run stopped at a time limit keeps it
+        code = subprocess.run([sys.executable, "-m", "llava_tune", "--quiet", "train",
+                               str(config), *overrides, "--overwrite"], env=env, cwd=ROOT,
+                              text=True, stdout=output, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"{stage} failed (exit {code}); last lines of {log}:\n"
+                         + "\n".join(log.read_text().splitlines()[-25:]))
+    wall = time.time() - start
     lines = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in lines if "tokens" in r]
-    steady = rows[1:] or rows
-    return {"stage": stage, "steps": rows[-1]["step"], "wall_s": round(time.time() - start, 1),
-            "peak_memory_mb": max(r["memory_mb"] for r in rows),
-            "tokens_per_s": round(sum(r["tokens"] for r in steady)
-                                  / max(sum(r["seconds"] for r in steady), 1e-9), 1),
+    steady = rows[1:] or rows  # the first window holds the warm-up (allocations, autotuning)
+    steps = rows[-1]["step"] - (rows[0]["step"] if len(rows) > 1 else 0)
+    tokens, seconds = sum(r["tokens"] for r in steady), sum(r["seconds"] for r in steady)
+    tokens_per_s = tokens / max(seconds, 1e-9)
+    reserved = [r["memory_reserved_mb"] for r in rows if "memory_reserved_mb" in r]  # CUDA only
+    # MFU estimate, the LLM only: a forward pass costs 2*N FLOPs per token (N = its matmul
+    # parameters), the backward 4*N when the weights get gradients (full training: 6*N in
+    # all) and 2*N when only activations need them (frozen or 4-bit LLM with LoRA: 4*N).
+    # Not counted: attention's own products (~10% more at 2048 tokens), the LoRA matrices,
+    # the vision tower (0.3B x 577 tokens per image), and gradient checkpointing's second
+    # forward (hardware FLOPs, not model FLOPs). Divided by PEAK_BF16_FLOPS.
+    llm_mode = (read_yaml(out / stage / "config.yaml").get("train") or {}).get("llm")
+    per_token = (6 if llm_mode == "full" else 4) * llm_matmul_params(like)
+    return {"stage": stage, "steps": rows[-1]["step"], "wall_s": round(wall, 1),
+            "train_s": round(sum(r["seconds"] for r in rows), 1),  # wall - train: load, save
+            "peak_memory_mb": max(r["memory_mb"] for r in rows),  # CUDA: torch's allocated
+            "peak_reserved_mb": max(reserved) if reserved else None,  # torch's reserved
+            "tokens_per_s": round(tokens_per_s, 1),
+            "tokens_per_step": round(tokens / max(steps, 1)),
+            "s_per_step": round(seconds / max(steps, 1), 3),
+            "mfu_est": round(per_token * tokens_per_s / PEAK_BF16_FLOPS, 4) if cuda else None,
             "last_loss": rows[-1]["loss"]}
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def print_table(report: dict) -> None:
+    print(f"{report['like']}{' (dry run: tiny models)' if report['dry_run'] else ''} on "
+          f"{report['device']}; setup {report['prepare_s']} s (data, random checkpoint)")
+    print(f"{'':15s} {'peak memory MB':^19s}")
+    print(f"{'stage':9s} {'steps':>5s} {'alloc MB':>9s} {'reserv MB':>9s} {'tokens/s':>9s} "
+          f"{'tok/step':>8s} {'s/step':>7s} {'wall s':>7s} {'train s':>7s} {'MFU~':>6s} "
+          f"{'last loss':>9s}")
+    for r in report["stages"]:
+        reserved = f"{r['peak_reserved_mb']:9.0f}" if r["peak_reserved_mb"] else f"{'-':>9s}"
+        mfu = f"{r['mfu_est']:6.1%}" if r["mfu_est"] is not None else f"{'-':>6s}"
+        print(f"{r['stage']:9s} {r['steps']:5d} {r['peak_memory_mb']:9.0f} {reserved} "
+              f"{r['tokens_per_s']:9.1f} {r['tokens_per_step']:8d} {r['s_per_step']:7.2f} "
+              f"{r['wall_s']:7.1f} {r['train_s']:7.1f} {mfu} {r['last_loss']:9.4f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny models, 2 steps at 64 tokens, on any machine")
     parser.add_argument("--like", default="internlm2-chat-1_8b", choices=sorted(CONFIG_DIRS))
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated, of pretrain,finetune,sft (run in that order)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per stage (20; dry run 2)")
+    parser.add_argument("--report-dir", type=Path,
+                        help="where gpu_check.json and the stage logs go (default OUT)")
+    parser.add_argument("--tokenizer", type=Path, help="folder with InternLM2's tokenizer.model")
     args = parser.parse_args(argv)
+    stages = [s for s in STAGES if s in args.stages.split(",")]
+    if not stages or set(args.stages.split(",")) - set(STAGES):
+        parser.error(f"--stages: a comma-separated list of {','.join(STAGES)}")
+    steps = args.steps or (2 if args.dry_run else 20)
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
@@ -116,21 +193,26 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = args.out.resolve()
+    report_dir = (args.report_dir or out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    paths = prepare(out, args.like, args.dry_run)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    paths = prepare(out, args.like, args.dry_run, args.tokenizer)
     configs = ROOT / "configs" / CONFIG_DIRS[args.like]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    results = [run_stage(stage, configs / f"{stage}.yaml",
-                         stage_overrides(stage, paths, out, args.dry_run), out)
-               for stage in ("pretrain", "finetune", "sft")]
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
     report = {"like": args.like, "dry_run": args.dry_run, "device": device,
-              "torch": torch.__version__, "stages": results}
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{args.like}{' (dry run: tiny models)' if args.dry_run else ''} on {device}")
-    print(f"{'stage':10s} {'steps':>5s} {'peak memory':>12s} {'tokens/s':>10s} {'last loss':>10s}")
-    for r in results:
-        print(f"{r['stage']:10s} {r['steps']:5d} {r['peak_memory_mb']:9.0f} MB "
-              f"{r['tokens_per_s']:10.1f} {r['last_loss']:10.4f}")
+              "torch": torch.__version__, "steps": steps, "prepare_s": round(time.time() - start, 1),
+              "peak_bf16_flops": PEAK_BF16_FLOPS, "stages": []}
+    print(f"prepared in {report['prepare_s']} s; stages: {', '.join(stages)}", flush=True)
+    for stage in stages:
+        report["stages"].append(run_stage(
+            stage, configs / f"{stage}.yaml",
+            stage_overrides(stage, paths, out, args.dry_run, steps, stages), out, report_dir,
+            args.like, cuda))
+        (report_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{stage} done: {json.dumps(report['stages'][-1])}", flush=True)
+    print_table(report)
     return 0
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Real-size check of the 1.8B recipe on a GPU (see scripts/gpu_check.py); --dry-run anywhere.
-#   scripts/gpu_check.sh [--dry-run] [--like internlm2-chat-7b] [OUT_DIR]
+#   scripts/gpu_check.sh [--dry-run] [--like internlm2-chat-7b] [--stages pretrain,finetune,sft]
+#                        [--steps N] [--report-dir DIR] [--tokenizer DIR] [OUT_DIR]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi

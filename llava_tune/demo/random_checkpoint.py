@@ -75,10 +75,12 @@ def tensor_shapes(cfg: dict):
 
 
 def write_checkpoint(like: str, out: Path, tokenizer: Path | None = None, dtype: str = "bf16",
-                     shard_gb: float = 2.0, seed: int = 0) -> Path:
-    """Write the checkpoint (atomically); returns `out`."""
+                     shard_gb: float = 2.0, seed: int = 0, device: str = "cpu") -> Path:
+    """Write the checkpoint (atomically); returns `out`. `device="cuda"` draws the weights on
+    the GPU (other values than the CPU's for a seed): one CPU core draws about 100M a second,
+    so 7B takes minutes there and seconds on a GPU."""
     cfg = internlm2_config(like)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     limit = int(shard_gb * 2**30)
     with atomic_dir(out) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
@@ -87,7 +89,8 @@ def write_checkpoint(like: str, out: Path, tokenizer: Path | None = None, dtype:
         weight_map: dict[str, int] = {}
         for key, shape, is_norm in tensor_shapes(cfg):
             tensor = (torch.ones(shape) if is_norm else
-                      torch.randn(shape, generator=generator).mul_(0.02)).to(DTYPES[dtype])
+                      torch.randn(shape, generator=generator, device=device).mul_(0.02)
+                      ).to(DTYPES[dtype]).cpu()
             nbytes = tensor.numel() * tensor.element_size()
             if shards[-1] and size + nbytes > limit:
                 names.append(_flush(shards[-1], tmp, len(names)))

@@ -37,7 +37,7 @@ from llava_tune.training.events import (
     SampleSkipped,
     Started,
 )
-from llava_tune.training.metrics import MetricsLog, peak_memory_mb
+from llava_tune.training.metrics import MetricsLog, peak_memory_mb, peak_reserved_mb
 from llava_tune.training.plot import LossPlotter
 
 
@@ -216,11 +216,14 @@ def _log(run: Run, window: _Window, emit: OnEvent) -> float:
                    loss=round(loss, 5), lr=run.scheduler.get_last_lr()[0],
                    tokens_per_s=round(totals[2].item() / max(elapsed, 1e-9), 1),
                    memory_mb=round(peak_memory_mb(), 1))
-    run.metrics.write({"step": event.step, "epoch": event.epoch, "loss": event.loss,
-                       "lr": event.lr, "tokens_per_s": event.tokens_per_s,
-                       "memory_mb": event.memory_mb,
-                       # the window's raw numbers, so that windows can be added up (benchmarks)
-                       "tokens": int(totals[2].item()), "seconds": round(elapsed, 6)})
+    record = {"step": event.step, "epoch": event.epoch, "loss": event.loss, "lr": event.lr,
+              "tokens_per_s": event.tokens_per_s, "memory_mb": event.memory_mb,
+              # the window's raw numbers, so that windows can be added up (benchmarks)
+              "tokens": int(totals[2].item()), "seconds": round(elapsed, 6)}
+    reserved = peak_reserved_mb()
+    if reserved is not None:  # CUDA: memory_mb is torch's peak allocated, this its peak reserved
+        record["memory_reserved_mb"] = round(reserved, 1)
+    run.metrics.write(record)
     emit(event)
     return loss
 

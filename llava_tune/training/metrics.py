@@ -20,6 +20,14 @@ def peak_memory_mb() -> float:
     return peak_rss_mb()
 
 
+def peak_reserved_mb() -> float | None:
+    """Peak GPU memory held by torch's caching allocator on CUDA (what the card must have,
+    CUDA context aside); None elsewhere."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None
+
+
 def peak_rss_mb() -> float:
     """This process's own peak RSS so far: VmHWM where /proc has it. getrusage's ru_maxrss
     also counts the parent's peak when the process was started by vfork + exec (Python's
