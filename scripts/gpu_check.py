@@ -56,12 +56,16 @@ def prepare(out: Path, like: str, dry_run: bool, tokenizer: Path | None) -> dict
             tokenizer = demo_tokenizer.train_tokenizer(texts, out / "tokenizer", 768)
         write_checkpoint("tiny" if dry_run else like, lm, tokenizer=tokenizer,
                          device="cpu" if dry_run else "cuda")  # 7B on the CPU: minutes
+        if not dry_run:
+            import torch
+
+            torch.cuda.empty_cache()  # the stages' processes get the whole card
     text = data / "text.json"  # the text-only records, for the sft stage
     if not text.is_file():
-        # 4 copies: ~400 packed 2048-token rows, so 20 steps of 16 rows run in one epoch
-        # (no short step at an epoch's end)
+        # 6 copies of the 800-record mix's 267 (~139k tokens): ~400 packed 2048-token rows,
+        # so 20 steps of 16 rows run in one epoch (no short step at an epoch's end)
         records = [r for r in json.loads((data / "mix.json").read_text()) if "image" not in r]
-        text.write_text(json.dumps([{**r, "id": f"{r['id']}-{k}"} for k in range(4)
+        text.write_text(json.dumps([{**r, "id": f"{r['id']}-{k}"} for k in range(6)
                                     for r in records]))
     paths = {"lm": lm, "data": data / "mix.json", "text": text, "images": data / "images"}
     if dry_run:
