@@ -43,10 +43,13 @@ llava-tune train configs/demo/finetune.yaml model.llm="$OUT/lm" "${VISION[@]}" \
   init_from="$OUT/pretrain" data.train="$OUT/shapes/finetune.json" \
   data.image_folder="$OUT/shapes/images" run_dir="$OUT/finetune" --overwrite
 
-step "6/7 held-out questions after stage 2"
+step "6/7 held-out questions after stage 2, one at a time and as two-turn conversations"
 llava-tune eval "$OUT/finetune" --data "$OUT/shapes/heldout.json" \
   --image-folder "$OUT/shapes/images" --out "$OUT/finetune/heldout_predictions.jsonl" \
   --json "$OUT/finetune/heldout_accuracy.json"
+llava-tune eval "$OUT/finetune" --data "$OUT/shapes/heldout_multiturn.json" \
+  --image-folder "$OUT/shapes/images" --out "$OUT/finetune/heldout_multiturn_predictions.jsonl" \
+  --json "$OUT/finetune/heldout_multiturn_accuracy.json"
 
 step "7/7 MMBench-format lettered questions about new images after stage 2 (CircularEval)"
 llava-tune eval "$OUT/finetune" --mmbench "$OUT/shapes/heldout_mmbench.tsv" --circular \
@@ -54,22 +57,5 @@ llava-tune eval "$OUT/finetune" --mmbench "$OUT/shapes/heldout_mmbench.tsv" --ci
 
 echo
 echo "== demo done in $(( SECONDS - START ))s; held-out accuracy:"
-python - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-print(f"{'stage':10s} {'color':>7s} {'shape':>7s} {'both':>7s}")
-for stage in ("pretrain", "finetune"):
-    s = json.loads((out / stage / "heldout_accuracy.json").read_text())
-    q = s["by_question"]
-    print(f"{stage:10s} {q['What color is the shape?']['accuracy']:7.3f} "
-          f"{q['What shape is this?']['accuracy']:7.3f} {s['accuracy']:7.3f}")
-m = json.loads((out / "finetune" / "mmbench" / "heldout_mmbench_summary.json").read_text())
-print(f"\nMMBench-format, after stage 2 ({m['questions']} lettered questions about new images):")
-print(f"{'':10s} {'color':>7s} {'shape':>7s} {'both':>7s}")
-for name, scores in (("plain", m["plain"]), ("circular", m)):
-    c = scores["category"]
-    overall = scores["accuracy"] if name == "plain" else scores["overall"]
-    print(f"{name:10s} {c['color']['accuracy']:7.3f} {c['shape']['accuracy']:7.3f} {overall:7.3f}")
-PY
+python -m llava_tune.demo.report "$OUT"
 echo "chat with it: llava-tune chat $OUT/finetune --image $OUT/shapes/images/heldout/000000.png"

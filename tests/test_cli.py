@@ -164,10 +164,15 @@ def test_eval_writes_predictions_and_accuracy(pretrain_run, shapes_data, tmp_pat
         assert isinstance(row["prediction"], str)
     assert [r["question"] for r in rows[4:]] == ["What color is the shape?", "What shape is this?"]
     assert [r["answer"] for r in rows[4:]] == ["It is red.", "It is a star."]
+    assert [r["turn"] for r in rows] == [1, 1, 1, 1, 1, 2]
 
     summary = json.loads(acc.read_text())
     correct = sum(r["correct"] for r in rows)
     assert summary["total"] == 6 and summary["correct"] == correct
+    # Follow-up answers are scored apart: the demo prints its second-turn accuracy.
+    assert {t: s["total"] for t, s in summary["by_turn"].items()} == {"1": 5, "2": 1}
+    assert summary["by_turn"]["2"]["accuracy"] == rows[5]["correct"]
+    assert any("answer 2 of a conversation (n=1)" in line for line in out.splitlines())
     assert summary["accuracy"] == pytest.approx(correct / 6)
     lines = out.splitlines()
     assert lines[0] == f"accuracy {correct / 6:.4f} ({correct}/6)"

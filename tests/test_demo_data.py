@@ -140,7 +140,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_generate_layout_and_summary(dataset: tuple[Path, dict]) -> None:
     out, summary = dataset
-    assert summary["records"] == {"pretrain": 24, "finetune": 48, "heldout": 20, "text": 200}
+    assert summary["records"] == {"pretrain": 24, "finetune": 48, "heldout": 20,
+                                  "heldout_multiturn": 10, "text": 200}
     assert sorted(p.name for p in (out / "images" / "train").iterdir()) == [
         f"{i:06d}.png" for i in range(24)
     ]
@@ -148,7 +149,7 @@ def test_generate_layout_and_summary(dataset: tuple[Path, dict]) -> None:
         f"{i:06d}.png" for i in range(10)
     ]
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
-    for name in ("pretrain", "finetune", "heldout", "text"):
+    for name in ("pretrain", "finetune", "heldout", "heldout_multiturn", "text"):
         assert Path(summary["files"][name]) == out / f"{name}.json"
 
 
@@ -220,6 +221,50 @@ def test_heldout_records_use_the_exact_questions(dataset: tuple[Path, dict]) -> 
         assert _colors(image) == {WHITE, shapes.COLORS[color]}
 
 
+def test_heldout_multiturn_asks_both_questions_in_turn(dataset: tuple[Path, dict]) -> None:
+    """One conversation per held-out image: both exact questions, the image marker once, the
+    follow-up alternating between color and shape; the answers are heldout.json's."""
+    out, _ = dataset
+    single = {r["id"]: r for r in _load(out, "heldout")}
+    records = _load(out, "heldout_multiturn")
+    assert len(records) == 10
+    for index, record in enumerate(records):
+        base = f"heldout-{index:06d}"
+        assert record["id"] == f"{base}-both" and record["image"] == f"heldout/{index:06d}.png"
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
+        assert turns[0]["value"].startswith("<image>\n") and "<image>" not in turns[2]["value"]
+        kinds = ["shape", "color"] if index % 2 == 0 else ["color", "shape"]
+        for (human, gpt), kind in zip((turns[:2], turns[2:]), kinds, strict=True):
+            reference = single[f"{base}-{kind}"]["conversations"]
+            assert human["value"].removeprefix("<image>\n") == reference[0]["value"].removeprefix("<image>\n")
+            assert gpt == reference[1]
+
+
+def test_multi_turn_training_records(tmp_path: Path, dataset: tuple[Path, dict]) -> None:
+    """multi_turn=1: one two-turn record per training image holding the same two questions
+    and answers as the single-turn records (either order); multi_turn=0 is the default."""
+    out, _ = dataset
+    shapes.generate(tmp_path, n_train=24, n_heldout=2, seed=5, n_text=10, multi_turn=1.0)
+    single = _load(out, "finetune")
+    records = _load(tmp_path, "finetune")
+    assert len(records) == 24
+    orders = set()
+    for index, record in enumerate(records):
+        assert record["id"] == f"train-{index:06d}-both"
+        turns = record["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and "<image>" not in turns[2]["value"]
+        pairs = {(t[0]["value"].removeprefix("<image>\n"), t[1]["value"])
+                 for t in (turns[:2], turns[2:])}
+        expected = {(r["conversations"][0]["value"].removeprefix("<image>\n"),
+                     r["conversations"][1]["value"]) for r in single[2 * index:2 * index + 2]}
+        assert pairs == expected
+        orders.add(turns[1]["value"].startswith("It is a "))
+    assert orders == {True, False}  # both orders occur
+    with pytest.raises(ValueError, match="multi_turn"):
+        shapes.generate(tmp_path / "bad", n_train=1, n_heldout=1, multi_turn=2)
+
+
 def test_text_records(dataset: tuple[Path, dict]) -> None:
     out, _ = dataset
     records = _load(out, "text")
@@ -289,7 +334,8 @@ def test_shapes_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         == 0
     )
     summary = json.loads(capsys.readouterr().out)
-    assert summary["records"] == {"pretrain": 4, "finetune": 8, "heldout": 4, "text": 30}
+    assert summary["records"] == {"pretrain": 4, "finetune": 8, "heldout": 4,
+                                  "heldout_multiturn": 2, "text": 30}
     assert Image.open(tmp_path / "images" / "train" / "000000.png").size == (64, 64)
 
 

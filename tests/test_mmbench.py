@@ -107,7 +107,7 @@ def test_shapes_tsv_round_trip(tmp_path, rows):
     for row, (_, ref), written in zip(data.rows, frame.iterrows(), rows, strict=True):
         assert row.fields == {c: ref[c] for c in sm.TSV_COLUMNS if c != "image"}
         assert row.fields == {c: written[c] for c in sm.TSV_COLUMNS if c != "image"}
-        assert row.index == int(ref["index"]) and row.hint is None
+        assert row.index == int(ref["index"]) and row.hint == (ref["hint"] or None)
         assert row.options == {k: ref[k] for k in "ABCD"} and row.answer == ref["answer"]
         assert row.category == ref["category"] and row.l2_category == "coarse_perception"
     for position in (0, 1, 2 * N_IMAGES - 1):
@@ -210,7 +210,8 @@ def test_training_records_use_the_evaluation_prompt(shapes_data):
         human, gpt = (turn["value"] for turn in record["conversations"])
         options = options_in(human)
         assert record["image"] == image
-        assert human == mb.build_messages(shapes.COLOR_QUESTION, options)[0]["content"]
+        hint = human.split("\n")[1] if human.split("\n")[1] in sm.HINTS else None
+        assert human == mb.build_messages(shapes.COLOR_QUESTION, options, hint)[0]["content"]
         assert options[gpt] == color and color in options.values()
         assert mb.extract_letter(gpt, options) == gpt
     shape_record = records[1]
@@ -252,8 +253,10 @@ def test_demo_inputs_hold_lettered_questions_and_a_heldout_tsv(tmp_path):
 
     assert make.main([str(tmp_path), "--train", "8", "--heldout", "3", "--mcq", "0.5"]) == 0
     records = json.loads((tmp_path / "shapes" / "finetune.json").read_text())
-    assert len(records) == 2 * 8 + 2 * 4
-    lettered = records[16:]
+    # One two-turn conversation per image (make.MULTI_TURN), then the lettered questions.
+    assert len(records) == 8 + 2 * 4
+    assert all(len(r["conversations"]) == 4 for r in records[:8])
+    lettered = records[8:]
     assert [r["image"] for r in lettered] == [f"train/{i:06d}.png" for i in range(4)
                                               for _ in range(2)]
     # Answered with the option's text (make.MCQ_ANSWER), which reads as one option's letter.
@@ -270,6 +273,29 @@ def test_demo_inputs_hold_lettered_questions_and_a_heldout_tsv(tmp_path):
     demo_pixels = {Image.open(p).convert("RGB").tobytes()
                    for p in (tmp_path / "shapes" / "images").rglob("*.png")}
     assert not {data.image(i).tobytes() for i in range(6)} & demo_pixels
+
+
+def test_demo_lettered_questions_carry_hints_on_about_half(tmp_path):
+    """As MMBench's rows do: a context sentence before the question on about half of them,
+    in training and in the held-out TSV; never the answer, and the prompt is build_prompt's."""
+    items = [(f"train/{i:06d}.png", color, shape) for i, (color, shape) in
+             enumerate(zip(list(shapes.COLORS) * 40, list(shapes.SHAPES) * 60, strict=False))]
+    records = sm.mcq_records(items, seed=0, answer="text")
+    hinted = [r for r in records if r["conversations"][0]["value"].split("\n")[1] in sm.HINTS]
+    assert 0.4 < len(hinted) / len(records) < 0.6
+    for record in hinted:
+        human = record["conversations"][0]["value"]
+        hint, question = human.split("\n")[1:3]
+        assert human == mb.build_messages(question, options_in(human), hint)[0]["content"]
+    rows = sm.shapes_tsv_rows(100, seed=0)
+    with_hint = [row for row in rows if row["hint"]]
+    assert 0.4 < len(with_hint) / len(rows) < 0.6 and {r["hint"] for r in with_hint} <= set(sm.HINTS)
+    words = set(shapes.COLORS) | set(shapes.SHAPES)
+    assert not any(word in hint.lower().split() for hint in sm.HINTS for word in words)
+    # The file carries them in MMBench's hint column.
+    sm.write_shapes_tsv(tmp_path / "x.tsv", 10, seed=0)
+    data = mb.MMBenchTSV.read(tmp_path / "x.tsv")
+    assert [row.hint for row in data.rows] == [r["hint"] or None for r in rows[:20]]
 
 
 # --------------------------------------------------------------------------- letters
@@ -384,7 +410,7 @@ def rotation_of(row: dict[str, str], shift: int):
     """`wrong_on` for one rotation of one question (a prompt alone is not unique: the image
     tells questions with the same option order apart)."""
     rotated, _ = mb.rotate_options({k: row[k] for k in "ABCD"}, row["answer"], shift)
-    prompt = mb.build_messages(row["question"], rotated)[0]["content"]
+    prompt = mb.build_messages(row["question"], rotated, row["hint"] or None)[0]["content"]
     pixels = pixels_of(row)
     return lambda p, px: p == prompt and px == pixels
 
@@ -392,7 +418,8 @@ def rotation_of(row: dict[str, str], shift: int):
 def test_circular_copies_in_the_file(circular_tsv, rows):
     all_rows = sm.shapes_tsv_rows(N_IMAGES, seed=0, image_size=SIZE, circular_copies=True)
     copy = next(r for r in all_rows if r["index"] == str(3 * OFFSET + 8))
-    copy_prompt = mb.build_messages(copy["question"], {k: copy[k] for k in "ABCD"})[0]["content"]
+    copy_prompt = mb.build_messages(copy["question"], {k: copy[k] for k in "ABCD"},
+                                    copy["hint"] or None)[0]["content"]
     wrong = lambda p, px: p == copy_prompt and px == pixels_of(rows[8])  # noqa: E731
     result = mb.evaluate_mmbench(circular_tsv, oracle(rows, wrong), circular=True)
     assert result.circular_source == "file" and result.n_passes == 4 * 60

@@ -91,6 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"accuracy {summary.accuracy:.4f} ({summary.correct}/{summary.total})")
     for question, stats in result.get("by_question", {}).items():
         print(f"  {stats['accuracy']:.4f}  {question} (n={stats['total']})")
+    for turn, stats in result.get("by_turn", {}).items():
+        print(f"  {stats['accuracy']:.4f}  answer {turn} of a conversation (n={stats['total']})")
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(result, indent=2))
     return 0

@@ -1,11 +1,13 @@
 """Everything the embedded demo starts from, written into one folder, no downloads.
 
-    python -m llava_tune.demo OUT_DIR [--train N] [--heldout N] [--seed S] [--mcq F]
+    python -m llava_tune.demo OUT_DIR [--train N] [--heldout N] [--seed S] [--mcq F] [--multi-turn F]
 
-OUT_DIR/shapes/       the shapes data (data/SHAPES.md) (images, pretrain.json, finetune.json, heldout.json, text.json);
-                      finetune.json also asks lettered-option questions about some training
-                      images, and heldout_mmbench.tsv holds MMBench-format questions about new
-                      images (llava_tune/demo/mmbench.py)
+OUT_DIR/shapes/       the shapes data (data/SHAPES.md) (images, pretrain.json, finetune.json,
+                      heldout.json, heldout_multiturn.json, text.json); finetune.json asks
+                      each image's two questions as one two-turn conversation and adds
+                      lettered-option questions (half with a hint) about some training images;
+                      heldout_mmbench.tsv holds MMBench-format questions about new images
+                      (llava_tune/demo/mmbench.py)
 OUT_DIR/lm-init/      a randomly initialized tiny InternLM2-architecture LM, in InternLM2's own
                       checkpoint layout, with a byte-fallback tokenizer trained on the demo's text
 OUT_DIR/vision/       a tiny open_clip ViT config and its (random, frozen) weights
@@ -31,6 +33,9 @@ LM_SHAPE = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4
             "num_attention_heads": 4, "num_key_value_heads": 2}
 MCQ_FRACTION = 0.5
 """Training images that also get the lettered questions (both kinds)."""
+MULTI_TURN = 1.0
+"""Training images asked both questions in one two-turn conversation (either order): the chat
+answers follow-ups, and an image's tokens are computed once for two answers."""
 MCQ_ANSWER = "text"
 """The lettered questions are answered with the option's text: the tiny LM does not learn to
 pick the letter (see llava_tune/demo/mmbench.py)."""
@@ -85,11 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mcq", type=float, default=MCQ_FRACTION,
                         help="fraction of the training images that also get lettered-option "
                         f"(MMBench-style) color and shape questions (default {MCQ_FRACTION})")
+    parser.add_argument("--multi-turn", type=float, default=MULTI_TURN,
+                        help="fraction of the training images asked both questions in one "
+                        f"two-turn conversation (default {MULTI_TURN})")
     args = parser.parse_args(argv)
-    if not 0 <= args.mcq <= 1:
-        parser.error("--mcq must be in [0, 1]")
+    if not 0 <= args.mcq <= 1 or not 0 <= args.multi_turn <= 1:
+        parser.error("--mcq and --multi-turn must be in [0, 1]")
     data_dir = args.out_dir / "shapes"
-    summary = shapes.generate(data_dir, n_train=args.train, n_heldout=args.heldout, seed=args.seed)
+    summary = shapes.generate(data_dir, n_train=args.train, n_heldout=args.heldout, seed=args.seed,
+                              multi_turn=args.multi_turn)
     n_mcq = mmbench.add_mcq_to_finetune(data_dir, args.mcq, args.seed, answer=MCQ_ANSWER)
     mmbench.write_shapes_tsv(data_dir / "heldout_mmbench.tsv", args.heldout, args.seed)
     make_lm(args.out_dir / "lm-init", [data_dir / "text.json", data_dir / "pretrain.json",

@@ -1,7 +1,8 @@
 """The shapes task (data/SHAPES.md) as MMBench-style multiple choice.
 
 - `write_shapes_tsv`: an MMBench-format TSV of fresh shapes images (own random stream), two
-  questions per image: "What color is the shape?" (4 options: the right color and 3 others of
+  questions per image, about half of them with a `hint` (context before the question, never
+  the answer, as MMBench's): "What color is the shape?" (4 options: the right color and 3 others of
   the 6) and "What shape is this?" (the 4 shapes), categories "color" / "shape", base64 PNG
   images. Optionally with MMBench's own circular copies (index + k * 1e6, image = the
   original's index), so both kinds of MMBench file can be produced.
@@ -53,6 +54,29 @@ TSV_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "categ
                "l2-category", "image")
 L2_CATEGORY = "coarse_perception"
 """MMBench's l2-category for recognizing attributes of a whole image."""
+HINTS = (
+    "The picture is a simple drawing on a white background.",
+    "There is exactly one object in the image.",
+    "Look carefully at the image before you answer.",
+    "This image comes from a set of drawings made for a test.",
+    "The drawing was made by a computer program.",
+    "Nothing else is shown next to it.",
+    "Only one answer is correct.",
+    "The object may be small or large, anywhere in the picture.",
+    "The background of the image is plain.",
+    "A student drew this picture for a lesson.",
+    "The image is small and has no text in it.",
+    "Read the options before answering.",
+)
+"""Context sentences for MMBench's `hint` field. MMBench's hints are context that comes
+before the question; these never give the answer away, so a model must still look."""
+HINT_FRACTION = 0.5
+"""Lettered questions (training and TSV) that carry a hint, about half, as in MMBench."""
+
+
+def pick_hint(rng: random.Random) -> str | None:
+    """A hint for `HINT_FRACTION` of the questions, else None."""
+    return rng.choice(HINTS) if rng.random() < HINT_FRACTION else None
 
 
 def color_options(rng: random.Random, color: str) -> dict[str, str]:
@@ -89,6 +113,7 @@ def shapes_tsv_rows(n_images: int, seed: int = 0, image_size: int = 112,
     `index + k * 1e6` (k = 1..3), whose image field is the original's index, as MMBench does.
     """
     rng = random.Random(f"shapes-mmbench-{seed}")
+    hint_rng = random.Random(f"shapes-mmbench-hints-{seed}")  # images as without hints
     rows: list[dict[str, str]] = []
     for i in range(n_images):
         spec = shapes.sample_shape(rng, image_size)
@@ -100,7 +125,8 @@ def shapes_tsv_rows(n_images: int, seed: int = 0, image_size: int = 112,
             ("shape", shapes.SHAPE_QUESTION, shape_options(rng), spec["shape"]),
         ]
         for k, (category, question, options, right) in enumerate(questions):
-            rows.append({"index": str(2 * i + k), "question": question, "hint": "", **options,
+            rows.append({"index": str(2 * i + k), "question": question,
+                         "hint": pick_hint(hint_rng) or "", **options,
                          "answer": letter_of(options, right), "category": category,
                          "l2-category": L2_CATEGORY, "image": encoded})
     if circular_copies:
@@ -143,13 +169,15 @@ def mcq_records(items: Iterable[tuple[str, str, str]], seed: int = 0,
         answer: "letter" ("B"), "letter_text" ("B. blue") or "text" (the option's text alone,
             "blue", which `extract_letter` maps to its letter).
 
-    The human turn is exactly the evaluation prompt (`build_messages`: `<image>\\n`, the
-    question, the options, the instruction), so training and evaluation see the same text.
+    The human turn is exactly the evaluation prompt (`build_messages`: `<image>\\n`, a hint
+    on about half of them (`HINTS`), the question, the options, the instruction), so training
+    and evaluation see the same text.
     """
     if answer not in ANSWER_STYLES:
         raise ValueError(f"answer must be one of {ANSWER_STYLES}, got {answer!r}")
     style = "letter_text" if with_text else answer
     rng = random.Random(f"shapes-mcq-{seed}")
+    hint_rng = random.Random(f"shapes-mcq-hints-{seed}")  # options as without hints
     records = []
     for n, (image, color, shape) in enumerate(items):
         for kind, question, options, right in (
@@ -158,7 +186,7 @@ def mcq_records(items: Iterable[tuple[str, str, str]], seed: int = 0,
         ):
             letter = letter_of(options, right)
             reply = {"letter": letter, "letter_text": f"{letter}. {right}", "text": right}[style]
-            human = build_messages(question, options)[0]["content"]
+            human = build_messages(question, options, pick_hint(hint_rng))[0]["content"]
             records.append({"id": f"mcq-{n:06d}-{kind}", "image": image,
                             "conversations": [{"from": "human", "value": human},
                                               {"from": "gpt", "value": reply}]})

@@ -9,8 +9,11 @@ Layout written by :func:`generate` under ``out_dir``::
     images/train/000000.png ...      training images
     images/heldout/000000.png ...    held-out images (own random stream)
     pretrain.json                    stage 1: one caption record per training image
-    finetune.json                    stage 2: a color and a shape question per training image
+    finetune.json                    stage 2: a color and a shape question per training image,
+                                     as two records or (``multi_turn``) one two-turn record
     heldout.json                     the two evaluated questions per held-out image
+    heldout_multiturn.json           the same two questions as one two-turn conversation per
+                                     held-out image, in alternating order (follow-up questions)
     text.json                        text-only records (no image) in the demo's language
 
 Image paths inside the JSON files are relative to ``out_dir/images``.
@@ -283,11 +286,18 @@ def caption_record(
 
 def question_record(record_id: str, image: str, question: str, answer: str) -> dict[str, Any]:
     """Return a single-turn image question record."""
-    return {
-        "id": record_id,
-        "image": image,
-        "conversations": _turns(f"{IMAGE_TOKEN}\n{question}", answer),
-    }
+    return conversation_record(record_id, image, [(question, answer)])
+
+
+def conversation_record(
+    record_id: str, image: str, exchanges: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """Return one image conversation of several (question, answer) turns; the image marker
+    goes before the first question only, as a chat user attaches the image once."""
+    conversations: list[dict[str, str]] = []
+    for turn, (question, answer) in enumerate(exchanges):
+        conversations += _turns(f"{IMAGE_TOKEN}\n{question}" if turn == 0 else question, answer)
+    return {"id": record_id, "image": image, "conversations": conversations}
 
 
 def _pick_question(rng: random.Random, exact: str, paraphrases: Sequence[str]) -> str:
@@ -376,8 +386,13 @@ def generate(
     image_size: int = 112,
     workers: int = 1,
     n_text: int = 4000,
+    multi_turn: float = 0.0,
 ) -> dict[str, Any]:
     """Generate the shapes dataset under ``out_dir`` (layout in the module docstring).
+
+    ``multi_turn`` is the fraction of training images whose color and shape questions form one
+    two-turn conversation (either order, chosen at random) instead of two records: a chat
+    answers follow-up questions about its image only if it trained on some.
 
     The training images, the held-out images, the training text choices and the text-only
     corpus each use their own random stream derived from ``seed``, so the held-out set does
@@ -399,7 +414,11 @@ def generate(
             jobs.append((str(image_root / split / f"{index:06d}.png"), spec, image_size))
     _render_all(jobs, workers)
 
+    if not 0 <= multi_turn <= 1:
+        raise ValueError(f"multi_turn must be in [0, 1], got {multi_turn}")
     text_rng = random.Random(f"shapes-train-text-{seed}")
+    # Its own stream: multi_turn=0 writes the same single-turn records as before it existed.
+    turn_rng = random.Random(f"shapes-train-turns-{seed}")
     pretrain: list[dict[str, Any]] = []
     finetune: list[dict[str, Any]] = []
     for index, spec in enumerate(specs["train"]):
@@ -411,21 +430,30 @@ def generate(
         )
         color_q = _pick_question(text_rng, COLOR_QUESTION, COLOR_PARAPHRASES)
         shape_q = _pick_question(text_rng, SHAPE_QUESTION, SHAPE_PARAPHRASES)
-        finetune.append(question_record(f"{base}-color", image, color_q, color_answer(color)))
-        finetune.append(question_record(f"{base}-shape", image, shape_q, shape_answer(shape)))
+        exchanges = [(color_q, color_answer(color)), (shape_q, shape_answer(shape))]
+        if turn_rng.random() < multi_turn:
+            if turn_rng.random() < 0.5:
+                exchanges.reverse()
+            finetune.append(conversation_record(f"{base}-both", image, exchanges))
+        else:
+            for kind, (question, answer) in zip(("color", "shape"), exchanges, strict=True):
+                finetune.append(question_record(f"{base}-{kind}", image, question, answer))
     heldout: list[dict[str, Any]] = []
+    heldout_multiturn: list[dict[str, Any]] = []
     for index, spec in enumerate(specs["heldout"]):
         image = f"heldout/{index:06d}.png"
         base = f"heldout-{index:06d}"
-        heldout.append(
-            question_record(f"{base}-color", image, COLOR_QUESTION, color_answer(spec["color"]))
-        )
-        heldout.append(
-            question_record(f"{base}-shape", image, SHAPE_QUESTION, shape_answer(spec["shape"]))
-        )
+        exchanges = [(COLOR_QUESTION, color_answer(spec["color"])),
+                     (SHAPE_QUESTION, shape_answer(spec["shape"]))]
+        for kind, (question, answer) in zip(("color", "shape"), exchanges, strict=True):
+            heldout.append(question_record(f"{base}-{kind}", image, question, answer))
+        # Alternating order: each question is the follow-up on half of the images.
+        heldout_multiturn.append(
+            conversation_record(f"{base}-both", image, exchanges[::1 if index % 2 else -1]))
     text = text_records(n_text, seed)
 
-    files = {"pretrain": pretrain, "finetune": finetune, "heldout": heldout, "text": text}
+    files = {"pretrain": pretrain, "finetune": finetune, "heldout": heldout,
+             "heldout_multiturn": heldout_multiturn, "text": text}
     paths = {name: out / f"{name}.json" for name in files}
     for name, records in files.items():
         write_json_atomic(paths[name], records)
@@ -455,9 +483,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="processes for rendering (default 1)"
     )
+    parser.add_argument("--multi-turn", type=float, default=0.0,
+                        help="fraction of training images asked both questions in one "
+                        "two-turn conversation (default 0)")
     args = parser.parse_args(argv)
     if min(args.train, args.heldout, args.text) < 0 or args.image_size < 8 or args.workers < 1:
         parser.error("counts must be >= 0, --image-size >= 8 and --workers >= 1")
+    if not 0 <= args.multi_turn <= 1:
+        parser.error("--multi-turn must be in [0, 1]")
     summary = generate(
         args.out_dir,
         n_train=args.train,
@@ -466,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_size=args.image_size,
         workers=args.workers,
         n_text=args.text,
+        multi_turn=args.multi_turn,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -29,6 +29,8 @@ class EvalItem:
     messages: list[Message]
     """The conversation up to and including the question."""
     answer: str
+    turn: int = 1
+    """Which answer of its conversation this is (1 = the first): a follow-up is turn 2."""
 
 
 @dataclass
@@ -37,33 +39,45 @@ class EvalSummary:
     total: int = 0
     by_question: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     """question -> [correct, total]"""
+    by_turn: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    """turn of the conversation (1 = first answer) -> [correct, total]"""
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
-    def add(self, question: str, hit: bool) -> None:
+    def add(self, question: str, hit: bool, turn: int = 1) -> None:
         self.correct += hit
         self.total += 1
-        self.by_question[question][0] += hit
-        self.by_question[question][1] += 1
+        for counts in (self.by_question[question], self.by_turn[turn]):
+            counts[0] += hit
+            counts[1] += 1
 
     def as_dict(self, max_questions: int = 10) -> dict:
-        """accuracy, correct, total, and by_question when there are few distinct questions."""
+        """accuracy, correct, total; by_question when there are few distinct questions and
+        by_turn (keys "1", "2", ...) when some conversations have several answers."""
         out = {"accuracy": self.accuracy, "correct": self.correct, "total": self.total}
         if len(self.by_question) <= max_questions:
             out["by_question"] = {q: {"accuracy": c / n, "total": n}
                                   for q, (c, n) in self.by_question.items()}
+        if len(self.by_turn) > 1:
+            out["by_turn"] = {str(t): {"accuracy": c / n, "total": n}
+                              for t, (c, n) in sorted(self.by_turn.items())}
         return out
 
 
 def eval_items(records: list[dict]) -> Iterator[EvalItem]:
-    """An item for every assistant turn that follows a user turn, with the history before it."""
+    """An item for every assistant turn that follows a user turn, with the history before it
+    (the reference answers of earlier turns, so each turn is scored on its own)."""
     for record in records:
         messages = record["messages"]
+        turn = 0
         for i, message in enumerate(messages):
-            if message["role"] == "assistant" and i > 0:
-                yield EvalItem(record["id"], record["images"], messages[:i], message["content"])
+            if message["role"] == "assistant":
+                turn += 1
+                if i > 0:
+                    yield EvalItem(record["id"], record["images"], messages[:i],
+                                   message["content"], turn)
 
 
 def check_output(path: str | os.PathLike | None, what: str) -> None:
@@ -86,7 +100,7 @@ def evaluate(built: Built, data: str | os.PathLike, image_folder: str | os.PathL
     """Greedy answers to every question of `data` with a reference answer, and normalized
     exact-match accuracy (overall and per question).
 
-    Predictions go to `out` (JSONL: id, question, prediction, answer, correct) as they are
+    Predictions go to `out` (JSONL: id, turn, question, prediction, answer, correct) as they are
     produced, into `out.partial`, renamed to `out` at the end, so an interruption keeps what
     was done. Records that cannot be read are skipped through `on_skip`.
     """
@@ -115,9 +129,10 @@ def evaluate(built: Built, data: str | os.PathLike, image_folder: str | os.PathL
             for item, prediction in zip(chunk, answers, strict=True):
                 question = strip_image_markers(item.messages[-1]["content"])
                 hit = normalize_answer(prediction) == normalize_answer(item.answer)
-                summary.add(question, hit)
+                summary.add(question, hit, item.turn)
                 if sink is not None:
-                    sink.write(json.dumps({"id": item.record_id, "question": question,
+                    sink.write(json.dumps({"id": item.record_id, "turn": item.turn,
+                                           "question": question,
                                            "prediction": prediction, "answer": item.answer,
                                            "correct": hit}, ensure_ascii=False) + "\n")
             if sink is not None:
