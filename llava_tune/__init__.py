@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 __all__ = ["load_llm", "load_run"]
 __version__ = "0.1.0"
 
-_LAZY = {"load_llm": "llava_tune.build.llm", "load_run": "llava_tune.build.model"}
+_LAZY = {"load_llm": "llava_tune.assembly.llm", "load_run": "llava_tune.assembly.model"}
 
 if TYPE_CHECKING:
-    from llava_tune.build.llm import load_llm
-    from llava_tune.build.model import load_run
+    from llava_tune.assembly.llm import load_llm
+    from llava_tune.assembly.model import load_run
 
 
 def __getattr__(name: str):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_tune import rundir
-from llava_tune.build.model import Built, build_tower, load_full_tower, load_run, recorded_base
+from llava_tune.assembly.model import Built, build_tower, load_full_tower, load_run, recorded_base
 from llava_tune.convert.hf_llava import write_hf_llava
 from llava_tune.convert.internlm2 import write_internlm2_checkpoint
 from llava_tune.convert.vision_lora import write_clip_tower

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from llava_tune.build.llm import load_tokenizer
+from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.cli import main
 from llava_tune.cli.chat import _Printer
 from llava_tune.data.template import ChatTemplate, get_template

@@ -95,7 +95,7 @@ def test_accumulation_weighs_every_token_alike(tmp_path, tiny_lm, multi_turn):
     assert losses(small.run_dir) == pytest.approx(losses(big.run_dir), abs=1e-5)
     # The data makes a per-micro-batch mean wrong: the two micro-batches of a step hold very
     # different numbers of label tokens.
-    from llava_tune.build.model import load_run
+    from llava_tune.assembly.model import load_run
     from llava_tune.data.collate import Collator
     from llava_tune.training.setup import build_dataset
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_tune.build.model import build_tower
+from llava_tune.assembly.model import build_tower
 from llava_tune.config import load_config
 from llava_tune.data.collate import Collator
 from llava_tune.data.features import FeatureCache, tower_key

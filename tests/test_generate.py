@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from llava_tune.build.model import load_run
+from llava_tune.assembly.model import load_run
 from llava_tune.data.image import load_image
 from llava_tune.inference.generate import GenerationSettings, generate, generate_batch
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_tune.build.llm import load_llm
+from llava_tune.assembly.llm import load_llm
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset, PackedDataset, pack_groups
 from llava_tune.data.formats import read_conversations

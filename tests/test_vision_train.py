@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
 import llava_tune
-from llava_tune.build.model import build_tower
+from llava_tune.assembly.model import build_tower
 from llava_tune.cli import main
 from llava_tune.config import load_config
 from llava_tune.constants import IMAGE_TOKEN_INDEX

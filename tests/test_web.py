@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import pytest
 from PIL import Image
 
-from llava_tune.build.model import load_model
+from llava_tune.assembly.model import load_model
 from llava_tune.cli import main
 from llava_tune.errors import UserError
 from llava_tune.inference.generate import GenerationSettings, generate

@@ -177,7 +177,7 @@ def _repl(session, args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
-    from llava_tune.build.model import load_model
+    from llava_tune.assembly.model import load_model
     from llava_tune.data.image import load_image
     from llava_tune.inference.chat import ChatSession
 

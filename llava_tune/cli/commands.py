@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--circular is for --mmbench (CircularEval of multiple-choice questions)")
 
     from llava_tune import progress
-    from llava_tune.build.model import load_run
+    from llava_tune.assembly.model import load_run
     from llava_tune.files import write_text_atomic
     from llava_tune.inference.evaluate import check_output, evaluate
     from llava_tune.inference.generate import GenerationSettings, eval_batch_size

@@ -43,7 +43,7 @@ def _print_scores(title: str, overall, category: dict) -> None:
 
 def cmd_eval_mmbench(args: argparse.Namespace) -> int:
     from llava_tune import progress
-    from llava_tune.build.model import load_run
+    from llava_tune.assembly.model import load_run
     from llava_tune.inference.generate import GenerationSettings, eval_batch_size
     from llava_tune.inference.mmbench import evaluate_mmbench_batched, output_paths
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llava_tune.build.model import Built
+from llava_tune.assembly.model import Built
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.image import load_image
 from llava_tune.data.template import Message

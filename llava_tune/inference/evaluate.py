@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_tune.build.model import Built
+from llava_tune.assembly.model import Built
 from llava_tune.data.formats import read_conversations
 from llava_tune.data.image import load_image
 from llava_tune.data.template import Message

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from llava_tune.build.model import Built
+from llava_tune.assembly.model import Built
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.template import Message, add_image_token, expand_image_slots
 from llava_tune.errors import UserError

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from llava_tune.build.model import Built
+from llava_tune.assembly.model import Built
 from llava_tune.errors import UserError
 from llava_tune.inference.chat import ChatSession
 from llava_tune.inference.generate import GenerationSettings, strip_image_markers

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from llava_tune import rundir
-from llava_tune.build.model import Built, check_trainable_state
+from llava_tune.assembly.model import Built, check_trainable_state
 from llava_tune.convert.projector import save_projector
 from llava_tune.convert.weights import load_weights
 from llava_tune.errors import UserError

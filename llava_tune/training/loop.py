@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from llava_tune import rundir
-from llava_tune.build.model import Built
+from llava_tune.assembly.model import Built
 from llava_tune.data.collate import Batch
 from llava_tune.data.datasets import DataReport
 from llava_tune.training.checkpoint import save_checkpoint, save_weights

@@ -13,7 +13,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from torch.utils.data import DataLoader, Subset
 
 from llava_tune import rundir
-from llava_tune.build.model import Built, build_model, carry_over
+from llava_tune.assembly.model import Built, build_model, carry_over
 from llava_tune.config import Config, absolute_paths, check_paths
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset, PackedDataset

@@ -10,7 +10,7 @@ import peft
 import torch
 
 from llava_tune import rundir
-from llava_tune.build.llm import load_llm
+from llava_tune.assembly.llm import load_llm
 from llava_tune.config import Config, ModelConfig
 from llava_tune.convert.lora import check_adapter_folder
 from llava_tune.convert.open_clip import create_open_clip
