@@ -17,7 +17,7 @@ from llava_tune.config import load_config
 from llava_tune.data.collate import Collator
 from llava_tune.errors import UserError
 from llava_tune.rundir import read_run_config
-from llava_tune.training.loop import train
+from llava_tune.training import train
 from llava_tune.training.setup import build_dataset, build_for_training
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"

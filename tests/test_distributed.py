@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from llava_tune.config import load_config
 from llava_tune.constants import IGNORE_INDEX
-from llava_tune.training.loop import train
+from llava_tune.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"

@@ -15,7 +15,7 @@ from llava_tune.data.collate import Collator
 from llava_tune.data.features import FeatureCache, tower_key
 from llava_tune.data.image import ImageProcessor, load_image
 from llava_tune.errors import UserError
-from llava_tune.training.loop import train
+from llava_tune.training import train
 from llava_tune.training.setup import build_dataset, build_for_training, use_feature_cache
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"

@@ -16,7 +16,8 @@ from llava_tune.config import load_config
 from llava_tune.data.collate import Batch, Collator
 from llava_tune.rundir import read_run_config
 from llava_tune.training import events as ev
-from llava_tune.training.loop import fit, train
+from llava_tune.training import train
+from llava_tune.training.loop import fit
 from llava_tune.training.setup import build_dataset, build_for_training, setup
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"

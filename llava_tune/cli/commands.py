@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from llava_tune.cli.progress import TrainPrinter
     from llava_tune.config import load_config
     from llava_tune.recipes import check_placeholders
-    from llava_tune.training.loop import train
+    from llava_tune.training import train
 
     config = load_config(args.config, args.overrides)
     check_placeholders(config, args.config)  # a copied recipe's <path to ...> left unfilled

@@ -1,16 +1,11 @@
-"""The one training loop, on accelerate, for every stage.
-
-    train(config) = setup(config) -> Run, then fit(run)
-
-`setup` builds what a run needs (run dir and its lock, model, data, optimizer, resume state);
-`fit` runs the optimizer steps: token-weighted loss over the accumulation window and all
-processes, logging, validation, checkpoints, Ctrl-C, final weights. Nothing here prints:
-progress goes out as typed events (training/events.py).
+"""The one training loop, on accelerate, for every stage: `fit` runs the optimizer steps of a
+`Run` that setup.py built (token-weighted loss over the accumulation window and all
+processes, logging, validation, checkpoints, Ctrl-C, final weights). Nothing here prints: the
+run's course goes out as typed events (training/events.py).
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -20,10 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
 from llava_tune import rundir
-from llava_tune.assembly.model import Built
 from llava_tune.data.collate import Batch
 from llava_tune.data.datasets import DataReport
 from llava_tune.training.checkpoint import save_checkpoint, save_weights
@@ -35,45 +28,10 @@ from llava_tune.training.events import (
     Logged,
     OnEvent,
     SampleSkipped,
-    Started,
 )
-from llava_tune.training.metrics import MetricsLog, peak_memory_mb
+from llava_tune.training.metrics import peak_memory_mb
 from llava_tune.training.plot import LossPlotter
-
-
-@dataclass
-class Progress:
-    """Where a run is: optimizer steps done, epoch, micro-batches consumed in this epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-
-
-@dataclass
-class Run:
-    """Everything `fit` needs, built by `setup.setup`."""
-
-    config: object
-    run_dir: Path
-    accelerator: Accelerator
-    built: Built
-    model: torch.nn.Module
-    """The prepared (maybe distributed) model."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: torch.utils.data.DataLoader
-    eval_loader: torch.utils.data.DataLoader | None
-    params: list[torch.nn.Parameter]
-    total_steps: int
-    progress: Progress
-    started: Started
-    metrics: MetricsLog
-    data: DataReport
-    close: object = field(default=lambda: None)
-    """Releases the run dir's lock."""
-    plotter: LossPlotter | None = None
-    """Draws RUN/loss.png (main process; set by `fit`)."""
+from llava_tune.training.setup import Run
 
 
 @dataclass
@@ -94,17 +52,6 @@ class _Window:
     label_tokens: int = 0
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
-
-
-def train(config, on_event: OnEvent = lambda event: None, overwrite: bool = False) -> TrainResult:
-    """Train one stage as `config` says and write its run dir."""
-    from llava_tune.training.setup import setup
-
-    run = setup(config, overwrite=overwrite)
-    try:
-        return fit(run, on_event)
-    finally:
-        run.close()
 
 
 def fit(run: Run, on_event: OnEvent) -> TrainResult:
@@ -311,9 +258,3 @@ def _stop_requests() -> Iterator[_StopFlag]:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def steps_for(loader_batches: int, config) -> int:
-    """Optimizer steps of a run: train.max_steps, or epochs x ceil(batches / grad_accum)."""
-    per_epoch = max(1, math.ceil(loader_batches / config.train.grad_accum))
-    return config.train.max_steps or max(1, math.ceil(config.train.epochs * per_epoch))

@@ -1,10 +1,13 @@
 """Everything a training run needs before its first step, in the order it is needed:
-checks, accelerator, run dir and its lock, model, data, optimizer, resume state."""
+checks, accelerator, run dir and its lock, model, data, optimizer, resume state; the `Run`
+that `loop.fit` then trains."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,15 +19,51 @@ from llava_tune import rundir
 from llava_tune.assembly.model import Built, build_model, carry_over
 from llava_tune.config import Config, absolute_paths, check_paths
 from llava_tune.data.collate import Collator
-from llava_tune.data.datasets import ConversationDataset, PackedDataset
+from llava_tune.data.datasets import ConversationDataset, DataReport, PackedDataset
 from llava_tune.data.sampler import LengthGroupedSampler
 from llava_tune.errors import UserError
 from llava_tune.launch import check_launch, mixed_precision
 from llava_tune.stages import STAGES, llm_mode, parameter_counts, set_trainable, vision_mode
 from llava_tune.training.checkpoint import latest_checkpoint, load_checkpoint
 from llava_tune.training.events import Started
-from llava_tune.training.loop import Progress, Run, steps_for
 from llava_tune.training.metrics import MetricsLog
+from llava_tune.training.plot import LossPlotter
+
+
+@dataclass
+class Progress:
+    """Where a run is: optimizer steps done, epoch, micro-batches consumed in this epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Everything `loop.fit` needs, built by `setup`."""
+
+    config: Config
+    run_dir: Path
+    accelerator: Accelerator
+    built: Built
+    model: torch.nn.Module
+    """The prepared (maybe distributed) model."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: DataLoader
+    eval_loader: DataLoader | None
+    params: list[torch.nn.Parameter]
+    total_steps: int
+    progress: Progress
+    started: Started
+    metrics: MetricsLog
+    data: DataReport
+    close: Callable[[], None]
+    """Closes the metrics log and releases the run dir's lock."""
+    plotter: LossPlotter | None = None
+    """Draws RUN/loss.png (main process; set by `fit`)."""
+
 
 
 def setup(config: Config, overwrite: bool = False) -> Run:
@@ -73,7 +112,8 @@ def make_accelerator(config: Config) -> Accelerator:
     )
 
 
-def claim_run_dir(run_dir: Path, config: Config, overwrite: bool, accelerator: Accelerator):
+def claim_run_dir(run_dir: Path, config: Config, overwrite: bool,
+                  accelerator: Accelerator) -> rundir.RunLock:
     """Lock the run dir (main process) and refuse to destroy what is in it; every process
     learns the outcome, so a refusal stops them all."""
     lock = rundir.RunLock(run_dir)
@@ -143,7 +183,8 @@ def make_loaders(config: Config, built: Built, accelerator: Accelerator, train_s
     return loader, eval_loader
 
 
-def _build_run(config: Config, accelerator: Accelerator, run_dir: Path, lock) -> Run:
+def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
+               lock: rundir.RunLock) -> Run:
     tc = config.train
     set_seed(tc.seed)
     built, carried = build_for_training(config, device=accelerator.device)
@@ -182,9 +223,16 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path, lock) ->
         metrics.close()
         lock.release()
 
-    return Run(config, run_dir, accelerator, built, model, optimizer, scheduler, loader,
-               eval_loader, params, total_steps, progress, started, metrics, train_set.report,
-               close)
+    return Run(config=config, run_dir=run_dir, accelerator=accelerator, built=built, model=model,
+               optimizer=optimizer, scheduler=scheduler, loader=loader, eval_loader=eval_loader,
+               params=params, total_steps=total_steps, progress=progress, started=started,
+               metrics=metrics, data=train_set.report, close=close)
+
+
+def steps_for(loader_batches: int, config: Config) -> int:
+    """Optimizer steps of a run: train.max_steps, or epochs x ceil(batches / grad_accum)."""
+    per_epoch = max(1, math.ceil(loader_batches / config.train.grad_accum))
+    return config.train.max_steps or max(1, math.ceil(config.train.epochs * per_epoch))
 
 
 def use_feature_cache(config: Config, built: Built, accelerator: Accelerator,
