@@ -1,34 +1,16 @@
-"""Stages are data: which parts of the model exist and how each of them trains."""
+"""A config's stage applied: how each part trains (the stages themselves are data:
+constants.STAGES), with LoRA configs for the LLM and the tower."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import peft
 from torch import nn
 
 from llava_tune.config import Config, LoraConfig
+from llava_tune.constants import STAGES
 from llava_tune.errors import UserError
 from llava_tune.models.llava import LlavaModel
 from llava_tune.models.vision import VISION_LORA_TARGETS
-
-
-@dataclass(frozen=True)
-class Stage:
-    """`vision`: the stage has the vision tower and the projector (which always trains).
-    `llm` / `tower`: how the LLM and the tower train unless the config says otherwise."""
-
-    name: str
-    vision: bool
-    llm: str
-    tower: str = "frozen"
-
-
-STAGES = {
-    "pretrain": Stage("pretrain", vision=True, llm="frozen"),
-    "finetune": Stage("finetune", vision=True, llm="lora"),
-    "sft": Stage("sft", vision=False, llm="lora"),
-}
 
 _HF_CLIP_NAMES = {"fc1": "c_fc", "fc2": "c_proj"}
 
