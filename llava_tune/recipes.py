@@ -21,6 +21,7 @@ import yaml
 from llava_tune.config import Config, load_config
 from llava_tune.constants import STAGES
 from llava_tune.errors import UserError
+from llava_tune.stages import llm_mode, vision_mode
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 """The source checkout's configs/ folder (the recipes ship there, next to the package)."""
@@ -79,8 +80,6 @@ class Recipe:
     @property
     def trains(self) -> str:
         """What trains: the projector, the LLM and the vision tower, each with its mode."""
-        from llava_tune.stages import llm_mode, vision_mode
-
         parts = ["projector"] if STAGES[self.config.stage].vision else []
         llm = llm_mode(self.config)
         if llm == "lora":

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from llava_tune.assembly.trainable import parameter_counts, trainable_names
 from llava_tune.config import load_config
-from llava_tune.stages import llm_mode, parameter_counts, trainable_names
+from llava_tune.stages import llm_mode
 from llava_tune.training.setup import build_for_training
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"

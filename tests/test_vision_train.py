@@ -415,8 +415,9 @@ def test_real_finetune_configs_train_xtuners_tower_lora(size):
 
     import open_clip
 
+    from llava_tune.assembly.trainable import vision_lora_config
     from llava_tune.models.vision import VisionTower
-    from llava_tune.stages import vision_lora_config, vision_mode
+    from llava_tune.stages import vision_mode
 
     sys.path.insert(0, str(REPO / "scripts"))
     import estimate_memory

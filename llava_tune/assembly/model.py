@@ -11,6 +11,7 @@ import torch
 
 from llava_tune import rundir
 from llava_tune.assembly.llm import load_llm
+from llava_tune.assembly.trainable import set_trainable
 from llava_tune.config import Config, ModelConfig
 from llava_tune.constants import STAGES
 from llava_tune.convert.lora import check_adapter_folder
@@ -24,7 +25,7 @@ from llava_tune.files import read_json
 from llava_tune.models.llava import LlavaModel
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
-from llava_tune.stages import llm_mode, set_trainable, vision_mode
+from llava_tune.stages import llm_mode, vision_mode
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Subset
 
 from llava_tune import rundir
 from llava_tune.assembly.model import Built, build_model, carry_over
+from llava_tune.assembly.trainable import parameter_counts, set_trainable
 from llava_tune.config import Config, absolute_paths, check_paths
 from llava_tune.constants import STAGES
 from llava_tune.data.collate import Collator
@@ -24,7 +25,7 @@ from llava_tune.data.datasets import ConversationDataset, DataReport, PackedData
 from llava_tune.data.sampler import LengthGroupedSampler
 from llava_tune.errors import UserError
 from llava_tune.launch import check_launch, mixed_precision
-from llava_tune.stages import llm_mode, parameter_counts, set_trainable, vision_mode
+from llava_tune.stages import llm_mode, vision_mode
 from llava_tune.training.checkpoint import latest_checkpoint, load_checkpoint
 from llava_tune.training.events import Started
 from llava_tune.training.metrics import MetricsLog
