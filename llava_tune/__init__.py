@@ -4,7 +4,8 @@ The public API loads lazily, so `import llava_tune` (and `llava-tune --help`) do
 import torch:
 
     llava_tune.load_llm(path, quantization=None, dtype=None) -> (model, tokenizer)
-    llava_tune.load_run(run_dir, base=None, quantization=True) -> Built (.model, .tokenizer, ...)
+    llava_tune.load_run(run_dir, base=None, quantization=True)
+        -> ModelBundle (.model, .tokenizer, .image_processor, ...)
 """
 
 from __future__ import annotations

@@ -99,11 +99,11 @@ def test_accumulation_weighs_every_token_alike(tmp_path, tiny_lm, multi_turn):
     from llava_tune.data.collate import Collator
     from llava_tune.training.setup import build_dataset
 
-    built = load_run(big.run_dir)
-    dataset = build_dataset(built.config, built, str(multi_turn))
+    bundle = load_run(big.run_dir)
+    dataset = build_dataset(bundle.config, bundle, str(multi_turn))
     counts = [int((dataset[i]["labels"][1:] != IGNORE_INDEX).sum()) for i in range(len(dataset))]
     assert max(counts) > 3 * min(counts)
-    assert Collator(built.tokenizer.pad_token_id)([dataset[0]]).num_label_tokens == counts[0]
+    assert Collator(bundle.tokenizer.pad_token_id)([dataset[0]]).num_label_tokens == counts[0]
 
 
 def test_accumulation_with_images_and_4bit(tmp_path, stage_overrides):

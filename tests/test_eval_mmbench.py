@@ -76,9 +76,9 @@ def test_cli_scores_and_files_equal_the_librarys(tiny_finetune_run, tsv, tmp_pat
     summary = json.loads((out / "shapes_summary.json").read_text())
 
     # The library, asked with the same model's batched greedy answers.
-    built = assembly_model.load_run(tiny_finetune_run)
+    bundle = assembly_model.load_run(tiny_finetune_run)
     reference = evaluate_mmbench_batched(
-        tsv, answer_batch_fn(built, GenerationSettings(max_new_tokens=3)), circular=circular,
+        tsv, answer_batch_fn(bundle, GenerationSettings(max_new_tokens=3)), circular=circular,
         out_dir=tmp_path / "lib", batch_size=7)
     expected = reference.summary()
     for key in ("predictions_file",):

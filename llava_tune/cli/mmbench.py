@@ -22,13 +22,13 @@ def add_arguments(p: argparse.ArgumentParser, source) -> None:
                    "with its options in every rotation (the plain score is reported too)")
 
 
-def answer_batch_fn(built, settings):
+def answer_batch_fn(bundle, settings):
     """The library's batch callable, [(messages, [image]), ...] -> [answer, ...], on
     `generate_batch` (the same conversations type: one user turn and its image)."""
     from llava_tune.inference.generate import generate_batch
 
     def answer_batch(batch: list) -> list[str]:
-        return generate_batch(built, [(messages, list(images)) for messages, images in batch],
+        return generate_batch(bundle, [(messages, list(images)) for messages, images in batch],
                               settings)
 
     return answer_batch
