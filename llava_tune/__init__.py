@@ -4,7 +4,8 @@ The public API loads lazily, so `import llava_tune` (and `llava-tune --help`) do
 import torch:
 
     llava_tune.load_llm(path, quantization=None, dtype=None) -> (model, tokenizer)
-    llava_tune.load_run(run_dir, base=None, quantization=True) -> Built (.model, .tokenizer, ...)
+    llava_tune.load_run(run_dir, base=None, quantization=True)
+        -> ModelBundle (.model, .tokenizer, .image_processor, ...)
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import TYPE_CHECKING
 __all__ = ["load_llm", "load_run"]
 __version__ = "0.1.0"
 
-_LAZY = {"load_llm": "llava_tune.build.llm", "load_run": "llava_tune.build.model"}
+_LAZY = {"load_llm": "llava_tune.assembly.llm", "load_run": "llava_tune.assembly.model"}
 
 if TYPE_CHECKING:
-    from llava_tune.build.llm import load_llm
-    from llava_tune.build.model import load_run
+    from llava_tune.assembly.llm import load_llm
+    from llava_tune.assembly.model import load_run
 
 
 def __getattr__(name: str):

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from llava_tune.constants import MIXED_PRECISIONS, QUANTIZATIONS, STAGES, TRAIN_MODES
 from llava_tune.errors import UserError
-
-STAGE_NAMES = ("pretrain", "finetune", "sft")
-LLM_MODES = ("frozen", "lora", "full")
-VISION_MODES = ("frozen", "lora", "full")
 
 
 @dataclass
@@ -261,19 +258,21 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 def validate(config: Config) -> list[str]:
     """Problems with values (not files): stage, modes and their combinations."""
     errors = []
-    if config.stage not in STAGE_NAMES:
-        errors.append(f"stage={config.stage!r}; use one of {', '.join(STAGE_NAMES)}")
-    if config.train.llm is not None and config.train.llm not in LLM_MODES:
-        errors.append(f"train.llm={config.train.llm!r}; use one of {', '.join(LLM_MODES)}")
-    if config.model.quantization not in (None, "4bit", "8bit"):
-        errors.append(f"model.quantization={config.model.quantization!r}; use null, 4bit or 8bit")
+    if config.stage not in STAGES:
+        errors.append(f"stage={config.stage!r}; use one of {_one_of(STAGES)}")
+    if config.train.llm is not None and config.train.llm not in TRAIN_MODES:
+        errors.append(f"train.llm={config.train.llm!r}; use one of {_one_of(TRAIN_MODES)}")
+    if config.model.quantization not in QUANTIZATIONS:
+        errors.append(f"model.quantization={config.model.quantization!r}; use one of "
+                      f"{_one_of(QUANTIZATIONS)}")
     if config.model.quantization and config.train.llm == "full":
         errors.append("train.llm=full cannot train a quantized LLM; set model.quantization=null "
                       "or train.llm=lora")
-    if config.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-        errors.append(f"train.mixed_precision={config.train.mixed_precision!r}; use auto, no, bf16 or fp16")
-    if config.train.vision is not None and config.train.vision not in VISION_MODES:
-        errors.append(f"train.vision={config.train.vision!r}; use one of {', '.join(VISION_MODES)}")
+    if config.train.mixed_precision not in MIXED_PRECISIONS:
+        errors.append(f"train.mixed_precision={config.train.mixed_precision!r}; use one of "
+                      f"{_one_of(MIXED_PRECISIONS)}")
+    if config.train.vision is not None and config.train.vision not in TRAIN_MODES:
+        errors.append(f"train.vision={config.train.vision!r}; use one of {_one_of(TRAIN_MODES)}")
     if config.stage == "sft" and config.train.vision not in (None, "frozen"):
         errors.append(f"train.vision={config.train.vision} in stage sft, which has no vision "
                       "tower; remove train.vision")
@@ -319,6 +318,11 @@ def validate(config: Config) -> list[str]:
         errors.append("data.pack and data.group_by_length both set; packing already fills rows, "
                       "pick one")
     return errors
+
+
+def _one_of(values) -> str:
+    """Allowed values as a config file writes them: `null, 4bit, 8bit`."""
+    return ", ".join("null" if value is None else str(value) for value in values)
 
 
 def check_paths(config: Config, needs_images: bool) -> list[str]:

@@ -1,4 +1,10 @@
-"""Values shared by every layer of llava-tune."""
+"""Values shared by every layer of llava-tune, and the allowed values of the config's
+enumerated keys: config validation checks against these, and the code that acts on a value
+takes it from here too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 IGNORE_INDEX = -100
 """Label value that carries no loss (prompts, image slots, padding)."""
@@ -8,3 +14,37 @@ IMAGE_TOKEN = "<image>"
 
 IMAGE_TOKEN_INDEX = -200
 """Placeholder id for one image slot in input_ids; each image fills N consecutive slots."""
+
+
+# --------------------------------------------------------------------------- allowed values
+
+
+TRAIN_MODES = ("frozen", "lora", "full")
+"""How a part of the model trains: train.llm, train.vision."""
+
+QUANTIZATIONS = (None, "4bit", "8bit")
+"""model.quantization: full precision, NF4 (QLoRA) or LLM.int8."""
+
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+"""train.mixed_precision: auto is bf16 on GPUs that have it, fp16 on older GPUs, no on the
+CPU."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """`vision`: the stage has the vision tower and the projector (which always trains).
+    `llm` / `tower`: how the LLM and the tower train (one of TRAIN_MODES) unless the config
+    says otherwise."""
+
+    name: str
+    vision: bool
+    llm: str
+    tower: str = "frozen"
+
+
+STAGES = {stage.name: stage for stage in (
+    Stage("pretrain", vision=True, llm="frozen"),
+    Stage("finetune", vision=True, llm="lora"),
+    Stage("sft", vision=False, llm="lora"),
+)}
+"""Stages are data: the config's `stage` is one of these names."""

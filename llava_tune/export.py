@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_tune import rundir
-from llava_tune.build.model import Built, build_tower, load_full_tower, load_run, recorded_base
+from llava_tune.assembly.model import (
+    ModelBundle,
+    build_tower,
+    load_full_tower,
+    load_run,
+    recorded_base,
+)
 from llava_tune.convert.hf_llava import write_hf_llava
 from llava_tune.convert.internlm2 import write_internlm2_checkpoint
 from llava_tune.convert.vision_lora import write_clip_tower
@@ -116,23 +122,23 @@ def _clear_target(out_dir: Path) -> tuple[Path | None, Path | None]:
     raise UserError(f"too many {out_dir.name}.replaced-* folders beside {out_dir}; remove some")
 
 
-def merged_model(run_dir: Path, base) -> Built:
+def merged_model(run_dir: Path, base) -> ModelBundle:
     """The run in full precision on the CPU with every LoRA merged into its weights: the
     original base weights, not the 4-bit ones it trained against, so nothing of the
     quantization error is baked into the export."""
-    built = load_run(run_dir, base=base, quantization=None, device="cpu")
-    model = built.model
+    bundle = load_run(run_dir, base=base, quantization=None, device="cpu")
+    model = bundle.model
     if hasattr(model.llm, "merge_and_unload"):
         model.llm = model.llm.merge_and_unload()
     if model.vision is not None and hasattr(model.vision.visual, "merge_and_unload"):
         model.vision.visual = model.vision.visual.merge_and_unload()
-    return built
+    return bundle
 
 
 def _write_llm(run_dir: Path, folder: Path, base, config) -> None:
-    built = merged_model(run_dir, base)
-    built.model.llm.save_pretrained(folder)
-    built.tokenizer.save_pretrained(folder)
+    bundle = merged_model(run_dir, base)
+    bundle.model.llm.save_pretrained(folder)
+    bundle.tokenizer.save_pretrained(folder)
 
 
 def _write_internlm2(run_dir: Path, folder: Path, base, config) -> None:
@@ -148,9 +154,9 @@ def _write_internlm2(run_dir: Path, folder: Path, base, config) -> None:
 def _write_hf_llava(run_dir: Path, folder: Path, base, config) -> None:
     if config.stage == "sft":
         raise UserError(f"{run_dir} is a text-only run; export it with --format llm")
-    built = merged_model(run_dir, base)
-    model = built.model
-    write_hf_llava(folder, model.llm, built.tokenizer, model.vision, model.projector)
+    bundle = merged_model(run_dir, base)
+    model = bundle.model
+    write_hf_llava(folder, model.llm, bundle.tokenizer, model.vision, model.projector)
 
 
 def _write_xtuner(run_dir: Path, folder: Path, base, config) -> None:

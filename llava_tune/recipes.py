@@ -19,7 +19,9 @@ from pathlib import Path
 import yaml
 
 from llava_tune.config import Config, load_config
+from llava_tune.constants import STAGES
 from llava_tune.errors import UserError
+from llava_tune.stages import llm_mode, vision_mode
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 """The source checkout's configs/ folder (the recipes ship there, next to the package)."""
@@ -69,8 +71,6 @@ class Recipe:
     @property
     def model(self) -> str:
         """The LLM folder's name (with its quantization) and the vision tower's name."""
-        from llava_tune.stages import STAGES
-
         model = self.config.model
         text = Path(model.llm).name + (f" ({model.quantization})" if model.quantization else "")
         if STAGES[self.config.stage].vision:
@@ -80,8 +80,6 @@ class Recipe:
     @property
     def trains(self) -> str:
         """What trains: the projector, the LLM and the vision tower, each with its mode."""
-        from llava_tune.stages import STAGES, llm_mode, vision_mode
-
         parts = ["projector"] if STAGES[self.config.stage].vision else []
         llm = llm_mode(self.config)
         if llm == "lora":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llava_tune.cli import quiet_libraries
 from llava_tune.config import load_config
-from llava_tune.training.loop import train
+from llava_tune.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -263,7 +263,7 @@ def shared_dataset(config, export: Path):
     template, max_length, image processing and image slots), its settings read from the
     hf-llava export so that no vision tower has to load. Returns (dataset, image token id of
     the Llava model, pad id)."""
-    from llava_tune.build.llm import load_tokenizer
+    from llava_tune.assembly.llm import load_tokenizer
     from llava_tune.data.datasets import ConversationDataset
     from llava_tune.data.image import ImageProcessor
     from llava_tune.data.template import ChatTemplate, add_image_token, get_template
@@ -450,7 +450,7 @@ def load_peer_model(config, export: Path, llm_vocab: int):
     import torch
     from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
 
-    from llava_tune.build.llm import resolve_dtype
+    from llava_tune.assembly.llm import resolve_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(config.model.dtype, device)

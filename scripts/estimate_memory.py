@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
+from llava_tune.assembly.trainable import vision_lora_config
 from llava_tune.config import load_config
+from llava_tune.constants import STAGES
 from llava_tune.convert.internlm2 import internlm2_to_llama_config
 from llava_tune.models.loss import DEFAULT_CHUNK
-from llava_tune.stages import STAGES, vision_lora_config, vision_mode
+from llava_tune.stages import vision_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 2**30

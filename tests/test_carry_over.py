@@ -17,7 +17,7 @@ from llava_tune.config import load_config
 from llava_tune.data.collate import Collator
 from llava_tune.errors import UserError
 from llava_tune.rundir import read_run_config
-from llava_tune.training.loop import train
+from llava_tune.training import train
 from llava_tune.training.setup import build_dataset, build_for_training
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -70,13 +70,13 @@ def test_lora_on_a_fully_trained_llm_keeps_its_weights(tmp_path, full_run, tiny_
 def test_full_training_after_lora_merges_the_adapter(tmp_path, lora_run, tiny_lm, shapes_data):
     config = text_config(tiny_lm, shapes_data, tmp_path / "next", "train.llm=full",
                          "train.max_steps=1", f"init_from={lora_run}")
-    built, carried = build_for_training(config, device="cpu")
+    bundle, carried = build_for_training(config, device="cpu")
     assert carried == ["llm_adapter"]
     # Before any step the model is the LoRA run's function, as plain weights that all train.
     before = llava_tune.load_run(lora_run)
-    torch.testing.assert_close(llm_logits(built.model.llm), llm_logits(before.model.llm),
+    torch.testing.assert_close(llm_logits(bundle.model.llm), llm_logits(before.model.llm),
                                atol=1e-5, rtol=0)
-    assert all(p.requires_grad for p in built.model.llm.parameters())
+    assert all(p.requires_grad for p in bundle.model.llm.parameters())
     result = train(config)
     parts = json.loads((result.run_dir / "COMPLETE").read_text())["parts"]
     assert parts == ["llm"]  # the whole trained LLM, nothing left in an adapter
@@ -144,10 +144,11 @@ def test_validation_loss_is_the_token_weighted_loss_on_data_eval(tmp_path, tiny_
     assert [e.eval_loss for e in events if type(e).__name__ == "Evaluated"] == \
         [line["eval_loss"] for line in evals]
     # Independently: the finished model's plain logits and cross-entropy over every eval token.
-    built = llava_tune.load_run(tmp_path / "run")
-    dataset = build_dataset(built.config, built, str(eval_file))
-    batch = Collator(built.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    bundle = llava_tune.load_run(tmp_path / "run")
+    dataset = build_dataset(bundle.config, bundle, str(eval_file))
+    batch = Collator(bundle.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        logits = built.model.llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = bundle.model.llm(input_ids=batch.input_ids,
+                                  attention_mask=batch.attention_mask).logits
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten())
     assert evals[-1]["eval_loss"] == pytest.approx(expected.item(), abs=1e-4)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from llava_tune.build.llm import load_tokenizer
+from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.cli import main
 from llava_tune.cli.chat import _Printer
 from llava_tune.data.template import ChatTemplate, get_template
@@ -333,8 +333,8 @@ def test_streamed_text_is_the_stripped_answer(tiny_lm):
 def test_empty_system_command_clears_the_runs_default_system():
     template = ChatTemplate(**{**get_template("internlm2_chat").__dict__,
                                "default_system": "You are a shape expert."})
-    built = SimpleNamespace(model=SimpleNamespace(vision=None))
-    session = ChatSession(built, system=template.default_system)
+    bundle = SimpleNamespace(model=SimpleNamespace(vision=None))
+    session = ChatSession(bundle, system=template.default_system)
 
     def prompt() -> str:
         return template.render(session.messages_for("hi"), "<s>", add_generation_prompt=True)[0]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from llava_tune.build.llm import load_llm
+from llava_tune.assembly.llm import load_llm
 from llava_tune.cli import main
 from llava_tune.config import Config, valid_keys
 from llava_tune.convert.internlm2 import is_internlm2_dir

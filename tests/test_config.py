@@ -7,6 +7,7 @@ import re
 import pytest
 
 from llava_tune.config import Config, load_config, parse_overrides, valid_keys
+from llava_tune.constants import STAGES, TRAIN_MODES
 from llava_tune.errors import UserError
 
 BASE = """\
@@ -155,6 +156,24 @@ def test_bad_enum_values(base_yaml):
         load_config(base_yaml, ["model.quantization=3bit"])
     with pytest.raises(UserError, match=r"train\.llm='qlora'; use one of frozen, lora, full"):
         load_config(base_yaml, ["train.llm=qlora"])
+
+
+def test_every_enumerated_key_lists_its_values_in_one_error(base_yaml):
+    """The allowed values come from constants.py, the one place that lists them."""
+    with pytest.raises(UserError) as err:
+        load_config(base_yaml, ["stage=caption", "train.vision=half", "model.quantization=2bit",
+                                "train.mixed_precision=fp8"])
+    assert str(err.value).splitlines()[1:] == [
+        "  stage='caption'; use one of pretrain, finetune, sft",
+        "  model.quantization='2bit'; use one of null, 4bit, 8bit",
+        "  train.mixed_precision='fp8'; use one of auto, no, bf16, fp16",
+        "  train.vision='half'; use one of frozen, lora, full",
+    ]
+
+
+def test_stage_defaults_are_train_modes():
+    for stage in STAGES.values():
+        assert stage.llm in TRAIN_MODES and stage.tower in TRAIN_MODES
 
 
 def test_missing_file(tmp_path):

@@ -11,10 +11,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from llava_tune.config import check_paths, load_config
+from llava_tune.constants import STAGES
 from llava_tune.convert.internlm2 import internlm2_to_llama_config
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
-from llava_tune.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 # Training configs; configs/accelerate/ holds accelerate launch configs (tests/test_launch.py).

@@ -14,7 +14,7 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
-from llava_tune.build.llm import load_tokenizer
+from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from llava_tune.config import load_config
 from llava_tune.constants import IGNORE_INDEX
-from llava_tune.training.loop import train
+from llava_tune.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
@@ -95,15 +95,15 @@ def test_accumulation_weighs_every_token_alike(tmp_path, tiny_lm, multi_turn):
     assert losses(small.run_dir) == pytest.approx(losses(big.run_dir), abs=1e-5)
     # The data makes a per-micro-batch mean wrong: the two micro-batches of a step hold very
     # different numbers of label tokens.
-    from llava_tune.build.model import load_run
+    from llava_tune.assembly.model import load_run
     from llava_tune.data.collate import Collator
     from llava_tune.training.setup import build_dataset
 
-    built = load_run(big.run_dir)
-    dataset = build_dataset(built.config, built, str(multi_turn))
+    bundle = load_run(big.run_dir)
+    dataset = build_dataset(bundle.config, bundle, str(multi_turn))
     counts = [int((dataset[i]["labels"][1:] != IGNORE_INDEX).sum()) for i in range(len(dataset))]
     assert max(counts) > 3 * min(counts)
-    assert Collator(built.tokenizer.pad_token_id)([dataset[0]]).num_label_tokens == counts[0]
+    assert Collator(bundle.tokenizer.pad_token_id)([dataset[0]]).num_label_tokens == counts[0]
 
 
 def test_accumulation_with_images_and_4bit(tmp_path, stage_overrides):

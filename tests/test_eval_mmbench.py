@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from llava_tune import progress
-from llava_tune.build import model as build_model
+from llava_tune.assembly import model as assembly_model
 from llava_tune.cli import main
 from llava_tune.cli.mmbench import answer_batch_fn
 from llava_tune.demo import mmbench as shapes_mmbench
@@ -60,7 +60,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded although the input is bad")
 
-    monkeypatch.setattr(build_model, "load_run", refuse)
+    monkeypatch.setattr(assembly_model, "load_run", refuse)
 
 
 # --------------------------------------------------------------------------- the scores
@@ -76,9 +76,9 @@ def test_cli_scores_and_files_equal_the_librarys(tiny_finetune_run, tsv, tmp_pat
     summary = json.loads((out / "shapes_summary.json").read_text())
 
     # The library, asked with the same model's batched greedy answers.
-    built = build_model.load_run(tiny_finetune_run)
+    bundle = assembly_model.load_run(tiny_finetune_run)
     reference = evaluate_mmbench_batched(
-        tsv, answer_batch_fn(built, GenerationSettings(max_new_tokens=3)), circular=circular,
+        tsv, answer_batch_fn(bundle, GenerationSettings(max_new_tokens=3)), circular=circular,
         out_dir=tmp_path / "lib", batch_size=7)
     expected = reference.summary()
     for key in ("predictions_file",):

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
 
-from llava_tune.build.llm import load_llm
-from llava_tune.build.model import load_run
+from llava_tune.assembly.llm import load_llm
+from llava_tune.assembly.model import load_run
 from llava_tune.cli import main
 from llava_tune.constants import IMAGE_TOKEN_INDEX
 

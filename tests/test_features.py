@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_tune.build.model import build_tower
+from llava_tune.assembly.model import build_tower
 from llava_tune.config import load_config
 from llava_tune.data.collate import Collator
 from llava_tune.data.features import FeatureCache, tower_key
 from llava_tune.data.image import ImageProcessor, load_image
 from llava_tune.errors import UserError
-from llava_tune.training.loop import train
+from llava_tune.training import train
 from llava_tune.training.setup import build_dataset, build_for_training, use_feature_cache
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -89,11 +89,11 @@ def test_cached_training_equals_plain_training(tmp_path, stage_overrides):
     config = load_config(DEMO / "finetune.yaml", [
         *stage_overrides("finetune", "stage2"), *QUICK, f"data.feature_cache={cache}",
         f"init_from={cached.run_dir}"])
-    built, _ = build_for_training(config, device="cpu")
-    dataset = build_dataset(config, built, config.data.train)
-    notes = use_feature_cache(config, built, _single_process(), [dataset])
+    bundle, _ = build_for_training(config, device="cpu")
+    dataset = build_dataset(config, bundle, config.data.train)
+    notes = use_feature_cache(config, bundle, _single_process(), [dataset])
     assert notes and "(0 computed now)" in notes[0]
-    batch = Collator(built.tokenizer.pad_token_id)([dataset[i] for i in range(2)])
+    batch = Collator(bundle.tokenizer.pad_token_id)([dataset[i] for i in range(2)])
     assert batch.pixel_values is None and batch.image_features.shape == (2, 4, 64)
 
 
@@ -101,9 +101,9 @@ def test_cache_is_off_while_the_tower_trains(tmp_path, stage_overrides):
     config = load_config(DEMO / "finetune.yaml", [
         *stage_overrides("finetune"), *QUICK, f"data.feature_cache={tmp_path / 'f'}",
         "train.vision=lora", "train.vision_lora.r=4", "init_from=null"])
-    built, _ = build_for_training(config, device="cpu")
-    dataset = build_dataset(config, built, config.data.train)
-    notes = use_feature_cache(config, built, _single_process(), [dataset])
+    bundle, _ = build_for_training(config, device="cpu")
+    dataset = build_dataset(config, bundle, config.data.train)
+    notes = use_feature_cache(config, bundle, _single_process(), [dataset])
     assert notes == ["data.feature_cache is not used: the vision tower trains (train.vision=lora)"]
     assert dataset.feature_cache is None and not (tmp_path / "f").exists()
 

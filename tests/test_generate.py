@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from llava_tune.build.model import load_run
+from llava_tune.assembly.model import load_run
 from llava_tune.data.image import load_image
 from llava_tune.inference.generate import GenerationSettings, generate, generate_batch
 
 
 def test_batched_greedy_answers_equal_one_at_a_time(tiny_finetune_run, shapes_data):
-    built = load_run(tiny_finetune_run)
+    bundle = load_run(tiny_finetune_run)
     settings = GenerationSettings(max_new_tokens=12)
     records = json.loads((shapes_data / "heldout.json").read_text())[:6]
     conversations = []
@@ -20,8 +20,8 @@ def test_batched_greedy_answers_equal_one_at_a_time(tiny_finetune_run, shapes_da
         if i % 3 == 2:  # a text-only question among them, and another length of prompt
             question, images = "Describe a red circle in a few words, please.", []
         conversations.append(([{"role": "user", "content": question}], images))
-    alone = [generate(built, messages, images, settings) for messages, images in conversations]
-    together = generate_batch(built, conversations, settings)
+    alone = [generate(bundle, messages, images, settings) for messages, images in conversations]
+    together = generate_batch(bundle, conversations, settings)
     assert together == alone
     assert len(set(alone)) > 1  # the prompts really differ in what they produce
 
@@ -31,18 +31,18 @@ def test_batched_generation_records_no_autograd_graph(tiny_finetune_run, shapes_
     features and the prompt embeddings would keep an autograd graph per batch."""
     import torch
 
-    built = load_run(tiny_finetune_run)
+    bundle = load_run(tiny_finetune_run)
     seen = []
-    inner = built.model.llm.generate
+    inner = bundle.model.llm.generate
 
     def spy(*args, **kwargs):
         seen.append((torch.is_grad_enabled(), kwargs.get("inputs_embeds")))
         return inner(*args, **kwargs)
 
-    built.model.llm.generate = spy
+    bundle.model.llm.generate = spy
     image = load_image(shapes_data / "images" / "heldout" / "000000.png")
     with torch.enable_grad():
-        generate_batch(built, [([{"role": "user", "content": "<image>\nWhat color is the shape?"}],
+        generate_batch(bundle, [([{"role": "user", "content": "<image>\nWhat color is the shape?"}],
                                 [image])], GenerationSettings(max_new_tokens=2))
     assert len(seen) == 1
     grad_enabled, embeds = seen[0]

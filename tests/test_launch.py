@@ -12,7 +12,7 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 
-from llava_tune.build.llm import quantization_config
+from llava_tune.assembly.llm import quantization_config
 from llava_tune.config import load_config
 from llava_tune.errors import UserError
 from llava_tune.launch import check_launch, launched_with, shards_parameters

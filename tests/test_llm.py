@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llava_tune
-from llava_tune.build.llm import converted_internlm2_dir, load_tokenizer
+from llava_tune.assembly.llm import converted_internlm2_dir, load_tokenizer
 from llava_tune.convert.internlm2 import internlm2_to_llama_config, internlm2_to_llama_tensors
 from llava_tune.errors import UserError
 

@@ -91,7 +91,7 @@ def test_the_trainer_draws_its_plot_in_a_child_process(tmp_path):
 
 
 def test_a_failed_final_plot_is_a_warning_after_the_weights(capsys):
-    from llava_tune.cli.progress import TrainPrinter
+    from llava_tune.cli.train_printer import TrainPrinter
     from llava_tune.training.events import Finished
 
     TrainPrinter(bar=False)(Finished(3, 0.5, Path("RUN"), 0, ["projector"],

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from llava_tune import progress
-from llava_tune.build.llm import load_llm, load_tokenizer
+from llava_tune.assembly.llm import load_llm, load_tokenizer
 from llava_tune.cli import main
 from llava_tune.convert.internlm2 import convert_internlm2_dir
 from llava_tune.data.datasets import ConversationDataset

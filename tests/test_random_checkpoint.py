@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from llava_tune.build.llm import load_llm
+from llava_tune.assembly.llm import load_llm
 from llava_tune.convert.internlm2 import internlm2_to_llama_config
 from llava_tune.demo.random_checkpoint import SIZES, internlm2_config, write_checkpoint
 

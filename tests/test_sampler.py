@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llava_tune.config import load_config
 from llava_tune.data.sampler import MEGA_BATCH, LengthGroupedSampler
-from llava_tune.training.loop import train
+from llava_tune.training import train
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 

@@ -13,7 +13,7 @@ import random
 import pytest
 import sentencepiece as spm
 
-from llava_tune.build.llm import load_tokenizer
+from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.constants import IGNORE_INDEX
 from llava_tune.data.segments import encode_segments
 from llava_tune.data.template import INTERNLM2_CHAT

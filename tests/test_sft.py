@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_tune.build.llm import load_llm
+from llava_tune.assembly.llm import load_llm
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset, PackedDataset, pack_groups
 from llava_tune.data.formats import read_conversations
@@ -148,7 +148,7 @@ def test_packed_sample_sees_nothing_of_its_neighbours(text_dataset):
 
 def test_mixed_image_and_text_records_train_in_one_batch(stage_overrides, shapes_data, tmp_path):
     from llava_tune.config import load_config
-    from llava_tune.training.loop import train
+    from llava_tune.training import train
 
     images = json.loads((shapes_data / "finetune.json").read_text())[:6]
     texts = json.loads((shapes_data / "text.json").read_text())[:6]
@@ -186,7 +186,7 @@ def test_self_cognition_data_names_name_and_author(tmp_path):
 def test_every_format_trains_the_same_text_only_run(stage_overrides, tmp_path):
     """The four formats of one conversation train the same run: equal losses, step by step."""
     from llava_tune.config import load_config
-    from llava_tune.training.loop import train
+    from llava_tune.training import train
 
     records = {
         "openai": {"messages": [{"role": "user", "content": "Who are you?"},

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from llava_tune.assembly.trainable import parameter_counts, trainable_names
 from llava_tune.config import load_config
-from llava_tune.stages import llm_mode, parameter_counts, trainable_names
+from llava_tune.stages import llm_mode
 from llava_tune.training.setup import build_for_training
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -39,19 +40,19 @@ def lora_names(modules=ATTENTION + MLP) -> set[str]:
             for name in linear_names(modules) for ab in "AB"}
 
 
-def trainable(built) -> set[str]:
-    names = {n for n, p in built.model.named_parameters() if p.requires_grad}
-    assert names == set(trainable_names(built.model))
+def trainable(bundle) -> set[str]:
+    names = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert names == set(trainable_names(bundle.model))
     return names
 
 
 def test_pretrain_trains_only_the_projector(stage_overrides):
-    built = build(stage_overrides, "pretrain")
-    assert llm_mode(built.config) == "frozen"
-    assert trainable(built) == PROJECTOR
-    assert not isinstance(built.model.llm, peft.PeftModel)
-    assert built.model.vision is not None and not built.model.vision.training
-    counts = parameter_counts(built.model)
+    bundle = build(stage_overrides, "pretrain")
+    assert llm_mode(bundle.config) == "frozen"
+    assert trainable(bundle) == PROJECTOR
+    assert not isinstance(bundle.model.llm, peft.PeftModel)
+    assert bundle.model.vision is not None and not bundle.model.vision.training
+    counts = parameter_counts(bundle.model)
     projector_size = 64 * 64 + 64 + 64 * 64 + 64
     assert counts["projector"] == (projector_size, projector_size)
     assert counts["vision"][0] == 0 and counts["llm"][0] == 0
@@ -59,21 +60,21 @@ def test_pretrain_trains_only_the_projector(stage_overrides):
 
 
 def test_pretrain_on_a_4bit_llm_trains_only_the_projector(stage_overrides):
-    built = build(stage_overrides, "pretrain", "model.quantization=4bit")
-    assert trainable(built) == PROJECTOR
-    q_proj = built.model.llm.model.layers[0].self_attn.q_proj
+    bundle = build(stage_overrides, "pretrain", "model.quantization=4bit")
+    assert trainable(bundle) == PROJECTOR
+    q_proj = bundle.model.llm.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
 
 
 def test_finetune_qlora_trains_projector_and_lora_on_every_linear(stage_overrides):
-    built = build(stage_overrides, "finetune", "init_from=null")
-    assert built.config.model.quantization == "4bit"
-    assert llm_mode(built.config) == "lora"
-    names = trainable(built)
+    bundle = build(stage_overrides, "finetune", "init_from=null")
+    assert bundle.config.model.quantization == "4bit"
+    assert llm_mode(bundle.config) == "lora"
+    names = trainable(bundle)
     assert names == PROJECTOR | lora_names()
     assert not any("lm_head" in n or "embed_tokens" in n or "vision" in n for n in names)
 
-    llm = built.model.llm
+    llm = bundle.model.llm
     assert isinstance(llm, peft.PeftModel)
     modules = dict(llm.named_modules())
     for name in linear_names():
@@ -90,36 +91,37 @@ def test_finetune_qlora_trains_projector_and_lora_on_every_linear(stage_override
 
 
 def test_sft_full_trains_every_llm_parameter(stage_overrides):
-    built = build(stage_overrides, "lm")
-    assert built.config.stage == "sft" and llm_mode(built.config) == "full"
-    assert built.model.vision is None and built.model.projector is None
-    assert built.image_processor is None
-    all_llm = {f"llm.{n}" for n, _ in built.model.llm.named_parameters()}
-    assert trainable(built) == all_llm
-    assert {n for n, _ in built.model.named_parameters()} == all_llm
+    bundle = build(stage_overrides, "lm")
+    assert bundle.config.stage == "sft" and llm_mode(bundle.config) == "full"
+    assert bundle.model.vision is None and bundle.model.projector is None
+    assert bundle.image_processor is None
+    all_llm = {f"llm.{n}" for n, _ in bundle.model.llm.named_parameters()}
+    assert trainable(bundle) == all_llm
+    assert {n for n, _ in bundle.model.named_parameters()} == all_llm
     assert "llm.lm_head.weight" in all_llm and "llm.model.embed_tokens.weight" in all_llm
-    assert not isinstance(built.model.llm, peft.PeftModel)
+    assert not isinstance(bundle.model.llm, peft.PeftModel)
 
 
 def test_sft_lora_trains_only_lora(stage_overrides):
-    built = build(stage_overrides, "lm", "train.llm=lora", "train.lora.r=4")
-    names = trainable(built)
+    bundle = build(stage_overrides, "lm", "train.llm=lora", "train.lora.r=4")
+    names = trainable(bundle)
     assert names == lora_names()
-    modules = dict(built.model.llm.named_modules())
+    modules = dict(bundle.model.llm.named_modules())
     base = modules[f"base_model.model.{linear_names()[0]}"].base_layer
     assert type(base) is nn.Linear and base.weight.dtype == torch.float32
     assert modules[f"base_model.model.{linear_names()[0]}"].lora_A["default"].weight.shape == (4, 64)
 
 
 def test_sft_lora_on_chosen_modules(stage_overrides):
-    built = build(stage_overrides, "lm", "train.llm=lora", "train.lora.target_modules=[q_proj, v_proj]")
-    assert trainable(built) == lora_names(("q_proj", "v_proj"))
+    bundle = build(stage_overrides, "lm", "train.llm=lora",
+                   "train.lora.target_modules=[q_proj, v_proj]")
+    assert trainable(bundle) == lora_names(("q_proj", "v_proj"))
 
 
 def test_sft_qlora_trains_only_lora(stage_overrides):
-    built = build(stage_overrides, "lm", "train.llm=lora", "model.quantization=4bit")
-    assert trainable(built) == lora_names()
-    modules = dict(built.model.llm.named_modules())
+    bundle = build(stage_overrides, "lm", "train.llm=lora", "model.quantization=4bit")
+    assert trainable(bundle) == lora_names()
+    modules = dict(bundle.model.llm.named_modules())
     assert isinstance(modules[f"base_model.model.{linear_names()[-1]}"].base_layer,
                       bnb.nn.Linear4bit)
 
@@ -127,5 +129,5 @@ def test_sft_qlora_trains_only_lora(stage_overrides):
 @pytest.mark.parametrize("stage_file", ["pretrain", "lm"])
 def test_frozen_llm_in_a_text_stage_has_nothing_to_train(stage_file, stage_overrides):
     """sft with a frozen LLM trains nothing; pretrain with a frozen LLM still has its projector."""
-    built = build(stage_overrides, stage_file, "train.llm=frozen")
-    assert trainable(built) == (PROJECTOR if stage_file == "pretrain" else set())
+    bundle = build(stage_overrides, stage_file, "train.llm=frozen")
+    assert trainable(bundle) == (PROJECTOR if stage_file == "pretrain" else set())

@@ -12,7 +12,7 @@ import re
 import pytest
 import sentencepiece as spm
 
-from llava_tune.build.llm import load_tokenizer
+from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_tune.data.template import (
     INTERNLM2_CHAT,

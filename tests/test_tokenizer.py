@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from llava_tune.build.llm import load_tokenizer
+from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.convert.sentencepiece import sentencepiece_to_fast
 from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.errors import UserError

@@ -17,7 +17,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llava_tune.build.llm import load_tokenizer
+from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.cli.chat import _Printer
 from llava_tune.constants import IGNORE_INDEX
 from llava_tune.data.segments import encode_segments

@@ -16,7 +16,8 @@ from llava_tune.config import load_config
 from llava_tune.data.collate import Batch, Collator
 from llava_tune.rundir import read_run_config
 from llava_tune.training import events as ev
-from llava_tune.training.loop import fit, train
+from llava_tune.training import train
+from llava_tune.training.loop import fit
 from llava_tune.training.setup import build_dataset, build_for_training, setup
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -56,7 +57,7 @@ class Trained:
 def train_capturing(config) -> Trained:
     """setup + fit, keeping the trained model and the projector weights it started from."""
     run = setup(config)
-    projector = run.built.model.projector
+    projector = run.bundle.model.projector
     initial = ({k: v.clone() for k, v in projector.state_dict().items()}
                if projector is not None else None)
     events = []
@@ -104,14 +105,14 @@ def sft_run(files, shapes_data) -> Trained:
     return train_capturing(make("lm", data, "sft", "train.max_steps=4", "train.lr=3e-3"))
 
 
-def a_batch(built, data_file: str) -> Batch:
+def a_batch(bundle, data_file: str) -> Batch:
     """The first four samples of the run's data file, collated, as the trainer sees them."""
-    config = built.config
+    config = bundle.config
     dataset = build_dataset(load_config(None, [
         f"model.llm={config.model.llm}", f"data.train={data_file}",
         f"data.image_folder={config.data.image_folder}", f"run_dir={config.run_dir}",
-        f"data.max_length={config.data.max_length}"]), built, data_file)
-    return Collator(built.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+        f"data.max_length={config.data.max_length}"]), bundle, data_file)
+    return Collator(bundle.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
 
 
 @torch.no_grad()
@@ -201,56 +202,56 @@ def test_init_from_a_lora_run_keeps_training_its_adapter(files, finetune_run):
     """A third stage started from a finetune run: the adapter loads trainable, nothing new."""
     _, make = files
     config = make("finetune", "unused.json", "again", f"init_from={finetune_run.run_dir}")
-    built, carried = build_for_training(config, device="cpu")
+    bundle, carried = build_for_training(config, device="cpu")
     assert carried == ["projector", "llm_adapter"]
-    names = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    names = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
     lora = {n for n in names if ".lora_A." in n or ".lora_B." in n}
     assert names - lora == {"projector.model.0.weight", "projector.model.0.bias",
                             "projector.model.2.weight", "projector.model.2.bias"}
     assert len(lora) == 2 * 2 * 7
     saved = load_file(finetune_run.run_dir / "llm_adapter" / "adapter_model.safetensors")
-    params = dict(built.model.llm.named_parameters())
+    params = dict(bundle.model.llm.named_parameters())
     for key, value in saved.items():
         name = key.replace(".weight", ".default.weight")
         torch.testing.assert_close(params[name], value, rtol=0, atol=0)
 
 
 def test_pretrain_round_trip(pretrain_run, shapes_data):
-    built = llava_tune.load_run(pretrain_run.run_dir)
-    assert not any(p.requires_grad for p in built.model.parameters())
-    batch = a_batch(built, built.config.data.train)
+    bundle = llava_tune.load_run(pretrain_run.run_dir)
+    assert not any(p.requires_grad for p in bundle.model.parameters())
+    batch = a_batch(bundle, bundle.config.data.train)
     assert batch.pixel_values.shape == (4, 3, 32, 32)
     expected = logits(pretrain_run.model, batch)
-    torch.testing.assert_close(logits(built.model, batch), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(bundle.model, batch), expected, rtol=1e-5, atol=1e-5)
     # The projector was really trained and really loaded: not the initial weights.
-    for key, value in built.model.projector.state_dict().items():
+    for key, value in bundle.model.projector.state_dict().items():
         assert not torch.allclose(value, pretrain_run.initial_projector[key]), key
-    built.model.projector.load_state_dict(pretrain_run.initial_projector)
-    assert not torch.allclose(logits(built.model, batch), expected, atol=1e-3)
+    bundle.model.projector.load_state_dict(pretrain_run.initial_projector)
+    assert not torch.allclose(logits(bundle.model, batch), expected, atol=1e-3)
 
 
 def test_finetune_round_trip(finetune_run):
-    built = llava_tune.load_run(finetune_run.run_dir)
-    assert isinstance(built.model.llm, peft.PeftModel)
-    assert built.config.model.quantization == "4bit"
-    batch = a_batch(built, built.config.data.train)
+    bundle = llava_tune.load_run(finetune_run.run_dir)
+    assert isinstance(bundle.model.llm, peft.PeftModel)
+    assert bundle.config.model.quantization == "4bit"
+    batch = a_batch(bundle, bundle.config.data.train)
     expected = logits(finetune_run.model, batch)
-    got = logits(built.model, batch)
+    got = logits(bundle.model, batch)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # The adapter was trained (LoRA B starts at zero) and is in use.
-    lora_b = [p for n, p in built.model.llm.named_parameters() if "lora_B" in n]
+    lora_b = [p for n, p in bundle.model.llm.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().max() > 0 for p in lora_b)
-    with built.model.llm.disable_adapter():
-        without = logits(built.model, batch)
+    with bundle.model.llm.disable_adapter():
+        without = logits(bundle.model, batch)
     assert not torch.allclose(without, expected, atol=1e-3)
 
 
 def test_sft_full_round_trip(sft_run, tiny_lm):
-    built = llava_tune.load_run(sft_run.run_dir)
-    assert built.model.vision is None
-    batch = a_batch(built, built.config.data.train)
+    bundle = llava_tune.load_run(sft_run.run_dir)
+    assert bundle.model.vision is None
+    batch = a_batch(bundle, bundle.config.data.train)
     expected = logits(sft_run.model, batch)
-    torch.testing.assert_close(logits(built.model, batch), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(bundle.model, batch), expected, rtol=1e-5, atol=1e-5)
     base, _ = llava_tune.load_llm(tiny_lm, device="cpu")
     with torch.no_grad():
         before = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -533,7 +533,7 @@ def test_eval_out_is_checked_before_loading(capsys, tmp_path, finished, shapes_d
     def no_loading(*args, **kwargs):
         raise AssertionError("loaded the model before checking --out")
 
-    monkeypatch.setattr("llava_tune.build.model.load_run", no_loading)
+    monkeypatch.setattr("llava_tune.assembly.model.load_run", no_loading)
     data = shapes_data / "heldout.json"
     base = ["eval", finished, "--data", data, "--image-folder", shapes_data / "images"]
     refused(capsys, [*base, "--out", tmp_path], f"--out {tmp_path} is a directory",

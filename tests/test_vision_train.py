@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
 import llava_tune
-from llava_tune.build.model import build_tower
+from llava_tune.assembly.model import build_tower
 from llava_tune.cli import main
 from llava_tune.config import load_config
 from llava_tune.constants import IMAGE_TOKEN_INDEX
@@ -51,9 +51,9 @@ def make_config(stage_overrides, shapes_data, tmp: Path, run: str, *extra: str):
                        [*stage_overrides("finetune", run), *SMALL, f"data.train={data}", *extra])
 
 
-def first_batch(built, config) -> Batch:
-    dataset = build_dataset(config, built, config.data.train)
-    return Collator(built.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+def first_batch(bundle, config) -> Batch:
+    dataset = build_dataset(config, bundle, config.data.train)
+    return Collator(bundle.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
 
 
 @torch.no_grad()
@@ -136,8 +136,8 @@ def test_gradients_reach_the_tower_only_when_it_trains(stage_overrides, shapes_d
     extra = [f"model.vision.pretrained={hf_clip}"] if tower == "hf_folder" else []
     config = make_config(stage_overrides, shapes_data, tmp_path, "run", f"train.vision={mode}",
                          *extra)
-    built, _ = build_for_training(config, device="cpu")
-    model = built.model
+    bundle, _ = build_for_training(config, device="cpu")
+    model = bundle.model
     model.train()
     assert model.vision.training == (mode != "frozen")
     if mode == "lora":
@@ -146,7 +146,7 @@ def test_gradients_reach_the_tower_only_when_it_trains(stage_overrides, shapes_d
             for name, param in model.vision.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.1)
-    batch = first_batch(built, config)
+    batch = first_batch(bundle, config)
     out = model(**batch.model_inputs())
     out.loss_sum.backward()
 
@@ -180,8 +180,8 @@ def test_gradient_checkpointing_of_a_training_tower_gives_the_same_gradients(
                              "train.vision=lora",
                              f"train.gradient_checkpointing={str(checkpointing).lower()}")
         torch.manual_seed(0)
-        built, _ = build_for_training(config, device="cpu")
-        model = built.model
+        bundle, _ = build_for_training(config, device="cpu")
+        model = bundle.model
         with torch.no_grad():
             for name, param in model.vision.named_parameters():
                 if "lora_B" in name:
@@ -192,7 +192,7 @@ def test_gradient_checkpointing_of_a_training_tower_gives_the_same_gradients(
         for module in model.modules():  # dropout off: the two runs must see the same function
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        model(**first_batch(built, config).model_inputs()).loss_sum.backward()
+        model(**first_batch(bundle, config).model_inputs()).loss_sum.backward()
         grads.append({n: p.grad.clone() for n, p in model.vision.named_parameters()
                       if p.grad is not None})
     assert flags == [False, True]
@@ -202,8 +202,8 @@ def test_gradient_checkpointing_of_a_training_tower_gives_the_same_gradients(
 
     config = make_config(stage_overrides, shapes_data, tmp_path, "frozen",
                          "train.gradient_checkpointing=true")
-    built, _ = build_for_training(config, device="cpu")
-    assert not built.model.vision.base.transformer.grad_checkpointing  # nothing to recompute
+    bundle, _ = build_for_training(config, device="cpu")
+    assert not bundle.model.vision.base.transformer.grad_checkpointing  # nothing to recompute
 
 
 # --------------------------------------------------------------------------- lora run
@@ -225,14 +225,14 @@ def test_lora_run_dir_holds_the_tower_adapter(lora_run):
 
 
 def test_lora_run_loads_back_with_the_same_logits(lora_run):
-    built = llava_tune.load_run(lora_run.run_dir)
-    assert isinstance(built.model.vision.visual, peft.PeftModel)
-    assert not any(p.requires_grad for p in built.model.parameters())
-    batch = first_batch(built, built.config)
+    bundle = llava_tune.load_run(lora_run.run_dir)
+    assert isinstance(bundle.model.vision.visual, peft.PeftModel)
+    assert not any(p.requires_grad for p in bundle.model.parameters())
+    batch = first_batch(bundle, bundle.config)
     expected = logits(lora_run.model, batch)
-    torch.testing.assert_close(logits(built.model, batch), expected, rtol=1e-5, atol=1e-5)
-    with built.model.vision.visual.disable_adapter():
-        without = logits(built.model, batch)
+    torch.testing.assert_close(logits(bundle.model, batch), expected, rtol=1e-5, atol=1e-5)
+    with bundle.model.vision.visual.disable_adapter():
+        without = logits(bundle.model, batch)
     assert not torch.allclose(without, expected, atol=1e-4)  # the tower's LoRA is in use
 
 
@@ -240,14 +240,14 @@ def test_lora_run_checkpoint_loads(lora_run):
     checkpoint = lora_run.run_dir / "checkpoints" / "step-0000002"
     state = load_file(checkpoint / "trainable.safetensors")
     assert any(".visual." in k and "lora_B" in k for k in state)
-    built = llava_tune.load_run(checkpoint)
-    assert isinstance(built.model.vision.visual, peft.PeftModel)
-    assert torch.isfinite(logits(built.model, first_batch(built, built.config))).all()
+    bundle = llava_tune.load_run(checkpoint)
+    assert isinstance(bundle.model.vision.visual, peft.PeftModel)
+    assert torch.isfinite(logits(bundle.model, first_batch(bundle, bundle.config))).all()
 
 
 def test_lora_run_chats_and_evaluates(lora_run, shapes_data, tmp_path, capsys):
-    built = llava_tune.load_run(lora_run.run_dir)
-    session = ChatSession(built, settings=GenerationSettings(max_new_tokens=4))
+    bundle = llava_tune.load_run(lora_run.run_dir)
+    session = ChatSession(bundle, settings=GenerationSettings(max_new_tokens=4))
     session.attach_image(shapes_data / "images" / "heldout" / "000000.png")
     assert isinstance(session.ask("What color is the shape?"), str)
     heldout = subset(shapes_data / "heldout.json", tmp_path / "heldout4.json", 4)
@@ -321,14 +321,14 @@ def test_full_run_saves_loads_and_exports_the_tower(full_run, tmp_path):
     assert json.loads((run / "COMPLETE").read_text())["parts"] == [
         "projector", "llm_adapter", "vision"]
     assert not (run / "vision_adapter").exists()
-    built = llava_tune.load_run(run)
-    batch = first_batch(built, built.config)
-    torch.testing.assert_close(logits(built.model, batch), logits(full_run.model, batch),
+    bundle = llava_tune.load_run(run)
+    batch = first_batch(bundle, bundle.config)
+    torch.testing.assert_close(logits(bundle.model, batch), logits(full_run.model, batch),
                                rtol=1e-5, atol=1e-5)
     pixels = pixels_of(3)
     with torch.no_grad():
-        ours = built.model.vision(pixels)
-        assert not torch.allclose(ours, base_tower(built.config)(pixels), atol=1e-4)
+        ours = bundle.model.vision(pixels)
+        assert not torch.allclose(ours, base_tower(bundle.config)(pixels), atol=1e-4)
 
     out = export(run, tmp_path / "xt", "xtuner").path
     assert not (out / "visual_encoder_adapter").exists()
@@ -347,10 +347,10 @@ def test_init_from_a_vision_lora_run_keeps_training_the_adapter(lora_run, module
                                                                 shapes_data, tmp_path):
     config = make_config(module_overrides, shapes_data, tmp_path, "again", "train.vision=lora",
                          f"init_from={lora_run.run_dir}")
-    built, carried = build_for_training(config, device="cpu")
+    bundle, carried = build_for_training(config, device="cpu")
     assert carried == ["projector", "llm_adapter", "vision_adapter"]
     saved = load_file(lora_run.run_dir / "vision_adapter" / "adapter_model.safetensors")
-    params = dict(built.model.vision.visual.named_parameters())
+    params = dict(bundle.model.vision.visual.named_parameters())
     for key, value in saved.items():
         param = params[key.replace(".weight", ".default.weight")]
         assert param.requires_grad
@@ -362,16 +362,16 @@ def test_init_from_a_vision_lora_run_into_full_training_merges_it(lora_run, modu
                                                                   shapes_data, tmp_path):
     config = make_config(module_overrides, shapes_data, tmp_path, "merged", "train.vision=full",
                          f"init_from={lora_run.run_dir}")
-    built, _ = build_for_training(config, device="cpu")
-    assert not isinstance(built.model.vision.visual, peft.PeftModel)
-    assert all(p.requires_grad for p in built.model.vision.parameters())
+    bundle, _ = build_for_training(config, device="cpu")
+    assert not isinstance(bundle.model.vision.visual, peft.PeftModel)
+    assert all(p.requires_grad for p in bundle.model.vision.parameters())
     pixels = pixels_of(4)
     expected = llava_tune.load_run(lora_run.run_dir).model.vision(pixels)
     with torch.no_grad():
-        built.model.vision.eval()
-        torch.testing.assert_close(built.model.vision(pixels), expected, rtol=1e-5, atol=1e-5)
-    assert built.tower_changed
-    parts = save_weights(Path(config.run_dir), built.model, built, steps=0)
+        bundle.model.vision.eval()
+        torch.testing.assert_close(bundle.model.vision(pixels), expected, rtol=1e-5, atol=1e-5)
+    assert bundle.tower_changed
+    parts = save_weights(Path(config.run_dir), bundle.model, bundle, steps=0)
     assert "vision" in parts and "vision_adapter" not in parts
 
 
@@ -415,8 +415,9 @@ def test_real_finetune_configs_train_xtuners_tower_lora(size):
 
     import open_clip
 
+    from llava_tune.assembly.trainable import vision_lora_config
     from llava_tune.models.vision import VisionTower
-    from llava_tune.stages import vision_lora_config, vision_mode
+    from llava_tune.stages import vision_mode
 
     sys.path.insert(0, str(REPO / "scripts"))
     import estimate_memory

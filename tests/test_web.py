@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import pytest
 from PIL import Image
 
-from llava_tune.build.model import load_model
+from llava_tune.assembly.model import load_model
 from llava_tune.cli import main
 from llava_tune.errors import UserError
 from llava_tune.inference.generate import GenerationSettings, generate
@@ -59,7 +59,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(tiny_finetune_run, cache_dir):
+def bundle(tiny_finetune_run, cache_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAVA_TUNE_CACHE", str(cache_dir))
         return load_model(tiny_finetune_run)
@@ -88,8 +88,8 @@ def answers(tiny_finetune_run, cache_dir, image) -> dict[str, str]:
     return found
 
 
-def short_chat(built) -> WebChat:
-    return WebChat(built, settings=GenerationSettings(max_new_tokens=8))
+def short_chat(bundle) -> WebChat:
+    return WebChat(bundle, settings=GenerationSettings(max_new_tokens=8))
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -119,8 +119,8 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
 # --------------------------------------------------------------------------- handlers
 
 
-def test_answer_streams_and_ends_as_chats_answer(built, answers, image):
-    chat = short_chat(built)
+def test_answer_streams_and_ends_as_chats_answer(bundle, answers, image):
+    chat = short_chat(bundle)
     session = chat.new_session()
     session, taken, note = chat.attach(session, image)
     assert taken and "New conversation" in note
@@ -141,17 +141,17 @@ def test_answer_streams_and_ends_as_chats_answer(built, answers, image):
     session, _, _ = chat.attach(session, image)
     turns = list(chat.respond(session, QUESTION, max_new_tokens=40))
     pieces = [t.messages[-1]["content"] for t in turns[1:-1]]
-    full = generate(built, [{"role": "user", "content": f"<image>\n{QUESTION}"}],
+    full = generate(bundle, [{"role": "user", "content": f"<image>\n{QUESTION}"}],
                     [session.image], GenerationSettings(max_new_tokens=40))
     assert turns[-1].messages[-1]["content"] == full
     assert len(set(pieces)) >= 2 and pieces[-1] == full
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:], strict=False))
 
 
-def test_sessions_are_separate_and_generation_runs_one_at_a_time(built, answers, image,
+def test_sessions_are_separate_and_generation_runs_one_at_a_time(bundle, answers, image,
                                                                  monkeypatch):
-    chat = short_chat(built)
-    llm, running, most = built.model.llm, [0], [0]
+    chat = short_chat(bundle)
+    llm, running, most = bundle.model.llm, [0], [0]
     original = llm.generate
 
     def counting_generate(*args, **kwargs):
@@ -184,9 +184,9 @@ def test_sessions_are_separate_and_generation_runs_one_at_a_time(built, answers,
     assert without.image is None
 
 
-def test_stop_ends_generation_and_keeps_the_conversation(built, answers, image, monkeypatch):
-    chat = short_chat(built)
-    llm, raised = built.model.llm, []
+def test_stop_ends_generation_and_keeps_the_conversation(bundle, answers, image, monkeypatch):
+    chat = short_chat(bundle)
+    llm, raised = bundle.model.llm, []
     original = llm.generate
 
     def watched_generate(*args, **kwargs):
@@ -212,8 +212,8 @@ def test_stop_ends_generation_and_keeps_the_conversation(built, answers, image, 
     assert final.messages[-1]["content"] == answers["image"]
 
 
-def test_bad_input_gets_a_message_and_the_chat_goes_on(built, answers, image, bad_files):
-    chat = short_chat(built)
+def test_bad_input_gets_a_message_and_the_chat_goes_on(bundle, answers, image, bad_files):
+    chat = short_chat(bundle)
     session = chat.new_session()
     for question in ("", "   \n"):
         [turn] = chat.respond(session, question)
@@ -265,7 +265,7 @@ def test_only_loopback_without_listen_public(tiny_finetune_run, capsys, monkeypa
     assert err.startswith("error: --host 0.0.0.0 would let anyone") and "--listen-public" in err
 
 
-def test_a_busy_port_is_a_user_error(built):
+def test_a_busy_port_is_a_user_error(bundle):
     pytest.importorskip("gradio", reason="gradio is not installed: pip install -e .[web]")
     from llava_tune.inference.web import serve
 
@@ -274,7 +274,7 @@ def test_a_busy_port_is_a_user_error(built):
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port} .*--port"):
-            serve(built, port=port)
+            serve(bundle, port=port)
 
 
 def test_missing_gradio_names_the_install(tiny_finetune_run, capsys, monkeypatch):
@@ -293,14 +293,14 @@ def test_import_llava_tune_does_not_import_gradio():
     assert result.stdout.strip() == "False", result.stderr
 
 
-def test_text_only_model_has_no_image_box(built, tiny_lm):
+def test_text_only_model_has_no_image_box(bundle, tiny_lm):
     gr = pytest.importorskip("gradio", reason="gradio is not installed: pip install -e .[web]")
     from llava_tune.inference.web import build_app
 
     def images(app) -> list:
         return [b for b in app.blocks.values() if isinstance(b, gr.Image)]
 
-    assert len(images(build_app(built))) == 1
+    assert len(images(build_app(bundle))) == 1
     text_app = build_app(load_model(tiny_lm))
     assert images(text_app) == []
     notes = [b.value for b in text_app.blocks.values() if isinstance(b, gr.Markdown)]

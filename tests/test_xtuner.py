@@ -132,9 +132,9 @@ def reference_llm(lm: Path, adapter_dir: Path | None) -> LlamaForCausalLM:
 
 
 def run_logits(run_dir: Path) -> torch.Tensor:
-    built = llava_tune.load_run(run_dir, device="cpu")
+    bundle = llava_tune.load_run(run_dir, device="cpu")
     with torch.no_grad():
-        return built.model.llm(input_ids=IDS).logits
+        return bundle.model.llm(input_ids=IDS).logits
 
 
 def vision_args(tiny_vision) -> dict:
@@ -187,8 +187,8 @@ def test_projector_is_copied_exactly(imported):
     assert copied.keys() == original.keys()
     for key in original:
         assert torch.equal(copied[key], original[key])
-    built = llava_tune.load_run(run, device="cpu")
-    for key, value in built.model.projector.state_dict().items():
+    bundle = llava_tune.load_run(run, device="cpu")
+    for key, value in bundle.model.projector.state_dict().items():
         assert torch.equal(value, original[key])
 
 
@@ -275,15 +275,15 @@ def test_export_of_a_run_as_training_writes_it(tmp_path, tiny_lm, stage_override
     XTuner's adapter merged in InternLM2's layout computes what the run computes."""
     config = load_config(DEMO / "finetune.yaml",
                          [*stage_overrides("finetune"), "model.quantization=null", "init_from="])
-    built, _ = build_for_training(config, device="cpu")
+    bundle, _ = build_for_training(config, device="cpu")
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for name, param in built.model.llm.named_parameters():
+        for name, param in bundle.model.llm.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
     run = Path(config.run_dir)
     save_config(run, config)
-    save_weights(run, built.model, built, steps=0)
+    save_weights(run, bundle.model, bundle, steps=0)
 
     out = export(run, tmp_path / "export", "xtuner").path
     adapter_config = json.loads((out / "llm_adapter" / "adapter_config.json").read_text())
@@ -499,11 +499,11 @@ def imported_vision(tmp_path_factory, tiny_lm, clip_dir):
 def test_imported_tower_lora_gives_clip_features_with_the_adapter_merged(imported_vision,
                                                                          clip_dir):
     root, xt, run, reference, notes = imported_vision
-    built = llava_tune.load_run(run, device="cpu")
+    bundle = llava_tune.load_run(run, device="cpu")
     torch.manual_seed(11)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        ours = built.model.vision(pixels)
+        ours = bundle.model.vision(pixels)
     torch.testing.assert_close(ours, clip_features(reference, pixels), atol=1e-5, rtol=0)
     # The LoRA matters: the base CLIP computes something else.
     base = CLIPVisionModel.from_pretrained(clip_dir).eval()
@@ -531,13 +531,13 @@ def test_imported_model_chats_like_xtuners(imported_vision, tiny_lm, shapes_data
     """The whole model: XTuner's computation (CLIP + merged LoRA -> hidden_states[-2] ->
     projector -> InternLM2 with its LoRA merged in its own layout) against `load_run` + chat."""
     root, xt, run, reference, notes = imported_vision
-    built = llava_tune.load_run(run, device="cpu")
+    bundle = llava_tune.load_run(run, device="cpu")
     image = Image.open(shapes_data / "images" / "heldout" / "000000.png")
     messages = [{"role": "user", "content": f"<image>\n{QUESTION}"}]
-    ids = built.template.prompt_ids(messages, built.tokenizer)
-    image_id = built.tokenizer.convert_tokens_to_ids("<image>")
-    ids, _ = expand_image_slots(ids, None, image_id, built.model.vision.num_patches)
-    pixels = built.image_processor(image)[None]
+    ids = bundle.template.prompt_ids(messages, bundle.tokenizer)
+    image_id = bundle.tokenizer.convert_tokens_to_ids("<image>")
+    ids, _ = expand_image_slots(ids, None, image_id, bundle.model.vision.num_patches)
+    pixels = bundle.image_processor(image)[None]
 
     llm = reference_llm(tiny_lm, xt / "llm_adapter")
     projector = load_file(xt / "projector" / "model.safetensors")
@@ -553,11 +553,11 @@ def test_imported_model_chats_like_xtuners(imported_vision, tiny_lm, shapes_data
             return llm(inputs_embeds=embeds[None]).logits[0]
 
     with torch.no_grad():
-        ours = built.model.logits(torch.tensor([ids]), pixels)[0]
+        ours = bundle.model.logits(torch.tensor([ids]), pixels)[0]
     torch.testing.assert_close(ours, reference_logits_for(ids), atol=1e-4, rtol=0)
 
     # Greedy decoding by the reference gives `llava-tune chat`'s answer.
-    stops = set(stop_token_ids(built))
+    stops = set(stop_token_ids(bundle))
     tokens, answer = list(ids), []
     for _ in range(6):
         nxt = int(reference_logits_for(tokens)[-1].argmax())
@@ -565,9 +565,9 @@ def test_imported_model_chats_like_xtuners(imported_vision, tiny_lm, shapes_data
             break
         tokens.append(nxt)
         answer.append(nxt)
-    session = ChatSession(built, settings=GenerationSettings(max_new_tokens=6))
+    session = ChatSession(bundle, settings=GenerationSettings(max_new_tokens=6))
     session.image = image
-    expected = built.tokenizer.decode(answer, skip_special_tokens=True).strip()
+    expected = bundle.tokenizer.decode(answer, skip_special_tokens=True).strip()
     assert session.ask(QUESTION) == expected
 
 
@@ -679,10 +679,10 @@ def test_a_fully_trained_visual_encoder_must_be_the_tower(tmp_path, tiny_lm, cli
         import_xtuner(xt, tmp_path / "run", llm=tiny_lm, vision_name="x")
     run = import_xtuner(xt, tmp_path / "run", llm=tiny_lm, vision_name="x",
                         vision_pretrained=str(xt / "visual_encoder"))
-    built = llava_tune.load_run(run, device="cpu")
+    bundle = llava_tune.load_run(run, device="cpu")
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(built.model.vision(pixels), clip_features(trained, pixels),
+        torch.testing.assert_close(bundle.model.vision(pixels), clip_features(trained, pixels),
                                    atol=1e-5, rtol=0)
 
 
@@ -794,13 +794,13 @@ def test_an_imported_run_keeps_training_its_tower_lora(imported_vision, stage_ov
         f"model.vision.pretrained={clip_dir}", "train.vision=lora",
         f"train.vision_lora.r={VR}", f"train.vision_lora.alpha={VALPHA}",
         f"train.lora.r={R}", f"train.lora.alpha={ALPHA}"])
-    built, carried = build_for_training(config, device="cpu")
+    bundle, carried = build_for_training(config, device="cpu")
     assert carried == ["projector", "llm_adapter", "vision_adapter"]
-    trainable = [n for n, p in built.model.vision.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in bundle.model.vision.named_parameters() if p.requires_grad]
     assert len(trainable) == 3 * 6 * 2 and all("lora_" in n for n in trainable)
     torch.manual_seed(13)
     pixels = torch.randn(1, 3, 32, 32)
-    built.model.vision.eval()
+    bundle.model.vision.eval()
     with torch.no_grad():
-        torch.testing.assert_close(built.model.vision(pixels), clip_features(reference, pixels),
+        torch.testing.assert_close(bundle.model.vision(pixels), clip_features(reference, pixels),
                                    atol=1e-5, rtol=0)

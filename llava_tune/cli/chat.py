@@ -92,7 +92,7 @@ def _chat_turn(session, question: str, stream: bool, verbose: bool) -> None:
     import io
     import time
 
-    printer = _Printer(session.built.tokenizer, sys.stdout if stream else io.StringIO())
+    printer = _Printer(session.bundle.tokenizer, sys.stdout if stream else io.StringIO())
     start = time.perf_counter()
     answer = session.ask(question, streamer=printer.streamer)
     print() if stream else print(answer)
@@ -177,7 +177,7 @@ def _repl(session, args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
-    from llava_tune.build.model import load_model
+    from llava_tune.assembly.model import load_model
     from llava_tune.data.image import load_image
     from llava_tune.inference.chat import ChatSession
 
@@ -187,8 +187,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     bits = {None: True, 4: "4bit", 8: "8bit"}[args.bits]
-    built = load_model(args.model, base=args.base, quantization=bits)
-    session = ChatSession(built, system=args.system or built.template.default_system,
+    bundle = load_model(args.model, base=args.base, quantization=bits)
+    session = ChatSession(bundle, system=args.system or bundle.template.default_system,
                           settings=generation_settings(args))
     if args.image:
         try:

@@ -20,10 +20,10 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from llava_tune.cli.progress import TrainPrinter
+    from llava_tune.cli.train_printer import TrainPrinter
     from llava_tune.config import load_config
     from llava_tune.recipes import check_placeholders
-    from llava_tune.training.loop import train
+    from llava_tune.training import train
 
     config = load_config(args.config, args.overrides)
     check_placeholders(config, args.config)  # a copied recipe's <path to ...> left unfilled
@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--circular is for --mmbench (CircularEval of multiple-choice questions)")
 
     from llava_tune import progress
-    from llava_tune.build.model import load_run
+    from llava_tune.assembly.model import load_run
     from llava_tune.files import write_text_atomic
     from llava_tune.inference.evaluate import check_output, evaluate
     from llava_tune.inference.generate import GenerationSettings, eval_batch_size
@@ -74,10 +74,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--out, --json and --data must be three different files (an output "
                         "would overwrite the data or the other output)")
     batch_size = eval_batch_size(args.batch_size)
-    built = load_run(args.run_dir, base=args.base)
+    bundle = load_run(args.run_dir, base=args.base)
     bar = progress.Bar(0, desc="evaluating", unit="question")
     try:
-        summary = evaluate(built, args.data, args.image_folder,
+        summary = evaluate(bundle, args.data, args.image_folder,
                            GenerationSettings(max_new_tokens=args.max_new_tokens), batch_size,
                            out=args.out, on_progress=bar.reached,
                            on_skip=lambda message: print(f"skipped {message}", file=sys.stderr))

@@ -22,13 +22,13 @@ def add_arguments(p: argparse.ArgumentParser, source) -> None:
                    "with its options in every rotation (the plain score is reported too)")
 
 
-def answer_batch_fn(built, settings):
+def answer_batch_fn(bundle, settings):
     """The library's batch callable, [(messages, [image]), ...] -> [answer, ...], on
     `generate_batch` (the same conversations type: one user turn and its image)."""
     from llava_tune.inference.generate import generate_batch
 
     def answer_batch(batch: list) -> list[str]:
-        return generate_batch(built, [(messages, list(images)) for messages, images in batch],
+        return generate_batch(bundle, [(messages, list(images)) for messages, images in batch],
                               settings)
 
     return answer_batch
@@ -43,7 +43,7 @@ def _print_scores(title: str, overall, category: dict) -> None:
 
 def cmd_eval_mmbench(args: argparse.Namespace) -> int:
     from llava_tune import progress
-    from llava_tune.build.model import load_run
+    from llava_tune.assembly.model import load_run
     from llava_tune.inference.generate import GenerationSettings, eval_batch_size
     from llava_tune.inference.mmbench import evaluate_mmbench_batched, output_paths
 

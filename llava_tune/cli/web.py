@@ -29,17 +29,17 @@ def add_parser(sub) -> None:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from llava_tune.build.model import load_model
+    from llava_tune.assembly.model import load_model
     from llava_tune.inference.web import check_host, import_gradio, is_loopback, serve
 
     check_host(args.host, args.listen_public)  # both before the model loads: fail fast
     import_gradio()
     bits = {None: True, 4: "4bit", 8: "8bit"}[args.bits]
-    built = load_model(args.model, base=args.base, quantization=bits)
+    bundle = load_model(args.model, base=args.base, quantization=bits)
     if not is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach this machine on port "
               f"{args.port} can use the model (there is no login)", file=sys.stderr)
-    app = serve(built, host=args.host, port=args.port, listen_public=args.listen_public,
+    app = serve(bundle, host=args.host, port=args.port, listen_public=args.listen_public,
                 title=f"llava-tune: {Path(args.model).name}", system=args.system,
                 settings=generation_settings(args))
     print(f"llava-tune web chat with {args.model} on {app.local_url} (Ctrl-C stops it)",

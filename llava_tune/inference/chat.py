@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llava_tune.build.model import Built
+from llava_tune.assembly.model import ModelBundle
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.image import load_image
 from llava_tune.data.template import Message
@@ -16,9 +16,9 @@ from llava_tune.inference.generate import GenerationSettings, generate
 class ChatSession:
     """Multi-turn conversation; the image (at most one) belongs to the first question."""
 
-    def __init__(self, built: Built, system: str | None = None,
+    def __init__(self, bundle: ModelBundle, system: str | None = None,
                  settings: GenerationSettings | None = None) -> None:
-        self.built = built
+        self.bundle = bundle
         self.system = system
         self.settings = settings or GenerationSettings()
         self.image = None
@@ -27,7 +27,7 @@ class ChatSession:
 
     @property
     def has_vision(self) -> bool:
-        return self.built.model.vision is not None
+        return self.bundle.model.vision is not None
 
     def attach_image(self, path: str | Path) -> None:
         """Load an image for a new conversation (the old one ends)."""
@@ -57,6 +57,6 @@ class ChatSession:
         an interrupted answer leaves the conversation as it was."""
         messages = self.messages_for(question)
         images = [self.image] if self.image is not None else []
-        answer = generate(self.built, messages, images, self.settings, streamer=streamer)
+        answer = generate(self.bundle, messages, images, self.settings, streamer=streamer)
         self.history += messages[-1:] + [{"role": "assistant", "content": answer}]
         return answer

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_tune.build.model import Built
+from llava_tune.assembly.model import ModelBundle
 from llava_tune.data.formats import read_conversations
 from llava_tune.data.image import load_image
 from llava_tune.data.template import Message
@@ -93,7 +93,7 @@ def check_output(path: str | os.PathLike | None, what: str) -> None:
         raise UserError(f"{what} {path}: folder {path.parent} is not writable")
 
 
-def evaluate(built: Built, data: str | os.PathLike, image_folder: str | os.PathLike | None,
+def evaluate(bundle: ModelBundle, data: str | os.PathLike, image_folder: str | os.PathLike | None,
              settings: GenerationSettings, batch_size: int = 8, out: str | os.PathLike | None = None,
              on_progress: Callable[[int, int], None] = lambda done, total: None,
              on_skip: Callable[[str], None] = lambda message: None) -> EvalSummary:
@@ -112,7 +112,7 @@ def evaluate(built: Built, data: str | os.PathLike, image_folder: str | os.PathL
     if not items:
         raise UserError(f"{data} has no user turn with an answer to evaluate")
     if any(item.images for item in items):
-        if built.model.vision is None:
+        if bundle.model.vision is None:
             raise UserError(f"{data} has images but the model is text-only")
         if image_folder is None:
             raise UserError(f"{data} has images; pass --image-folder")
@@ -123,7 +123,7 @@ def evaluate(built: Built, data: str | os.PathLike, image_folder: str | os.PathL
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            answers = generate_batch(built, [
+            answers = generate_batch(bundle, [
                 (item.messages, [load_image(folder / name) for name in item.images])
                 for item in chunk], settings)
             for item, prediction in zip(chunk, answers, strict=True):

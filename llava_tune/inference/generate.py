@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from llava_tune.build.model import Built
+from llava_tune.assembly.model import ModelBundle
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.template import Message, add_image_token, expand_image_slots
 from llava_tune.errors import UserError
@@ -24,12 +24,12 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
 
 
-def stop_token_ids(built: Built) -> list[int]:
+def stop_token_ids(bundle: ModelBundle) -> list[int]:
     """EOS and the template's end-of-turn tokens (`<|im_end|>` for InternLM2)."""
-    tokenizer = built.tokenizer
+    tokenizer = bundle.tokenizer
     ids = {tokenizer.eos_token_id}
     vocab = tokenizer.get_vocab()
-    ids.update(vocab[word] for word in built.template.stop_words if word in vocab)
+    ids.update(vocab[word] for word in bundle.template.stop_words if word in vocab)
     return sorted(i for i in ids if i is not None)
 
 
@@ -37,14 +37,15 @@ Conversation = tuple[list[Message], list[Image.Image]]
 """Messages (the last one a user turn) and the images for their `<image>` markers, in order."""
 
 
-def _prompt(built: Built, messages: list[Message], images) -> tuple[list[int], torch.Tensor | None]:
+def _prompt(bundle: ModelBundle, messages: list[Message],
+            images) -> tuple[list[int], torch.Tensor | None]:
     """Prompt ids with image slots expanded, and the images' pixels [I, 3, S, S] or None."""
-    ids = built.template.prompt_ids(messages, built.tokenizer)
+    ids = bundle.template.prompt_ids(messages, bundle.tokenizer)
     if not images:
         return ids, None
-    image_id = add_image_token(built.tokenizer)
-    ids, _ = expand_image_slots(ids, None, image_id, built.model.vision.num_patches)
-    return ids, torch.stack([built.image_processor(image) for image in images])
+    image_id = add_image_token(bundle.tokenizer)
+    ids, _ = expand_image_slots(ids, None, image_id, bundle.model.vision.num_patches)
+    return ids, torch.stack([bundle.image_processor(image) for image in images])
 
 
 def _sampling(settings: GenerationSettings) -> dict:
@@ -61,7 +62,7 @@ def _sampling(settings: GenerationSettings) -> dict:
 
 @torch.no_grad()
 def generate(
-    built: Built,
+    bundle: ModelBundle,
     messages: list[Message],
     images: list[Image.Image] = (),
     settings: GenerationSettings | None = None,
@@ -72,7 +73,7 @@ def generate(
     `images` fill the `<image>` markers in order. `streamer` (a transformers streamer)
     receives tokens as they are generated.
     """
-    return generate_batch(built, [(messages, list(images))], settings, streamer=streamer)[0]
+    return generate_batch(bundle, [(messages, list(images))], settings, streamer=streamer)[0]
 
 
 def eval_batch_size(requested: int | None) -> int:
@@ -85,7 +86,7 @@ def eval_batch_size(requested: int | None) -> int:
 
 
 @torch.no_grad()
-def generate_batch(built: Built, conversations: list[Conversation],
+def generate_batch(bundle: ModelBundle, conversations: list[Conversation],
                    settings: GenerationSettings | None = None, streamer=None) -> list[str]:
     """The next answer of each conversation, generated together.
 
@@ -93,20 +94,21 @@ def generate_batch(built: Built, conversations: list[Conversation],
     greedy answers equal those of one conversation at a time.
     """
     settings = settings or GenerationSettings()
-    model = built.model
+    model = bundle.model
     device = model.llm.get_input_embeddings().weight.device
-    prompts = [_prompt(built, messages, images) for messages, images in conversations]
+    prompts = [_prompt(bundle, messages, images) for messages, images in conversations]
     length = max(len(ids) for ids, _ in prompts)
-    pad = built.tokenizer.pad_token_id
+    pad = bundle.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids, _ in prompts], device=device)
     mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids, _ in prompts],
                         device=device)
     pixels = [p for _, p in prompts if p is not None]
     embeds = model.input_embeddings(input_ids, torch.cat(pixels).to(device) if pixels else None)
     output = model.llm.generate(
-        inputs_embeds=embeds, attention_mask=mask, eos_token_id=stop_token_ids(built),
+        inputs_embeds=embeds, attention_mask=mask, eos_token_id=stop_token_ids(bundle),
         pad_token_id=pad, streamer=streamer, **_sampling(settings))
-    return [text.strip() for text in built.tokenizer.batch_decode(output, skip_special_tokens=True)]
+    texts = bundle.tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [text.strip() for text in texts]
 
 
 def normalize_answer(text: str) -> str:

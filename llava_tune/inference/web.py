@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from llava_tune.build.model import Built
+from llava_tune.assembly.model import ModelBundle
 from llava_tune.errors import UserError
 from llava_tune.inference.chat import ChatSession
 from llava_tune.inference.generate import GenerationSettings, strip_image_markers
@@ -127,20 +127,20 @@ def _streamer(tokenizer):
 class WebChat:
     """The web page's handlers over one built model; plain Python values in and out."""
 
-    def __init__(self, built: Built, system: str | None = None,
+    def __init__(self, bundle: ModelBundle, system: str | None = None,
                  settings: GenerationSettings | None = None) -> None:
-        self.built = built
+        self.bundle = bundle
         # As `llava-tune chat`: --system, else the run's default (None: the template's).
-        self.system = system or built.template.default_system
+        self.system = system or bundle.template.default_system
         self.settings = settings or GenerationSettings()
         self.lock = threading.Lock()
 
     @property
     def has_vision(self) -> bool:
-        return self.built.model.vision is not None
+        return self.bundle.model.vision is not None
 
     def new_session(self) -> ChatSession:
-        return ChatSession(self.built, system=self.system, settings=replace(self.settings))
+        return ChatSession(self.bundle, system=self.system, settings=replace(self.settings))
 
     def session(self, session: ChatSession | None) -> ChatSession:
         """The browser session's ChatSession, made on its first use."""
@@ -198,7 +198,7 @@ class WebChat:
             return
         if system is not None and system != (session.system or ""):
             session.set_system(system)
-        streamer = _streamer(self.built.tokenizer)
+        streamer = _streamer(self.bundle.tokenizer)
         outcome: dict = {}
 
         def work() -> None:
@@ -258,14 +258,14 @@ def _upload_path(payload) -> str | None:
     return getattr(payload, "path", None)
 
 
-def build_app(built: Built, title: str = "llava-tune", system: str | None = None,
+def build_app(bundle: ModelBundle, title: str = "llava-tune", system: str | None = None,
               settings: GenerationSettings | None = None):
     """The chat page: image, conversation, question box, system prompt and sampling controls.
 
     Returns a `gr.Blocks`; `serve` launches it.
     """
     gr = import_gradio()
-    chat = WebChat(built, system=system, settings=settings)
+    chat = WebChat(bundle, system=system, settings=settings)
     defaults = chat.settings
     generating = {"concurrency_id": "generate", "concurrency_limit": 1}
 
@@ -345,8 +345,8 @@ def build_app(built: Built, title: str = "llava-tune", system: str | None = None
     return app
 
 
-def serve(built: Built, host: str = "127.0.0.1", port: int = 7860, listen_public: bool = False,
-          title: str = "llava-tune", system: str | None = None,
+def serve(bundle: ModelBundle, host: str = "127.0.0.1", port: int = 7860,
+          listen_public: bool = False, title: str = "llava-tune", system: str | None = None,
           settings: GenerationSettings | None = None):
     """Start the page on host:port in the background and return the running `gr.Blocks`
     (`.local_url` is its address; `.block_thread()` waits until Ctrl-C, `.close()` stops it).
@@ -355,7 +355,7 @@ def serve(built: Built, host: str = "127.0.0.1", port: int = 7860, listen_public
     share link, analytics, update check or web fonts) and the browser keeps no run history.
     """
     check_host(host, listen_public)
-    app = build_app(built, title=title, system=system, settings=settings)
+    app = build_app(bundle, title=title, system=system, settings=settings)
     app.queue(default_concurrency_limit=1)
     try:
         app.launch(server_name=host, server_port=port, share=False, inbrowser=False,

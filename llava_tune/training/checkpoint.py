@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from llava_tune import rundir
-from llava_tune.build.model import Built, check_trainable_state
+from llava_tune.assembly.model import ModelBundle, check_trainable_state
 from llava_tune.convert.projector import save_projector
 from llava_tune.convert.weights import load_weights
 from llava_tune.errors import UserError
@@ -21,7 +21,8 @@ from llava_tune.files import atomic_dir, read_json
 from llava_tune.stages import llm_mode
 
 
-def save_weights(run_dir: Path, model: torch.nn.Module, built: Built, steps: int) -> list[str]:
+def save_weights(run_dir: Path, model: torch.nn.Module, bundle: ModelBundle,
+                 steps: int) -> list[str]:
     """Every part the model carries that the base weights lack, then the COMPLETE marker:
     projector/, llm_adapter/ or llm/ (with its tokenizer), vision_adapter/, vision/."""
     parts = []
@@ -32,14 +33,14 @@ def save_weights(run_dir: Path, model: torch.nn.Module, built: Built, steps: int
         with atomic_dir(run_dir / rundir.LLM_ADAPTER) as tmp:
             model.llm.save_pretrained(tmp)
         parts.append(rundir.LLM_ADAPTER)
-    elif llm_mode(built.config) == "full":
+    elif llm_mode(bundle.config) == "full":
         with atomic_dir(run_dir / rundir.LLM) as tmp:
             model.llm.save_pretrained(tmp)
-            built.tokenizer.save_pretrained(tmp)
+            bundle.tokenizer.save_pretrained(tmp)
         parts.append(rundir.LLM)
     if model.vision is not None:
         tower = model.vision
-        if built.tower_changed or (not isinstance(tower.visual, peft.PeftModel) and tower.trains):
+        if bundle.tower_changed or (not isinstance(tower.visual, peft.PeftModel) and tower.trains):
             with atomic_dir(run_dir / rundir.VISION) as tmp:
                 state = {k: v.detach().cpu().contiguous() for k, v in tower.base.state_dict().items()
                          if "lora_" not in k}

@@ -1,16 +1,11 @@
-"""The one training loop, on accelerate, for every stage.
-
-    train(config) = setup(config) -> Run, then fit(run)
-
-`setup` builds what a run needs (run dir and its lock, model, data, optimizer, resume state);
-`fit` runs the optimizer steps: token-weighted loss over the accumulation window and all
-processes, logging, validation, checkpoints, Ctrl-C, final weights. Nothing here prints:
-progress goes out as typed events (training/events.py).
+"""The one training loop, on accelerate, for every stage: `fit` runs the optimizer steps of a
+`Run` that setup.py built (token-weighted loss over the accumulation window and all
+processes, logging, validation, checkpoints, Ctrl-C, final weights). Nothing here prints: the
+run's course goes out as typed events (training/events.py).
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -20,10 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
 from llava_tune import rundir
-from llava_tune.build.model import Built
 from llava_tune.data.collate import Batch
 from llava_tune.data.datasets import DataReport
 from llava_tune.training.checkpoint import save_checkpoint, save_weights
@@ -35,45 +28,10 @@ from llava_tune.training.events import (
     Logged,
     OnEvent,
     SampleSkipped,
-    Started,
 )
-from llava_tune.training.metrics import MetricsLog, peak_memory_mb, peak_reserved_mb
+from llava_tune.training.metrics import peak_memory_mb, peak_reserved_mb
 from llava_tune.training.plot import LossPlotter
-
-
-@dataclass
-class Progress:
-    """Where a run is: optimizer steps done, epoch, micro-batches consumed in this epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-
-
-@dataclass
-class Run:
-    """Everything `fit` needs, built by `setup.setup`."""
-
-    config: object
-    run_dir: Path
-    accelerator: Accelerator
-    built: Built
-    model: torch.nn.Module
-    """The prepared (maybe distributed) model."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: torch.utils.data.DataLoader
-    eval_loader: torch.utils.data.DataLoader | None
-    params: list[torch.nn.Parameter]
-    total_steps: int
-    progress: Progress
-    started: Started
-    metrics: MetricsLog
-    data: DataReport
-    close: object = field(default=lambda: None)
-    """Releases the run dir's lock."""
-    plotter: LossPlotter | None = None
-    """Draws RUN/loss.png (main process; set by `fit`)."""
+from llava_tune.training.setup import Run
 
 
 @dataclass
@@ -96,19 +54,8 @@ class _Window:
     start: float = field(default_factory=time.perf_counter)
 
 
-def train(config, on_event: OnEvent = lambda event: None, overwrite: bool = False) -> TrainResult:
-    """Train one stage as `config` says and write its run dir."""
-    from llava_tune.training.setup import setup
-
-    run = setup(config, overwrite=overwrite)
-    try:
-        return fit(run, on_event)
-    finally:
-        run.close()
-
-
 def fit(run: Run, on_event: OnEvent) -> TrainResult:
-    """Run the optimizer steps from `run.progress` to `run.total_steps`, then save the final
+    """Run the optimizer steps from `run.position` to `run.total_steps`, then save the final
     weights and the COMPLETE marker. Events go to `on_event` (main process only)."""
     acc = run.accelerator
     emit = on_event if acc.is_main_process else (lambda event: None)
@@ -125,8 +72,8 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
                     emit(SampleSkipped(sample_id, reason))
                 skipped += batch.skipped
             stop_now = _step(run, step_batches, window, stop.requested)
-            run.progress.step += 1
-            step = run.progress.step
+            run.position.step += 1
+            step = run.position.step
             if step % run.config.train.log_every == 0 or step == run.total_steps:
                 last_loss = _log(run, window, emit)
                 window = _Window()
@@ -142,37 +89,38 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
     acc.wait_for_everyone()
     parts, warnings = [], []
     if acc.is_main_process:
-        parts = save_weights(run.run_dir, acc.unwrap_model(run.model), run.built, run.progress.step)
+        parts = save_weights(run.run_dir, acc.unwrap_model(run.model), run.bundle,
+                             run.position.step)
         plot_error = run.plotter.finish()
         if plot_error:  # the weights are saved: a missing plot is worth a warning, not a failure
             warnings.append(f"{run.run_dir / rundir.LOSS_PLOT} not drawn: {plot_error}")
-    emit(Finished(run.progress.step, last_loss, run.run_dir, len(skipped), parts, warnings))
-    return TrainResult(run.run_dir, run.progress.step, last_loss, run.data, skipped)
+    emit(Finished(run.position.step, last_loss, run.run_dir, len(skipped), parts, warnings))
+    return TrainResult(run.run_dir, run.position.step, last_loss, run.data, skipped)
 
 
 def _optimizer_steps(run: Run) -> Iterator[list[Batch]]:
     """Micro-batches grouped per optimizer step (train.grad_accum of them; the last group of
     an epoch may be shorter), from the run's position until total_steps."""
     k = run.config.train.grad_accum
-    progress = run.progress
-    while progress.step < run.total_steps:
-        run.loader.set_epoch(progress.epoch)
+    position = run.position
+    while position.step < run.total_steps:
+        run.loader.set_epoch(position.epoch)
         loader = run.loader
-        if progress.batch_in_epoch:
-            loader = run.accelerator.skip_first_batches(run.loader, progress.batch_in_epoch)
+        if position.batch_in_epoch:
+            loader = run.accelerator.skip_first_batches(run.loader, position.batch_in_epoch)
         group: list[Batch] = []
         for batch in loader:
             group.append(batch)
             if len(group) == k:
-                progress.batch_in_epoch += len(group)
+                position.batch_in_epoch += len(group)
                 yield group
                 group = []
-                if progress.step >= run.total_steps:
+                if position.step >= run.total_steps:
                     return
         if group:
-            progress.batch_in_epoch += len(group)
+            position.batch_in_epoch += len(group)
             yield group
-        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        position.epoch, position.batch_in_epoch = position.epoch + 1, 0
 
 
 def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool) -> bool:
@@ -212,7 +160,7 @@ def _log(run: Run, window: _Window, emit: OnEvent) -> float:
     totals = acc.reduce(torch.tensor([window.loss_sum, window.label_tokens, window.tokens],
                                      device=acc.device, dtype=torch.float64), reduction="sum")
     loss = totals[0].item() / max(totals[1].item(), 1.0)
-    event = Logged(step=run.progress.step, total_steps=run.total_steps, epoch=run.progress.epoch,
+    event = Logged(step=run.position.step, total_steps=run.total_steps, epoch=run.position.epoch,
                    loss=round(loss, 5), lr=run.scheduler.get_last_lr()[0],
                    tokens_per_s=round(totals[2].item() / max(elapsed, 1e-9), 1),
                    memory_mb=round(peak_memory_mb(), 1))
@@ -240,8 +188,8 @@ def _evaluate(run: Run, emit: OnEvent) -> None:
     totals = acc.reduce(totals, reduction="sum")
     run.model.train()
     eval_loss = totals[0].item() / max(totals[1].item(), 1.0)
-    run.metrics.write({"step": run.progress.step, "eval_loss": round(eval_loss, 5)})
-    emit(Evaluated(run.progress.step, round(eval_loss, 5), int(totals[1].item())))
+    run.metrics.write({"step": run.position.step, "eval_loss": round(eval_loss, 5)})
+    emit(Evaluated(run.position.step, round(eval_loss, 5), int(totals[1].item())))
 
 
 def _checkpoint(run: Run, emit: OnEvent) -> Path | None:
@@ -249,7 +197,7 @@ def _checkpoint(run: Run, emit: OnEvent) -> Path | None:
     acc = run.accelerator
     path = None
     if acc.is_main_process:
-        p = run.progress
+        p = run.position
         path = save_checkpoint(run.run_dir, p.step, acc.unwrap_model(run.model), run.optimizer,
                                run.scheduler, {"step": p.step, "epoch": p.epoch,
                                                "batch_in_epoch": p.batch_in_epoch},
@@ -262,7 +210,7 @@ def _checkpoint(run: Run, emit: OnEvent) -> Path | None:
 
 def _interrupted(run: Run, emit: OnEvent, skipped, last_loss) -> TrainResult:
     """Ctrl-C reached a step boundary: checkpoint when the run writes them, say how to go on."""
-    step = run.progress.step
+    step = run.position.step
     checkpoint = None
     if run.config.train.save_every:
         checkpoint = run.run_dir / rundir.CHECKPOINTS / f"step-{step:07d}"
@@ -314,9 +262,3 @@ def _stop_requests() -> Iterator[_StopFlag]:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def steps_for(loader_batches: int, config) -> int:
-    """Optimizer steps of a run: train.max_steps, or epochs x ceil(batches / grad_accum)."""
-    per_epoch = max(1, math.ceil(loader_batches / config.train.grad_accum))
-    return config.train.max_steps or max(1, math.ceil(config.train.epochs * per_epoch))

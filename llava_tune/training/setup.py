@@ -1,10 +1,13 @@
 """Everything a training run needs before its first step, in the order it is needed:
-checks, accelerator, run dir and its lock, model, data, optimizer, resume state."""
+checks, accelerator, run dir and its lock, model, data, optimizer, resume state; the `Run`
+that `loop.fit` then trains."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,18 +16,56 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from torch.utils.data import DataLoader, Subset
 
 from llava_tune import rundir
-from llava_tune.build.model import Built, build_model, carry_over
+from llava_tune.assembly.model import ModelBundle, build_model, carry_over
+from llava_tune.assembly.trainable import parameter_counts, set_trainable
 from llava_tune.config import Config, absolute_paths, check_paths
+from llava_tune.constants import STAGES
 from llava_tune.data.collate import Collator
-from llava_tune.data.datasets import ConversationDataset, PackedDataset
+from llava_tune.data.datasets import ConversationDataset, DataReport, PackedDataset
 from llava_tune.data.sampler import LengthGroupedSampler
 from llava_tune.errors import UserError
 from llava_tune.launch import check_launch, mixed_precision
-from llava_tune.stages import STAGES, llm_mode, parameter_counts, set_trainable, vision_mode
+from llava_tune.stages import llm_mode, vision_mode
 from llava_tune.training.checkpoint import latest_checkpoint, load_checkpoint
 from llava_tune.training.events import Started
-from llava_tune.training.loop import Progress, Run, steps_for
 from llava_tune.training.metrics import MetricsLog
+from llava_tune.training.plot import LossPlotter
+
+
+@dataclass
+class Position:
+    """Where a run is: optimizer steps done, epoch, micro-batches consumed in this epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Everything `loop.fit` needs, built by `setup`."""
+
+    config: Config
+    run_dir: Path
+    accelerator: Accelerator
+    bundle: ModelBundle
+    model: torch.nn.Module
+    """The prepared (maybe distributed) model."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: DataLoader
+    eval_loader: DataLoader | None
+    params: list[torch.nn.Parameter]
+    total_steps: int
+    position: Position
+    started: Started
+    metrics: MetricsLog
+    data: DataReport
+    close: Callable[[], None]
+    """Closes the metrics log and releases the run dir's lock."""
+    plotter: LossPlotter | None = None
+    """Draws RUN/loss.png (main process; set by `fit`)."""
+
 
 
 def setup(config: Config, overwrite: bool = False) -> Run:
@@ -73,7 +114,8 @@ def make_accelerator(config: Config) -> Accelerator:
     )
 
 
-def claim_run_dir(run_dir: Path, config: Config, overwrite: bool, accelerator: Accelerator):
+def claim_run_dir(run_dir: Path, config: Config, overwrite: bool,
+                  accelerator: Accelerator) -> rundir.RunLock:
     """Lock the run dir (main process) and refuse to destroy what is in it; every process
     learns the outcome, so a refusal stops them all."""
     lock = rundir.RunLock(run_dir)
@@ -94,26 +136,27 @@ def claim_run_dir(run_dir: Path, config: Config, overwrite: bool, accelerator: A
     return lock
 
 
-def build_for_training(config: Config, device=None) -> tuple[Built, list[str]]:
+def build_for_training(config: Config, device=None) -> tuple[ModelBundle, list[str]]:
     """The model of a run about to train: base LLM and tower, everything init_from trained,
     the stage's parts set trainable; returns it and the parts carried over."""
-    built = build_model(config, Path(config.model.llm), config.model.quantization, device)
-    carried = carry_over(built, Path(config.init_from)) if config.init_from else []
-    set_trainable(built.model, config)
+    bundle = build_model(config, Path(config.model.llm), config.model.quantization, device)
+    carried = carry_over(bundle, Path(config.init_from)) if config.init_from else []
+    set_trainable(bundle.model, config)
     if config.train.gradient_checkpointing:
-        built.model.llm.gradient_checkpointing_enable(
+        bundle.model.llm.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
-        built.model.llm.config.use_cache = False
-        if built.model.vision is not None and built.model.vision.trains:
-            built.model.vision.base.set_grad_checkpointing(True)
-    return built, carried
+        bundle.model.llm.config.use_cache = False
+        if bundle.model.vision is not None and bundle.model.vision.trains:
+            bundle.model.vision.base.set_grad_checkpointing(True)
+    return bundle, carried
 
 
-def build_dataset(config: Config, built: Built, file: str) -> ConversationDataset | PackedDataset:
-    vision = built.model.vision
+def build_dataset(config: Config, bundle: ModelBundle,
+                  file: str) -> ConversationDataset | PackedDataset:
+    vision = bundle.model.vision
     dataset = ConversationDataset(
-        file, built.tokenizer, built.template, config.data.max_length,
-        image_folder=config.data.image_folder, image_processor=built.image_processor,
+        file, bundle.tokenizer, bundle.template, config.data.max_length,
+        image_folder=config.data.image_folder, image_processor=bundle.image_processor,
         num_image_tokens=vision.num_patches if vision is not None else 0,
         max_bad_fraction=config.data.max_bad_fraction, cache_dir=config.data.cache_dir,
     )
@@ -122,10 +165,11 @@ def build_dataset(config: Config, built: Built, file: str) -> ConversationDatase
     return dataset
 
 
-def make_loaders(config: Config, built: Built, accelerator: Accelerator, train_set, eval_set):
+def make_loaders(config: Config, bundle: ModelBundle, accelerator: Accelerator, train_set,
+                 eval_set):
     """The training loader (shuffled, or grouped by length) and this process's share of the
     validation set (every sample exactly once over all processes)."""
-    collate = Collator(built.tokenizer.pad_token_id)
+    collate = Collator(bundle.tokenizer.pad_token_id)
     tc = config.train
     if config.data.group_by_length:
         sampler = LengthGroupedSampler(train_set.lengths(), train_set.has_images(),
@@ -143,55 +187,63 @@ def make_loaders(config: Config, built: Built, accelerator: Accelerator, train_s
     return loader, eval_loader
 
 
-def _build_run(config: Config, accelerator: Accelerator, run_dir: Path, lock) -> Run:
+def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
+               lock: rundir.RunLock) -> Run:
     tc = config.train
     set_seed(tc.seed)
-    built, carried = build_for_training(config, device=accelerator.device)
-    train_set = build_dataset(config, built, config.data.train)
-    eval_set = build_dataset(config, built, config.data.eval) if config.data.eval else None
-    notes = use_feature_cache(config, built, accelerator, [train_set, eval_set])
-    loader, eval_loader = make_loaders(config, built, accelerator, train_set, eval_set)
-    params = [p for p in built.model.parameters() if p.requires_grad]
+    bundle, carried = build_for_training(config, device=accelerator.device)
+    train_set = build_dataset(config, bundle, config.data.train)
+    eval_set = build_dataset(config, bundle, config.data.eval) if config.data.eval else None
+    notes = use_feature_cache(config, bundle, accelerator, [train_set, eval_set])
+    loader, eval_loader = make_loaders(config, bundle, accelerator, train_set, eval_set)
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"nothing trains in stage {config.stage} with train.llm={llm_mode(config)}")
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     # The model is already on its device (4-bit weights must not move); the loader is prepared
     # so that an epoch counts this process's share of the batches.
     model, optimizer, loader = accelerator.prepare(
-        built.model, optimizer, loader, device_placement=[False, True, True])
+        bundle.model, optimizer, loader, device_placement=[False, True, True])
     total_steps = steps_for(len(loader), config)
     # Stepped by the loop once per optimizer step (accelerate's wrapper would step it once per
     # process), so the schedule spans exactly total_steps on any number of processes.
     scheduler = cosine_with_warmup(optimizer, round(tc.warmup_ratio * total_steps), total_steps)
-    progress = Progress()
+    position = Position()
     if tc.resume:
         state = load_checkpoint(latest_checkpoint(run_dir), accelerator.unwrap_model(model),
                                 optimizer, scheduler)
-        progress = Progress(state["step"], state["epoch"], state["batch_in_epoch"])
+        position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
     if accelerator.is_main_process:
         rundir.save_config(run_dir, config)
-    metrics = MetricsLog(run_dir / rundir.METRICS, progress.step, accelerator.is_main_process)
+    metrics = MetricsLog(run_dir / rundir.METRICS, position.step, accelerator.is_main_process)
     started = Started(
         run_dir=run_dir, stage=config.stage, llm=llm_mode(config), vision=vision_mode(config),
-        parameters=parameter_counts(built.model), data=train_set.report,
+        parameters=parameter_counts(bundle.model), data=train_set.report,
         eval_data=eval_set.report if eval_set is not None else None, total_steps=total_steps,
-        step=progress.step, device=str(accelerator.device), processes=accelerator.num_processes,
+        step=position.step, device=str(accelerator.device), processes=accelerator.num_processes,
         carried=carried, notes=notes)
 
     def close() -> None:
         metrics.close()
         lock.release()
 
-    return Run(config, run_dir, accelerator, built, model, optimizer, scheduler, loader,
-               eval_loader, params, total_steps, progress, started, metrics, train_set.report,
-               close)
+    return Run(config=config, run_dir=run_dir, accelerator=accelerator, bundle=bundle, model=model,
+               optimizer=optimizer, scheduler=scheduler, loader=loader, eval_loader=eval_loader,
+               params=params, total_steps=total_steps, position=position, started=started,
+               metrics=metrics, data=train_set.report, close=close)
 
 
-def use_feature_cache(config: Config, built: Built, accelerator: Accelerator,
+def steps_for(loader_batches: int, config: Config) -> int:
+    """Optimizer steps of a run: train.max_steps, or epochs x ceil(batches / grad_accum)."""
+    per_epoch = max(1, math.ceil(loader_batches / config.train.grad_accum))
+    return config.train.max_steps or max(1, math.ceil(config.train.epochs * per_epoch))
+
+
+def use_feature_cache(config: Config, bundle: ModelBundle, accelerator: Accelerator,
                       datasets: list) -> list[str]:
     """With data.feature_cache and a frozen tower, the datasets read the tower's features from
     the cache (filled first by the main process) instead of decoding images."""
-    tower = built.model.vision
+    tower = bundle.model.vision
     if not config.data.feature_cache or tower is None:
         return []
     if tower.trains:
@@ -201,13 +253,13 @@ def use_feature_cache(config: Config, built: Built, accelerator: Accelerator,
     from llava_tune.data.features import FeatureCache, tower_key
 
     inner = [d.dataset if isinstance(d, PackedDataset) else d for d in datasets if d is not None]
-    cache = FeatureCache(config.data.feature_cache, tower_key(tower, built.image_processor),
+    cache = FeatureCache(config.data.feature_cache, tower_key(tower, bundle.image_processor),
                          (tower.num_patches, tower.hidden_size))
     computed = 0
     if accelerator.is_main_process:
         images = list(dict.fromkeys(p for d in inner for p in d.image_paths()))
         bar = progress.Bar(len(images), desc="caching image features", unit="image")
-        computed = cache.fill(images, tower, built.image_processor, on_progress=bar.reached)
+        computed = cache.fill(images, tower, bundle.image_processor, on_progress=bar.reached)
         bar.close()
     accelerator.wait_for_everyone()
     for dataset in inner:
@@ -221,7 +273,7 @@ def cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_sch
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        fraction = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, fraction)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

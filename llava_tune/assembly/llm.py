@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from llava_tune.constants import QUANTIZATIONS
 from llava_tune.convert.internlm2 import convert_internlm2_dir, is_internlm2_dir
 from llava_tune.convert.sentencepiece import sentencepiece_to_fast
 from llava_tune.convert.weights import check_weight_file, checkpoint_files
@@ -27,7 +28,6 @@ from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.errors import UserError
 from llava_tune.launch import shards_parameters
 
-QUANTIZATIONS = (None, "4bit", "8bit")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
 
@@ -71,7 +71,8 @@ def quantization_config(quantization: str | None, device: torch.device) -> BitsA
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    raise UserError(f"unknown quantization {quantization!r}; use none, 4bit or 8bit")
+    raise UserError(f"unknown quantization {quantization!r}; use one of "
+                    f"{', '.join(map(str, QUANTIZATIONS))}")
 
 
 def _require_model_dir(path: Path) -> None:

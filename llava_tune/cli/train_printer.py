@@ -34,11 +34,11 @@ class TrainPrinter:
         elif isinstance(event, Logged):
             self.postfix.update(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
                                 tok_s=f"{event.tokens_per_s:.0f}")
-            self.progress(event.step, f"step {event.step}/{event.total_steps} loss "
+            self.advance(event.step, f"step {event.step}/{event.total_steps} loss "
                           f"{event.loss:.4f} lr {event.lr:.2e} {event.tokens_per_s:.0f} tok/s")
         elif isinstance(event, Evaluated):
             self.postfix["eval"] = f"{event.eval_loss:.4f}"
-            self.progress(event.step, f"step {event.step} eval_loss {event.eval_loss:.4f}")
+            self.advance(event.step, f"step {event.step} eval_loss {event.eval_loss:.4f}")
         elif isinstance(event, CheckpointSaved):
             self.write(f"  checkpoint {event.path}")
         elif isinstance(event, SampleSkipped):
@@ -83,7 +83,8 @@ class TrainPrinter:
             self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step",
                             file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
-    def progress(self, step: int, line: str) -> None:
+    def advance(self, step: int, line: str) -> None:
+        """Move the bar to `step`; without a bar, print `line`."""
         if self.bar is None:
             print(f"  {line}", file=sys.stderr)
             return

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import peft
 import torch
 
 from llava_tune import rundir
-from llava_tune.build.llm import load_llm
+from llava_tune.assembly.llm import load_llm
+from llava_tune.assembly.trainable import set_trainable
 from llava_tune.config import Config, ModelConfig
+from llava_tune.constants import STAGES
 from llava_tune.convert.lora import check_adapter_folder
 from llava_tune.convert.open_clip import create_open_clip
 from llava_tune.convert.projector import load_projector
@@ -23,13 +26,19 @@ from llava_tune.files import read_json
 from llava_tune.models.llava import LlavaModel
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
-from llava_tune.stages import STAGES, llm_mode, set_trainable, vision_mode
+from llava_tune.stages import llm_mode, vision_mode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
-class Built:
+class ModelBundle:
+    """The composed model and what feeds it: the tokenizer, the image processor (None without
+    a vision tower) and the chat template, with the config they were built from."""
+
     model: LlavaModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     image_processor: ImageProcessor | None
     template: ChatTemplate
     config: Config
@@ -44,7 +53,8 @@ def build_tower(config: ModelConfig) -> VisionTower:
     return VisionTower(create_open_clip(v.name, v.pretrained, v.config_file), v.feature_layer)
 
 
-def build_model(config: Config, llm_path: Path, quantization: str | None, device=None) -> Built:
+def build_model(config: Config, llm_path: Path, quantization: str | None,
+                device=None) -> ModelBundle:
     """The stage's parts with their base weights: the LLM from `llm_path` and, for stages with
     images, the config's vision tower and a freshly initialized projector."""
     llm, tokenizer = load_llm(llm_path, quantization=quantization, dtype=config.model.dtype,
@@ -61,7 +71,7 @@ def build_model(config: Config, llm_path: Path, quantization: str | None, device
     template = get_template(config.model.template)
     if config.model.system:
         template = ChatTemplate(**{**template.__dict__, "default_system": config.model.system})
-    return Built(LlavaModel(llm, vision, projector), tokenizer, processor, template, config)
+    return ModelBundle(LlavaModel(llm, vision, projector), tokenizer, processor, template, config)
 
 
 def recorded_base(run_dir: Path, config: Config, base: str | os.PathLike | None = None) -> Path:
@@ -81,10 +91,11 @@ def base_llm_path(run_dir: Path, config: Config, base: str | os.PathLike | None 
     return recorded_base(run_dir, config, base)
 
 
-def load_parts(built: Built, run_dir: Path, parts: list[str], trainable: bool = False) -> None:
+def load_parts(bundle: ModelBundle, run_dir: Path, parts: list[str],
+               trainable: bool = False) -> None:
     """Load a run's weight folders into a model built on its base LLM: the projector, the LLM's
     LoRA, the tower's full weights and LoRA (llm/ is loaded as the base LLM itself)."""
-    model = built.model
+    model = bundle.model
     for part in [p for p in rundir.WEIGHT_PARTS if p in parts]:
         folder = run_dir / part
         if part == rundir.PROJECTOR:
@@ -113,7 +124,7 @@ def load_full_tower(tower: VisionTower, folder: Path) -> None:
 
 
 def load_run(path: str | os.PathLike, base: str | os.PathLike | None = None,
-             quantization: str | None | bool = True, device=None) -> Built:
+             quantization: str | None | bool = True, device=None) -> ModelBundle:
     """A finished run, ready for inference: the composed model, tokenizer, image processor.
 
     `path` is a run dir (it must be complete: see rundir.check_complete) or one of its
@@ -130,12 +141,12 @@ def load_run(path: str | os.PathLike, base: str | os.PathLike | None = None,
         config.model.llm = str(base)
     if quantization is True:
         quantization = config.model.quantization
-    built = build_model(config, base_llm_path(path, config, base), quantization, device)
-    load_parts(built, path, [p for p in parts if p != rundir.LLM])
-    return for_inference(built)
+    bundle = build_model(config, base_llm_path(path, config, base), quantization, device)
+    load_parts(bundle, path, [p for p in parts if p != rundir.LLM])
+    return for_inference(bundle)
 
 
-def _load_checkpoint(path: Path, base, quantization, device) -> Built:
+def _load_checkpoint(path: Path, base, quantization, device) -> ModelBundle:
     """A training checkpoint: the model rebuilt as its run trained it, then every trainable
     weight from the checkpoint."""
     run_dir = path.parent.parent
@@ -144,19 +155,19 @@ def _load_checkpoint(path: Path, base, quantization, device) -> Built:
         config.model.llm = str(base)
     if quantization is not True and quantization != config.model.quantization:
         raise UserError("a checkpoint loads with the quantization it trained with; drop --bits")
-    built = build_model(config, recorded_base(run_dir, config, base), config.model.quantization,
+    bundle = build_model(config, recorded_base(run_dir, config, base), config.model.quantization,
                         device)
     if config.init_from:
-        carry_over(built, Path(config.init_from))
-    set_trainable(built.model, config)
+        carry_over(bundle, Path(config.init_from))
+    set_trainable(bundle.model, config)
     state = load_weights(path / "trainable.safetensors")
-    check_trainable_state(built.model, state, path)
-    built.model.load_state_dict(state, strict=False)
-    return for_inference(built)
+    check_trainable_state(bundle.model, state, path)
+    bundle.model.load_state_dict(state, strict=False)
+    return for_inference(bundle)
 
 
-def carry_over(built: Built, init_from: Path) -> list[str]:
-    """Put everything the run `init_from` trained onto `built` (a model for the next run's
+def carry_over(bundle: ModelBundle, init_from: Path) -> list[str]:
+    """Put everything the run `init_from` trained onto `bundle` (a model for the next run's
     config, before `set_trainable`); returns the parts carried.
 
     The projector and the tower's full weights load as they are. A LoRA keeps training when
@@ -165,12 +176,12 @@ def carry_over(built: Built, init_from: Path) -> list[str]:
     new run). init_from's llm/ must already be the new run's base LLM (model.llm). Whatever
     the new run has no place for raises UserError naming it and the fix.
     """
-    config = built.config
+    config = bundle.config
     parts = rundir.check_complete(init_from)
     if rundir.LLM in parts and Path(config.model.llm).resolve() != (init_from / rundir.LLM).resolve():
         raise UserError(f"init_from {init_from} trained the full LLM ({init_from / rundir.LLM}), "
                         f"but model.llm is {config.model.llm}; its weights would be lost")
-    if rundir.PROJECTOR in parts and built.model.projector is None:
+    if rundir.PROJECTOR in parts and bundle.model.projector is None:
         raise UserError(f"init_from {init_from} trained a projector, which stage {config.stage} "
                         "has no place for; use stage finetune (text-only records may be mixed "
                         "in), or start from its LLM alone (llava-tune export --format llm)")
@@ -179,14 +190,14 @@ def carry_over(built: Built, init_from: Path) -> list[str]:
     for part in (rundir.LLM_ADAPTER, rundir.VISION_ADAPTER):
         if part in parts and modes[part] == "lora":
             _check_same_lora(init_from / part, loras[part], part)
-    load_parts(built, init_from, parts, trainable=True)
-    model = built.model
+    load_parts(bundle, init_from, parts, trainable=True)
+    model = bundle.model
     if rundir.LLM_ADAPTER in parts and modes[rundir.LLM_ADAPTER] == "full":
         model.llm = model.llm.merge_and_unload()
     if rundir.VISION_ADAPTER in parts and modes[rundir.VISION_ADAPTER] == "full":
         model.vision.visual = model.vision.visual.merge_and_unload()
     if rundir.VISION in parts or modes[rundir.VISION_ADAPTER] == "full":
-        built.tower_changed = True
+        bundle.tower_changed = True
     return parts
 
 
@@ -213,7 +224,7 @@ def check_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]
 
 
 def load_model(path: str | os.PathLike, base: str | os.PathLike | None = None,
-               quantization: str | None | bool = True, device=None) -> Built:
+               quantization: str | None | bool = True, device=None) -> ModelBundle:
     """A run dir or checkpoint (see `load_run`) or a plain LLM folder, ready for inference."""
     path = Path(path)
     if (path / rundir.CONFIG).is_file() or (path / "trainable.safetensors").is_file():
@@ -226,7 +237,7 @@ def load_model(path: str | os.PathLike, base: str | os.PathLike | None = None,
                                      device))
 
 
-def for_inference(built: Built) -> Built:
-    built.model.eval()
-    built.model.requires_grad_(False)
-    return built
+def for_inference(bundle: ModelBundle) -> ModelBundle:
+    bundle.model.eval()
+    bundle.model.requires_grad_(False)
+    return bundle
