@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from helpers import LOGGED, fixture_overrides
+from helpers import LOGGED, fixture_overrides, overrides_in
 
 from llava_tune.build.llm import load_tokenizer
 from llava_tune.cli import main
@@ -58,12 +58,7 @@ def tiny_vision(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture
 def stage_overrides(tiny_lm, tiny_vision, shapes_data, tmp_path):
     """key=value overrides that point a demo config at the tiny fixtures."""
-
-    def overrides(stage_file: str, run: str = "run") -> list[str]:
-        return [*fixture_overrides(stage_file, tiny_lm, tiny_vision, shapes_data, tmp_path / run),
-                "train.log_every=1"]
-
-    return overrides
+    return overrides_in(tmp_path, tiny_lm, tiny_vision, shapes_data)
 
 
 @pytest.fixture(scope="session")

@@ -39,3 +39,14 @@ def fixture_overrides(stage_file: str, tiny_lm: Path, tiny_vision: tuple[Path, P
     """tiny_model, the shapes data the demo config `stage_file` trains on, and run_dir."""
     return [*tiny_model(tiny_lm, tiny_vision), f"data.train={shapes_data / STAGE_DATA[stage_file]}",
             f"data.image_folder={shapes_data / 'images'}", f"run_dir={run_dir}"]
+
+
+def overrides_in(folder: Path, tiny_lm: Path, tiny_vision: tuple[Path, Path], shapes_data: Path):
+    """`overrides(stage_file, run="run")`: fixture_overrides with the run dir folder/run,
+    logged every step (conftest's stage_overrides, in tmp_path)."""
+
+    def overrides(stage_file: str, run: str = "run") -> list[str]:
+        return [*fixture_overrides(stage_file, tiny_lm, tiny_vision, shapes_data, folder / run),
+                "train.log_every=1"]
+
+    return overrides

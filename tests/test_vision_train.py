@@ -14,7 +14,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from helpers import SMALL, fixture_overrides
+from helpers import SMALL, overrides_in
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
@@ -85,12 +85,7 @@ def module_tmp(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def module_overrides(tiny_lm, tiny_vision, shapes_data, module_tmp):
     """conftest's stage_overrides, for module-scoped runs."""
-
-    def overrides(stage_file: str, run: str = "run") -> list[str]:
-        return [*fixture_overrides(stage_file, tiny_lm, tiny_vision, shapes_data, module_tmp / run),
-                "train.log_every=1"]
-
-    return overrides
+    return overrides_in(module_tmp, tiny_lm, tiny_vision, shapes_data)
 
 
 @pytest.fixture(scope="module")
