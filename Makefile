@@ -15,4 +15,4 @@ test-fast:
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint:
-	$(BIN)/ruff check llava_tune tests data
+	$(BIN)/ruff check llava_tune tests scripts

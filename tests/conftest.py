@@ -1,12 +1,17 @@
-"""Shared fixtures: tiny models and data written by the tests themselves (no network)."""
+"""Shared fixtures: tiny models and data written by the tests themselves (no network), and
+the tiny LM's tokenizers. Plain helpers (run_cli, the SMALL overrides) are in helpers.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
+from helpers import LOGGED, fixture_overrides, overrides_in
 
+from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.cli import main
+from llava_tune.data.template import add_image_token
 from llava_tune.demo import make as make_demo
 from llava_tune.demo import shapes
 
@@ -53,16 +58,7 @@ def tiny_vision(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture
 def stage_overrides(tiny_lm, tiny_vision, shapes_data, tmp_path):
     """key=value overrides that point a demo config at the tiny fixtures."""
-
-    def overrides(stage_file: str, run: str = "run") -> list[str]:
-        data = {"lm": "text.json", "pretrain": "pretrain.json", "finetune": "finetune.json"}[stage_file]
-        return [f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
-                f"model.vision.config_file={tiny_vision[0]}",
-                f"model.vision.pretrained={tiny_vision[1]}",
-                f"data.train={shapes_data / data}", f"data.image_folder={shapes_data / 'images'}",
-                f"run_dir={tmp_path / run}", "train.log_every=1"]
-
-    return overrides
+    return overrides_in(tmp_path, tiny_lm, tiny_vision, shapes_data)
 
 
 @pytest.fixture(scope="session")
@@ -74,11 +70,32 @@ def tiny_finetune_run(tmp_path_factory, tiny_lm, tiny_vision, shapes_data) -> Pa
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAVA_TUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
         assert main(["train", str(REPO / "configs" / "demo" / "finetune.yaml"),
-                     f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
-                     f"model.vision.config_file={tiny_vision[0]}",
-                     f"model.vision.pretrained={tiny_vision[1]}",
-                     f"data.train={shapes_data / 'finetune.json'}",
-                     f"data.image_folder={shapes_data / 'images'}", "init_from=null",
-                     f"run_dir={run}", "train.batch_size=4", "data.max_length=128",
-                     "train.warmup_ratio=0", "train.max_steps=2", "train.log_every=1"]) == 0
+                     *fixture_overrides("finetune", tiny_lm, tiny_vision, shapes_data, run),
+                     "init_from=null", *LOGGED, "data.max_length=128",  # the last value wins
+                     "train.max_steps=2"]) == 0
     return run
+
+
+# --------------------------------------------------------------------------- tokenizers
+# Built once from the session's tiny LM and shared, so read-only: a test that adds tokens
+# loads its own.
+
+
+@pytest.fixture(scope="session")
+def sp(tiny_lm) -> spm.SentencePieceProcessor:
+    """sentencepiece itself on the tiny LM's tokenizer.model: the expected ids."""
+    return spm.SentencePieceProcessor(model_file=str(tiny_lm / "tokenizer.model"))
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_lm):
+    """The tiny LM's tokenizer, as text-only stages have it."""
+    return load_tokenizer(tiny_lm)
+
+
+@pytest.fixture(scope="session")
+def image_tok(tiny_lm):
+    """The tiny LM's tokenizer with <image> added, as stages with a vision tower have it."""
+    tokenizer = load_tokenizer(tiny_lm)
+    add_image_token(tokenizer)
+    return tokenizer

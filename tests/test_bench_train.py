@@ -1,24 +1,23 @@
-"""scripts/bench_train.py's pieces: the mix generator and the
+"""scripts/bench_train.py and its parts (scripts/benchlib/): the mix generator and the
 identity of ours and the peer (same first-step loss on one batch) on tiny models."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 
+import bench_train
 import pytest
 import torch
+from benchlib.data import Setup, prepare_start
+from benchlib.runs import benchmark, check_identity
+
+from llava_tune.constants import IMAGE_TOKEN
+from llava_tune.demo import mix as make_mix
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import bench_train  # noqa: E402
-
-from llava_tune.constants import IMAGE_TOKEN  # noqa: E402
-from llava_tune.demo import mix as make_mix  # noqa: E402
 
 # --------------------------------------------------------------------------- the mix
 
@@ -76,20 +75,20 @@ def test_1_8b_refuses_the_cpu(capsys, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory, tiny_lm, tiny_vision) -> bench_train.Setup:
+def tiny_setup(tmp_path_factory, tiny_lm, tiny_vision) -> Setup:
     """The bench's shared inputs on the tiny fixture models and 12 mix records."""
     work = tmp_path_factory.mktemp("bench")
     make_mix.generate_mix(work / "mix", 12, seed=0, image_size=40)
-    setup = bench_train.Setup(
+    setup = Setup(
         config=REPO / "configs/demo/finetune.yaml", llm=tiny_lm, vision_name="tiny-vit",
         vision_config=tiny_vision[0], vision_weights=tiny_vision[1], data=work / "mix" / "mix.json",
         image_folder=work / "mix" / "images", max_length=160, work=work)
-    bench_train.prepare_start(setup)
+    prepare_start(setup)
     return setup
 
 
 def test_check_gives_both_systems_the_same_first_loss(tiny_setup):
-    result = bench_train.check_identity(tiny_setup, batch_size=4, in_process=True)
+    result = check_identity(tiny_setup, batch_size=4, in_process=True)
     assert abs(result["ours"] - math.log(512)) < 0.5  # a random LM over 512 tokens
     assert result["abs_diff"] < 1e-4, result
     assert result["trainable"]["ours"] == result["trainable"]["peer"]
@@ -97,7 +96,7 @@ def test_check_gives_both_systems_the_same_first_loss(tiny_setup):
 
 @pytest.mark.slow
 def test_benchmark_measures_both(tiny_setup):
-    result = bench_train.benchmark(tiny_setup, steps=2, warmup=1, batch_size=4, repeats=1,
+    result = benchmark(tiny_setup, steps=2, warmup=1, batch_size=4, repeats=1,
                                    extra=[], log=lambda message: None)
     for system in ("ours", "peer"):
         (run,) = result[system]["runs"]

@@ -18,6 +18,7 @@ import pexpect
 import pytest
 import torch
 import yaml
+from helpers import LOGGED
 
 from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.cli import main
@@ -27,8 +28,6 @@ from llava_tune.inference.chat import ChatSession
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
-SMALL = ["train.batch_size=4", "data.max_length=64", "train.warmup_ratio=0", "train.max_steps=2",
-         "train.log_every=1"]
 SHORT = ["--max-new-tokens", "8"]
 QUESTION = "What color is the shape?"
 SECOND = "What shape is this?"
@@ -57,7 +56,7 @@ def env(tmp_path_factory, cache_dir) -> dict[str, str]:
 def _train(config: str, overrides: list[str], cache_dir: Path) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAVA_TUNE_CACHE", str(cache_dir))
-        assert main(["train", str(DEMO / config), *overrides, *SMALL]) == 0
+        assert main(["train", str(DEMO / config), *overrides, *LOGGED, "train.max_steps=2"]) == 0
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import LOGGED, SMALL, fixture_overrides, run_cli
 
 from llava_tune.assembly.llm import load_llm
 from llava_tune.cli import main
@@ -19,23 +20,6 @@ from llava_tune.convert.internlm2 import is_internlm2_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
-SMALL = ["train.batch_size=4", "data.max_length=64", "train.warmup_ratio=0"]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def fixture_overrides(stage_file, tiny_lm, tiny_vision, shapes_data, run_dir) -> list[str]:
-    data = {"lm": "text.json", "pretrain": "pretrain.json", "finetune": "finetune.json"}[stage_file]
-    return [f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
-            f"model.vision.config_file={tiny_vision[0]}",
-            f"model.vision.pretrained={tiny_vision[1]}",
-            f"data.train={shapes_data / data}", f"data.image_folder={shapes_data / 'images'}",
-            f"run_dir={run_dir}", *SMALL]
 
 
 # --------------------------------------------------------------------------- user mistakes
@@ -115,8 +99,8 @@ def pretrain_run(tmp_path_factory, tiny_lm, tiny_vision, shapes_data) -> Path:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):  # not a terminal: a line per log instead of a bar
         code = main(["train", str(DEMO / "pretrain.yaml"),
-                     *fixture_overrides("pretrain", tiny_lm, tiny_vision, shapes_data, run),
-                     "train.max_steps=2", "train.log_every=1"])
+                     *fixture_overrides("pretrain", tiny_lm, tiny_vision, shapes_data, run), *LOGGED,
+                     "train.max_steps=2"])
     assert code == 0
     TRAIN_OUTPUT["stderr"] = err.getvalue()
     return run
@@ -190,7 +174,7 @@ def test_eval_without_image_folder_asks_for_it(pretrain_run, shapes_data, capsys
 def test_export_sft_full_run_as_internlm2(tmp_path, capsys, tiny_lm, tiny_vision, shapes_data):
     run = tmp_path / "sft"
     code, _, err = run_cli(capsys, "train", DEMO / "lm.yaml",
-                           *fixture_overrides("lm", tiny_lm, tiny_vision, shapes_data, run),
+                           *fixture_overrides("lm", tiny_lm, tiny_vision, shapes_data, run), *SMALL,
                            "train.max_steps=2", "train.lr=1e-2")
     assert code == 0, err
     assert "[done] 2 steps" in err

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 from PIL import Image
 
@@ -20,25 +19,12 @@ from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset
 from llava_tune.data.formats import read_conversations
 from llava_tune.data.image import ImageProcessor, expand_to_square, load_image
-from llava_tune.data.template import INTERNLM2_CHAT, add_image_token
+from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.errors import UserError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 N_IMG = 4  # image slots per image
-
-
-@pytest.fixture
-def tok(tiny_lm):
-    """The tiny LM's tokenizer with <image> added, as stages with a vision tower have it."""
-    tokenizer = load_tokenizer(tiny_lm)
-    add_image_token(tokenizer)
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def sp(tiny_lm):
-    return spm.SentencePieceProcessor(model_file=str(tiny_lm / "tokenizer.model"))
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +163,8 @@ def test_missing_data_file(tmp_path):
 # --------------------------------------------------------------------------- dataset
 
 
-def test_shapes_items(shapes_data, tok, sp, processor):
-    ds = dataset(shapes_data / "finetune.json", tok, processor, shapes_data)
+def test_shapes_items(shapes_data, image_tok, sp, processor):
+    ds = dataset(shapes_data / "finetune.json", image_tok, processor, shapes_data)
     assert len(ds) == 128
     assert (ds.report.total, ds.report.kept, ds.report.truncated) == (128, 128, 0)
     assert not ds.report.skipped
@@ -194,12 +180,12 @@ def test_shapes_items(shapes_data, tok, sp, processor):
         assert slots == list(range(len(start), len(start) + N_IMG))
         assert all(labels[i] == IGNORE_INDEX for i in slots)
         trained = [t for t in labels if t != IGNORE_INDEX]
-        assert tok.decode(trained) == raw[index]["conversations"][1]["value"] + "<|im_end|>"
+        assert image_tok.decode(trained) == raw[index]["conversations"][1]["value"] + "<|im_end|>"
         # Outside the slots, the ids are the plain template encoding.
         messages = [{"role": "user", "content": raw[index]["conversations"][0]["value"]},
                     {"role": "assistant", "content": raw[index]["conversations"][1]["value"]}]
-        plain, plain_labels = INTERNLM2_CHAT.encode(messages, tok)
-        image_id = tok.convert_tokens_to_ids("<image>")
+        plain, plain_labels = INTERNLM2_CHAT.encode(messages, image_tok)
+        image_id = image_tok.convert_tokens_to_ids("<image>")
         assert plain.count(image_id) == 1
         at = plain.index(image_id)
         assert ids == plain[:at] + [IMAGE_TOKEN_INDEX] * N_IMG + plain[at + 1:]
@@ -225,12 +211,12 @@ def many_records(n: int) -> list[dict]:
     return [rec(f"ok-{i}", image=f"train/{i % 64:06d}.png") for i in range(n)]
 
 
-def test_few_bad_records_are_skipped_and_counted(tmp_path, shapes_data, tok, processor):
+def test_few_bad_records_are_skipped_and_counted(tmp_path, shapes_data, image_tok, processor):
     records = many_records(100)
     records[10] = rec("speaker") | {"conversations": [{"from": "robot", "value": "x"}]}
     records[20] = rec("lost", image="train/missing.png")
     path = write_json(tmp_path / "data.json", records)
-    ds = dataset(path, tok, processor, shapes_data, max_bad_fraction=0.05)
+    ds = dataset(path, image_tok, processor, shapes_data, max_bad_fraction=0.05)
     assert len(ds) == 98
     assert (ds.report.total, ds.report.kept) == (100, 98)
     assert ds.report.skipped == {"bad record": 2}
@@ -243,13 +229,13 @@ def test_few_bad_records_are_skipped_and_counted(tmp_path, shapes_data, tok, pro
     assert "98 of 100 samples kept" in ds.report.summary()
 
 
-def test_too_many_bad_records_raise_listing_them(tmp_path, shapes_data, tok, processor):
+def test_too_many_bad_records_raise_listing_them(tmp_path, shapes_data, image_tok, processor):
     records = many_records(100)
     records[3] = rec("lost", image="train/missing.png")
     records[7] = rec("no-answer") | {"conversations": [{"from": "human", "value": "<image>"}]}
     path = write_json(tmp_path / "data.json", records)
     with pytest.raises(UserError) as err:
-        dataset(path, tok, processor, shapes_data, max_bad_fraction=0.01)
+        dataset(path, image_tok, processor, shapes_data, max_bad_fraction=0.01)
     message = str(err.value)
     assert f"2 of 100 records in {path} cannot be used" in message
     assert f"{path} record 7 (id 'no-answer'): has no assistant (gpt) turn" in message
@@ -258,14 +244,15 @@ def test_too_many_bad_records_raise_listing_them(tmp_path, shapes_data, tok, pro
     assert "up to 1% bad records are skipped" in message
 
 
-def test_image_record_without_vision_is_a_problem(tmp_path, shapes_data, tok):
+def test_image_record_without_vision_is_a_problem(tmp_path, shapes_data, image_tok):
     path = write_json(tmp_path / "d.json", [rec("img")] + [rec(f"t{i}", image=None, human="q")
                                                            for i in range(3)])
     with pytest.raises(UserError, match="record 0 \\(id 'img'\\): has an image, but this stage"):
-        ConversationDataset(path, tok, INTERNLM2_CHAT, max_length=64)
+        ConversationDataset(path, image_tok, INTERNLM2_CHAT, max_length=64)
 
 
-def test_max_length_truncates_text_and_drops_cut_images(tmp_path, shapes_data, tok, processor):
+def test_max_length_truncates_text_and_drops_cut_images(tmp_path, shapes_data, image_tok,
+                                                        processor):
     long_answer = " ".join(["It is a red circle."] * 8)
     records = [
         rec("short"),
@@ -274,7 +261,7 @@ def test_max_length_truncates_text_and_drops_cut_images(tmp_path, shapes_data, t
         rec("long-question", human="a red circle " * 16, gpt="Red.", image=None),
     ]
     path = write_json(tmp_path / "d.json", records)
-    full = dataset(path, tok, processor, shapes_data, max_length=1024)
+    full = dataset(path, image_tok, processor, shapes_data, max_length=1024)
     lengths = dict(zip(full.table["id"], full.lengths(), strict=True))
     assert full.report.truncated == 0 and len(full) == 4
     max_length = lengths["short"] + 4
@@ -286,7 +273,7 @@ def test_max_length_truncates_text_and_drops_cut_images(tmp_path, shapes_data, t
     first_label = next(i for i, t in enumerate(long_q["labels"].tolist()) if t != IGNORE_INDEX)
     assert first_label >= max_length
 
-    ds = dataset(path, tok, processor, shapes_data, max_length=max_length)
+    ds = dataset(path, image_tok, processor, shapes_data, max_length=max_length)
     assert list(ds.table["id"]) == ["short", "long-answer"]
     assert ds.report.truncated == 1
     assert ds.report.skipped == {"an image does not fit in max_length": 1,
@@ -301,22 +288,22 @@ def test_max_length_truncates_text_and_drops_cut_images(tmp_path, shapes_data, t
     assert any("late-image" in e for e in ds.report.examples)
 
 
-def test_nothing_usable_is_an_error(tmp_path, shapes_data, tok, processor):
+def test_nothing_usable_is_an_error(tmp_path, shapes_data, image_tok, processor):
     path = write_json(tmp_path / "d.json", [rec("late", human="a red circle " * 8 + "<image>")])
     with pytest.raises(UserError, match=re.escape(f"no usable samples in {path}")):
-        dataset(path, tok, processor, shapes_data, max_length=16)
+        dataset(path, image_tok, processor, shapes_data, max_length=16)
 
 
 # --------------------------------------------------------------------------- collator
 
 
-def test_collator_pads_right_and_stacks_images(tmp_path, shapes_data, tok, processor):
+def test_collator_pads_right_and_stacks_images(tmp_path, shapes_data, image_tok, processor):
     records = [rec("a"), rec("b", gpt="It is a red circle, a nice one.", image="train/000001.png"),
                rec("c", human="no image here", image=None)]
     path = write_json(tmp_path / "d.json", records)
-    ds = dataset(path, tok, processor, shapes_data)
+    ds = dataset(path, image_tok, processor, shapes_data)
     items = [ds[0], ds[1], ds[2]]
-    batch = Collator(pad_token_id=tok.pad_token_id)(items)
+    batch = Collator(pad_token_id=image_tok.pad_token_id)(items)
     lengths = [len(item["input_ids"]) for item in items]
     assert batch.skipped == []
     assert batch.input_ids.shape == (3, max(lengths))
@@ -324,7 +311,7 @@ def test_collator_pads_right_and_stacks_images(tmp_path, shapes_data, tok, proce
     for row, (item, n) in enumerate(zip(items, lengths, strict=True)):
         assert torch.equal(batch.input_ids[row, :n], item["input_ids"])
         assert torch.equal(batch.labels[row, :n], item["labels"])
-        assert (batch.input_ids[row, n:] == tok.pad_token_id).all()
+        assert (batch.input_ids[row, n:] == image_tok.pad_token_id).all()
         assert (batch.labels[row, n:] == IGNORE_INDEX).all()
         assert batch.attention_mask[row].tolist() == [1] * n + [0] * (max(lengths) - n)
     assert batch.num_tokens == sum(lengths)
@@ -334,30 +321,30 @@ def test_collator_pads_right_and_stacks_images(tmp_path, shapes_data, tok, proce
     assert batch.pixel_values.shape == (2, 3, 32, 32)
     assert torch.equal(batch.pixel_values[0], items[0]["pixel_values"][0])
     assert torch.equal(batch.pixel_values[1], items[1]["pixel_values"][0])
-    text_only = Collator(tok.pad_token_id)([ds[2]])
+    text_only = Collator(image_tok.pad_token_id)([ds[2]])
     assert text_only.pixel_values is None
 
 
-def test_unreadable_image_becomes_a_skipped_entry(tmp_path, shapes_data, tok, processor):
+def test_unreadable_image_becomes_a_skipped_entry(tmp_path, shapes_data, image_tok, processor):
     folder = tmp_path / "images"
     folder.mkdir()
     Image.new("RGB", (32, 32), (255, 0, 0)).save(folder / "good.png")
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     path = write_json(tmp_path / "d.json", [rec("good", image="good.png"),
                                             rec("bad", image="corrupt.png")])
-    ds = ConversationDataset(path, tok, INTERNLM2_CHAT, 256, image_folder=folder,
+    ds = ConversationDataset(path, image_tok, INTERNLM2_CHAT, 256, image_folder=folder,
                              image_processor=processor, num_image_tokens=N_IMG)
     assert len(ds) == 2  # the file exists, so it only fails when decoded
     bad = ds[1]
     assert set(bad) == {"id", "error"} and bad["id"] == "bad"
     assert str(folder / "corrupt.png") in bad["error"] and "cannot be read" in bad["error"]
-    batch = Collator(tok.pad_token_id)([ds[0], bad])
+    batch = Collator(image_tok.pad_token_id)([ds[0], bad])
     assert batch.skipped == [("bad", bad["error"])]
     assert batch.input_ids.shape[0] == 1 and batch.pixel_values.shape[0] == 1
     assert torch.equal(batch.input_ids[0], ds[0]["input_ids"])
     # A batch whose every sample failed still has a row (one token, no loss), so that every
     # process of a multi-process run runs the same forward and backward.
-    alone = Collator(tok.pad_token_id)([bad])
+    alone = Collator(image_tok.pad_token_id)([bad])
     assert alone.skipped == [("bad", bad["error"])]
     assert alone.input_ids.shape == (1, 1) and alone.num_tokens == 0
     assert alone.num_label_tokens == 0 and (alone.labels == IGNORE_INDEX).all()

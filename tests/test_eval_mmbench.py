@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import run_cli
 
 from llava_tune import progress
 from llava_tune.assembly import model as assembly_model
@@ -22,13 +23,6 @@ from llava_tune.inference.mmbench import evaluate_mmbench_batched
 
 N_IMAGES = 5  # 10 questions, 40 passes in CircularEval
 ARGS = ["--max-new-tokens", "3", "--batch-size", "7"]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(autouse=True)

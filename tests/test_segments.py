@@ -11,25 +11,13 @@ from __future__ import annotations
 import random
 
 import pytest
-import sentencepiece as spm
 
-from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.constants import IGNORE_INDEX
 from llava_tune.data.segments import encode_segments
 from llava_tune.data.template import INTERNLM2_CHAT
 
 TEXTS = ["a red circle and a blue square", "What color is the shape?\nIt is red.",
          "  two spaces,\ttab and\n\nnewlines \n", "中文 😀 émoji"]
-
-
-@pytest.fixture(scope="module")
-def sp(tiny_lm) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=str(tiny_lm / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_lm):
-    return load_tokenizer(tiny_lm)
 
 
 def test_a_cut_inside_a_merged_piece_gives_tokens_that_continue(tok):

@@ -26,16 +26,6 @@ from llava_tune.errors import UserError
 SPECIALS = ("<s>", "<|im_start|>", "<|im_end|>")
 
 
-@pytest.fixture(scope="module")
-def sp(tiny_lm) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=str(tiny_lm / "tokenizer.model"))
-
-
-@pytest.fixture
-def tok(tiny_lm):
-    return load_tokenizer(tiny_lm)
-
-
 def sp_ids(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
     """Ids of `text`: special tokens by their piece id, every span between them by sp.encode."""
     ids = []
@@ -223,7 +213,8 @@ def test_get_template():
         get_template("llama3")
 
 
-def test_add_image_token_is_one_token_and_idempotent(tok, sp):
+def test_add_image_token_is_one_token_and_idempotent(tiny_lm, sp):
+    tok = load_tokenizer(tiny_lm)  # its own: conftest's `tok` is shared, so never changed
     size = len(tok)
     image_id = add_image_token(tok)
     assert image_id == size

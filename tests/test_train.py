@@ -9,6 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from helpers import LOGGED, tiny_model
 from safetensors.torch import load_file
 
 import llava_tune
@@ -21,15 +22,11 @@ from llava_tune.training.loop import fit
 from llava_tune.training.setup import build_dataset, build_for_training, setup
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
-SMALL = ["train.batch_size=4", "data.max_length=64", "train.log_every=1", "train.warmup_ratio=0"]
 
 
 def overrides(stage_file, tiny_lm, tiny_vision, data_file, image_folder, run_dir, *extra):
-    return [f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
-            f"model.vision.config_file={tiny_vision[0]}",
-            f"model.vision.pretrained={tiny_vision[1]}",
-            f"data.train={data_file}", f"data.image_folder={image_folder}",
-            f"run_dir={run_dir}", *SMALL, *extra]
+    return [*tiny_model(tiny_lm, tiny_vision), f"data.train={data_file}",
+            f"data.image_folder={image_folder}", f"run_dir={run_dir}", *LOGGED, *extra]
 
 
 def subset(source: Path, out: Path, n: int, repeat: int = 1) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import LOGGED, STAGE_DATA, fixture_overrides, run_cli
 from safetensors.torch import load_file
 
 from llava_tune import rundir
@@ -35,17 +36,9 @@ from llava_tune.training.events import Logged
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
-SMALL = ["train.batch_size=4", "data.max_length=64", "train.warmup_ratio=0", "train.log_every=1"]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def refused(capsys, argv: list, *words: str) -> str:
@@ -66,13 +59,13 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def overrides(stage: str, tiny_lm, tiny_vision, shapes_data, run_dir, *extra) -> list[str]:
-    data = {"lm": "text.json", "sft": "text.json", "pretrain": "pretrain.json"}[stage]
-    vision = [] if stage in ("lm", "sft") else [
-        "model.vision.name=tiny-vit", f"model.vision.config_file={tiny_vision[0]}",
-        f"model.vision.pretrained={tiny_vision[1]}",
-        f"data.image_folder={shapes_data / 'images'}"]
-    return [f"model.llm={tiny_lm}", *vision, f"data.train={shapes_data / data}",
-            f"run_dir={run_dir}", *SMALL, *extra]
+    """The tiny fixtures and LOGGED; the text stages (lm, sft) without a vision tower."""
+    if stage in ("lm", "sft"):
+        fixtures = [f"model.llm={tiny_lm}", f"data.train={shapes_data / STAGE_DATA[stage]}",
+                    f"run_dir={run_dir}"]
+    else:
+        fixtures = fixture_overrides(stage, tiny_lm, tiny_vision, shapes_data, run_dir)
+    return [*fixtures, *LOGGED, *extra]
 
 
 def pretrain_argv(tiny_lm, tiny_vision, shapes_data, run_dir, *extra) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from helpers import SMALL, overrides_in
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
@@ -35,9 +36,9 @@ from llava_tune.training.setup import build_dataset, build_for_training, setup
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
 OURS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
-SMALL = ["init_from=null", "model.quantization=null", "train.batch_size=4", "data.max_length=64",
-         "train.warmup_ratio=0", "train.lr=1e-2", "train.vision_lora.r=4",
-         "train.vision_lora.alpha=8", "train.lora.r=4"]
+TOWER = [*SMALL, "init_from=null", "model.quantization=null", "train.lr=1e-2",
+         "train.vision_lora.r=4", "train.vision_lora.alpha=8", "train.lora.r=4"]
+"""SMALL for these runs: from the base LLM in full precision, small LoRAs, a fast lr."""
 
 
 def subset(source: Path, out: Path, n: int) -> Path:
@@ -48,7 +49,7 @@ def subset(source: Path, out: Path, n: int) -> Path:
 def make_config(stage_overrides, shapes_data, tmp: Path, run: str, *extra: str):
     data = subset(shapes_data / "finetune.json", tmp / "finetune4.json", 4)
     return load_config(DEMO / "finetune.yaml",
-                       [*stage_overrides("finetune", run), *SMALL, f"data.train={data}", *extra])
+                       [*stage_overrides("finetune", run), *TOWER, f"data.train={data}", *extra])
 
 
 def first_batch(bundle, config) -> Batch:
@@ -84,15 +85,7 @@ def module_tmp(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def module_overrides(tiny_lm, tiny_vision, shapes_data, module_tmp):
     """conftest's stage_overrides, for module-scoped runs."""
-
-    def overrides(stage_file: str, run: str = "run") -> list[str]:
-        return [f"model.llm={tiny_lm}", "model.vision.name=tiny-vit",
-                f"model.vision.config_file={tiny_vision[0]}",
-                f"model.vision.pretrained={tiny_vision[1]}",
-                f"data.image_folder={shapes_data / 'images'}",
-                f"run_dir={module_tmp / run}", "train.log_every=1"]
-
-    return overrides
+    return overrides_in(module_tmp, tiny_lm, tiny_vision, shapes_data)
 
 
 @pytest.fixture(scope="module")
@@ -411,16 +404,13 @@ def test_real_finetune_configs_train_xtuners_tower_lora(size):
     """XTuner's visual_encoder_lora (r=64, alpha=16, dropout 0.05, every Linear) on the
     ViT-L/14-336 tower: PEFT's count of its parameters is the memory estimate's."""
     import logging
-    import sys
 
+    import estimate_memory
     import open_clip
 
     from llava_tune.assembly.trainable import vision_lora_config
     from llava_tune.models.vision import VisionTower
     from llava_tune.stages import vision_mode
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    import estimate_memory
 
     config = load_config(REPO / "configs" / f"internlm2_chat_{size}" / "finetune.yaml")
     assert vision_mode(config) == "lora"
