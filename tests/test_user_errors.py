@@ -73,6 +73,18 @@ def pretrain_argv(tiny_lm, tiny_vision, shapes_data, run_dir, *extra) -> list[st
             *overrides("pretrain", tiny_lm, tiny_vision, shapes_data, run_dir, *extra)]
 
 
+def wait_for_logged_steps(proc: subprocess.Popen, run: Path, steps: int,
+                          timeout: float = 300) -> None:
+    """Wait until a training process has logged `steps` lines into run/metrics.jsonl (so it
+    is mid-run), failing with its stderr if it exits first."""
+    deadline = time.time() + timeout
+    metrics = run / "metrics.jsonl"
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < steps:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{steps} logged steps not reached in {timeout} s"
+        time.sleep(0.05)
+
+
 def records(shapes_data, name="pretrain.json", n=8) -> list[dict]:
     return json.loads((shapes_data / name).read_text())[:n]
 
@@ -801,12 +813,7 @@ def test_sigint_to_a_training_process_then_resume(tmp_path, tiny_lm, tiny_vision
     assert proc.wait(timeout=600) == 0, proc.communicate()[1][-3000:]
     run = tmp_path / "run"
     proc = cli_process(pretrain_argv(tiny_lm, tiny_vision, shapes_data, run, *extra))
-    deadline = time.time() + 300
-    while not (run / "metrics.jsonl").is_file() or \
-            len((run / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_logged_steps(proc, run, 3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
@@ -846,12 +853,7 @@ def test_ctrl_c_under_torchrun_then_resume(tmp_path, tiny_lm, shapes_data):
 
     proc = launch([*torchrun, "--standalone", "--nproc_per_node", "2", "-m", "llava_tune",
                    "--quiet", *args])
-    deadline = time.time() + 300
-    while not (run / "metrics.jsonl").is_file() or \
-            len((run / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_logged_steps(proc, run, 3)
     os.killpg(proc.pid, signal.SIGINT)  # the terminal signals the whole process group
     _, err = proc.communicate(timeout=300)
     line = next(line for line in err.splitlines() if line.startswith("[interrupted] at step "))
