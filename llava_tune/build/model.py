@@ -218,12 +218,27 @@ def load_model(path: str | os.PathLike, base: str | os.PathLike | None = None,
     path = Path(path)
     if (path / rundir.CONFIG).is_file() or (path / "trainable.safetensors").is_file():
         return load_run(path, base=base, quantization=quantization, device=device)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is neither a llava-tune run dir (config.yaml) nor an LLM "
-                        "folder (config.json)")
+    check_model_folder(path)
     config = Config(stage="sft", model=ModelConfig(llm=str(path)))
     return for_inference(build_model(config, path, None if quantization is True else quantization,
                                      device))
+
+
+def check_model_folder(path: Path) -> None:
+    """Raise UserError saying what to pass when `path`, which holds no run, is not an LLM
+    folder either: missing, or XTuner's LLaVA output (which imports as a run dir)."""
+    from llava_tune.convert.xtuner import is_xtuner_dir
+
+    if not path.exists():
+        raise UserError(f"{path} not found; give a run dir, a checkpoint of one "
+                        "(RUN/checkpoints/step-N) or an LLM folder")
+    if is_xtuner_dir(path) and not (path / "config.json").is_file():
+        raise UserError(f"{path} is XTuner's LLaVA output (projector/, llm_adapter/), not a "
+                        f"run dir; make it one first: llava-tune import-xtuner {path} RUN_DIR "
+                        "--llm LLM_DIR --vision-weights CLIP_DIR, then use RUN_DIR")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is neither a llava-tune run dir (config.yaml) nor an LLM "
+                        "folder (config.json)")
 
 
 def for_inference(built: Built) -> Built:
