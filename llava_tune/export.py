@@ -24,6 +24,7 @@ from llava_tune.convert.internlm2 import write_internlm2_checkpoint
 from llava_tune.convert.vision_lora import write_clip_tower
 from llava_tune.convert.xtuner import write_xtuner
 from llava_tune.errors import UserError
+from llava_tune.files import honour_umask
 
 FORMATS = ("llm", "internlm2", "hf-llava", "xtuner")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -57,12 +58,12 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Beside the target, so the final rename stays on one filesystem.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)
     try:
         writers[fmt](run_dir, tmp, base, config)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         (tmp / MARKER).write_text(json.dumps({"run_dir": str(run_dir.resolve()), "format": fmt,
                                               "files": files}, indent=2) + "\n")
+        honour_umask(tmp)
         previous, moved = _clear_target(out_dir)
         os.replace(tmp, out_dir)
     finally:
