@@ -120,6 +120,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.moved_aside is not None:
         print(f"the previous contents of {args.out_dir} are now in {result.moved_aside}",
               file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"exported {args.format} to {result.path}")
     return 0
 
