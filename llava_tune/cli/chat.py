@@ -31,8 +31,8 @@ def add_parser(sub) -> None:
                        description="Interactive when stdin is a terminal; --question answers "
                        "once; piped stdin: one question per line, one conversation.",
                        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="run dir (pretrain, finetune or sft), a checkpoint of one, or a "
-                   "plain LLM folder")
+    p.add_argument("model", help="run dir (pretrain, finetune or sft), a checkpoint of one, an "
+                   "hf-llava export or a plain LLM folder")
     p.add_argument("--image", help="image to talk about")
     p.add_argument("--question", help="answer this one question and exit")
     p.add_argument("--system", help="system prompt (default: the run's)")
