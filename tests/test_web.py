@@ -463,6 +463,7 @@ def test_browser_chat(tiny_finetune_run, cache_dir, image, bad_files, tmp_path):
             assert second.messages() == []
             second.ask(QUESTION)  # no image in this tab: the text-only answer
             second.wait_answer(QUESTION, answers["text"])
+            second.wait_status("no image attached; answering from the text alone")  # as chat
             assert first.messages() == [("user", QUESTION), ("bot", answers["image"])]
 
             # Bad input in tab 2: a message in the page each time, and it goes on serving.
