@@ -22,6 +22,28 @@ if TYPE_CHECKING:
     from llava_tune.assembly.model import load_run
 
 
+KERNEL_HUB_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+"""How bitsandbytes' import-time warning begins when it cannot fetch an optional CPU kernel
+from a model hub (it suggests trust_remote_code=True, which llava-tune never needs)."""
+
+
+def _drop_kernel_hub_notice() -> None:
+    """Drop that one warning, wherever bitsandbytes is first imported (peft imports it):
+    llava-tune downloads nothing at run time, so the notice only misleads. Other warnings and
+    errors of bitsandbytes still show."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(KERNEL_HUB_NOTICE)
+
+    # The logger bitsandbytes' CPU backend logs with; a filter on a logger sees only its own
+    # records, so it goes on that one (created here if bitsandbytes is not imported yet).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(keep)
+
+
+_drop_kernel_hub_notice()
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib

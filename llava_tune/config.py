@@ -196,6 +196,27 @@ def _set_dotted(data: dict, key: str, value: object) -> None:
     node[last] = value
 
 
+def override_key_problem(item: str, key: str) -> str | None:
+    """Why the key of override `item` ("train.lrr=1") is not a config key, naming the
+    override, the unknown part and the keys valid in its section; None for a valid key (a
+    leaf such as train.lr, or a section such as train.lora given a mapping)."""
+    leaves = valid_keys(Config)
+    if key in leaves or any(leaf.startswith(f"{key}.") for leaf in leaves):
+        return None
+    parts = key.split(".")
+    depth = 0  # how many leading parts name an existing section
+    while depth < len(parts) - 1 and any(
+            leaf.startswith(".".join(parts[:depth + 1]) + ".") for leaf in leaves):
+        depth += 1
+    section = ".".join(parts[:depth])
+    inside = [leaf for leaf in leaves if leaf.startswith(f"{section}.")] if section else leaves
+    close = difflib.get_close_matches(key, inside, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    where = f" in {section}" if section else ""
+    return (f"override {item!r}: unknown key {parts[depth]!r}{where}{hint}; valid: "
+            + ", ".join(inside))
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
     """`key=value` strings -> (key, YAML-typed value); `lr=1e-4` gives a float."""
     parsed = []
@@ -241,14 +262,24 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
                 from err
         if not isinstance(data, dict):
             raise UserError(f"{path} must hold a mapping of config keys")
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(data, key, value)
+    # An override's typo is the command line's, not the file's: named as the user typed it
+    # and left out of the config, so the file is not blamed for it.
+    override_errors: list[str] = []
+    for item, (key, value) in zip(overrides, parse_overrides(list(overrides)), strict=True):
+        problem = override_key_problem(item, key)
+        if problem is not None:
+            override_errors.append(problem)
+        else:
+            _set_dotted(data, key, value)
     errors: list[str] = []
     config = _build(Config, data, "", errors)
     errors += validate(config)
-    if errors:
-        where = f" in {path}" if path is not None else ""
-        message = f"config problems{where}:\n  " + "\n  ".join(errors)
+    if errors or override_errors:
+        if errors:
+            where = f" in {path}" if path is not None else ""
+        else:
+            where = " in the key=value overrides"
+        message = f"config problems{where}:\n  " + "\n  ".join(override_errors + errors)
         if any(e.startswith("unknown key") for e in errors):
             message += "\nvalid keys: " + ", ".join(valid_keys(Config))
         raise UserError(message)

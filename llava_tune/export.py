@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_tune import rundir
@@ -26,10 +26,11 @@ from llava_tune.assembly.model import (
     recorded_base,
 )
 from llava_tune.convert.hf_llava import write_hf_llava
-from llava_tune.convert.internlm2 import write_internlm2_checkpoint
+from llava_tune.convert.internlm2 import remote_code_files, write_internlm2_checkpoint
 from llava_tune.convert.vision_lora import write_clip_tower
 from llava_tune.convert.xtuner import write_xtuner
 from llava_tune.errors import UserError
+from llava_tune.files import honour_umask
 
 FORMATS = ("llm", "internlm2", "hf-llava", "xtuner")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -43,6 +44,8 @@ class ExportResult:
     path: Path
     moved_aside: Path | None = None
     """Where the target's previous contents went (a folder that was not our export)."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about the export (e.g. files it could not include)."""
 
 
 def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
@@ -63,19 +66,19 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Beside the target, so the final rename stays on one filesystem.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)
     try:
-        writers[fmt](run_dir, tmp, base, config)
+        notes = writers[fmt](run_dir, tmp, base, config) or []
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         (tmp / MARKER).write_text(json.dumps({"run_dir": str(run_dir.resolve()), "format": fmt,
                                               "files": files}, indent=2) + "\n")
+        honour_umask(tmp)
         previous, moved = _clear_target(out_dir)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)  # our own earlier export, replaced
-    return ExportResult(out_dir, moved)
+    return ExportResult(out_dir, moved, notes)
 
 
 def check_target(run_dir: Path, out_dir: Path, force: bool) -> None:
@@ -141,7 +144,9 @@ def _write_llm(run_dir: Path, folder: Path, base, config) -> None:
     bundle.tokenizer.save_pretrained(folder)
 
 
-def _write_internlm2(run_dir: Path, folder: Path, base, config) -> None:
+def _write_internlm2(run_dir: Path, folder: Path, base, config) -> list[str]:
+    """The merged LLM in InternLM2's layout, with the base's tokenizer and remote code; notes
+    naming the remote code the base lacks."""
     base_dir = recorded_base(run_dir, config, base)
     if not (base_dir / "tokenizer.model").is_file():
         raise UserError(f"the internlm2 format needs InternLM2's tokenizer.model, which the "
@@ -149,6 +154,20 @@ def _write_internlm2(run_dir: Path, folder: Path, base, config) -> None:
     llm = merged_model(run_dir, base).model.llm
     tokenizer_files = [base_dir / name for name in TOKENIZER_FILES if (base_dir / name).is_file()]
     write_internlm2_checkpoint(llm.state_dict(), llm.config, folder, tokenizer_files)
+    # config.json's auto_map (and the tokenizer's) name InternLM2's remote code, which
+    # published checkpoints carry: with it, the export loads with trust_remote_code=True.
+    missing = []
+    for name in remote_code_files(folder):
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, folder / name)
+        else:
+            missing.append(name)
+    if not missing:
+        return []
+    return [f"the export's auto_map names {', '.join(missing)}, which the base LLM {base_dir} "
+            "does not have; transformers' AutoModelForCausalLM.from_pretrained(..., "
+            "trust_remote_code=True) needs them: copy them from the published InternLM2 "
+            "checkpoint into the export (llava-tune loads it without them)"]
 
 
 def _write_hf_llava(run_dir: Path, folder: Path, base, config) -> None:

@@ -14,6 +14,47 @@ from pathlib import Path
 from llava_tune.errors import UserError
 
 
+def current_umask() -> int:
+    """The process's umask. Read from /proc where Linux shows it: setting it to read it back
+    (the only portable way) would briefly change it for every thread."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a folder and everything in it) the permissions a plain open()
+    or mkdir() would have: 0666 (0777 for folders and executables) less the umask.
+
+    Needed before publishing anything written through temp files: tempfile.mkstemp/mkdtemp
+    and safetensors' save_file (so every transformers and peft save) create them 0600/0700,
+    which would leave a user's weights unreadable to the group the umask shares them with.
+    Symbolic links are left alone.
+    """
+    mask = current_umask()
+    path = Path(path)
+
+    def fix(item: Path, folder: bool) -> None:
+        if item.is_symlink():
+            return
+        executable = folder or item.stat().st_mode & 0o100
+        os.chmod(item, (0o777 if executable else 0o666) & ~mask)
+
+    if not path.is_dir() or path.is_symlink():
+        fix(path, folder=False)
+        return
+    for root, _, files in os.walk(path):
+        fix(Path(root), folder=True)
+        for name in files:
+            fix(Path(root) / name, folder=False)
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside `target`; when the block succeeds it replaces `target`.
@@ -26,9 +67,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Beside the target, so the final rename stays on one filesystem.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private to this user
     try:
         yield tmp
+        honour_umask(tmp)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -48,7 +89,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

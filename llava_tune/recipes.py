@@ -176,6 +176,11 @@ def _set(data: dict, dotted: str, value: object) -> None:
     data[last] = value
 
 
+SCRIPT_PATHS_NOTE = re.compile(r"^# Paths are set by scripts/\S+ \(or override them: key=value\)\.\n",
+                               re.MULTILINE)
+"""A recipe's line saying which script fills in its paths: true of the shipped file, not of a
+copy (its paths are placeholders), so a copy leaves it out."""
+
 _KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w-]*):(?P<rest>.*)$")
 
 
@@ -230,6 +235,7 @@ def copy_recipe(name: str, dest: str | os.PathLike) -> tuple[Path, dict[str, str
         raise UserError(f"cannot write {dest}: folder {dest.parent} does not exist; create it "
                         "or give another path")
     text, replaced = with_placeholders(source.read_text(encoding="utf-8"))
+    text = SCRIPT_PATHS_NOTE.sub("", text)
     recipe = source.relative_to(RECIPES_DIR).with_suffix("").as_posix()
     header = (f"# Copied from llava-tune's recipe {recipe} by `llava-tune configs copy`.\n"
               "# Fill in every <...> placeholder (here, or as key=value on the command line),\n"

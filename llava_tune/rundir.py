@@ -151,7 +151,7 @@ class RunLock:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
         for _ in range(10):
-            fd = os.open(self.file, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.file, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -234,9 +234,38 @@ def test_interactive_session(env, tiny_finetune_run, image, other_image, answer,
     assert "Traceback" not in seen.getvalue()
 
 
-def test_interactive_ctrl_c_stops_the_answer_and_ctrl_d_leaves(env, tiny_finetune_run, image):
-    # 300 tokens take the 4-bit tiny model on the CPU many seconds: Ctrl-C lands mid-answer.
-    child, seen = spawn(env, tiny_finetune_run, "--image", image, "--max-new-tokens", "300")
+@pytest.fixture(scope="module")
+def endless_llm(tmp_path_factory, tiny_lm) -> Path:
+    """An LLM folder whose answers cannot end by themselves: a tiny random Phi (its LM head has
+    a bias) with the tiny LM's tokenizer and a bias of -1e4 on EOS and <|im_end|>, so no
+    sampled token ever stops it; sampled at temperature 1 from near-uniform logits, it never
+    repeats itself into LoopStop either."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    folder = tmp_path_factory.mktemp("endless") / "llm"
+    tokenizer = load_tokenizer(tiny_lm)
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    torch.manual_seed(0)
+    model = PhiForCausalLM(PhiConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16384, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    with torch.no_grad():
+        model.lm_head.bias[stops] = -1e4
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_interactive_ctrl_c_stops_the_answer_and_ctrl_d_leaves(env, endless_llm):
+    # The answer cannot finish before Ctrl-C lands: it has no end token to sample and 16,000
+    # tokens to go (seconds at least), and Ctrl-C follows its first printed character.
+    # Uninterrupted, such an answer runs to --max-new-tokens:
+    full = chat(env, endless_llm, "--question", QUESTION, "--temperature", "1", "--seed", "0",
+                "--max-new-tokens", "300", "--verbose")
+    assert int(SPEED.search(full.stderr)[1]) == 300, full.stderr
+    child, seen = spawn(env, endless_llm, "--temperature", "1", "--seed", "0",
+                        "--max-new-tokens", "16000")
     try:
         child.expect_exact(">>> ")
         child.sendline(QUESTION)

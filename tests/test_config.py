@@ -88,8 +88,9 @@ def test_parse_overrides():
 
 
 def test_unknown_key_lists_valid_keys(base_yaml):
+    base_yaml.write_text(BASE + "  lrr: 1.0e-3\n")  # under train:
     with pytest.raises(UserError) as err:
-        load_config(base_yaml, ["train.lrr=1e-3"])
+        load_config(base_yaml)
     message = str(err.value)
     assert "unknown key train.lrr" in message
     assert str(base_yaml) in message
@@ -112,7 +113,8 @@ def test_all_problems_reported_together(base_yaml):
                                 "train.mixed_precision=fp8", "data.max_length=4"])
     lines = str(err.value).splitlines()
     problems = [line.strip() for line in lines if line.startswith("  ")]
-    assert "unknown key train.bogus" in problems
+    assert any(p.startswith("override 'train.bogus=1': unknown key 'bogus' in train")
+               for p in problems)
     assert "train.batch_size='big' is not of type int" in problems
     assert any(p.startswith("stage='pretrian'") and "pretrain, finetune, sft" in p for p in problems)
     assert any(p.startswith("train.mixed_precision='fp8'") for p in problems)
@@ -215,3 +217,20 @@ def test_numeric_override_of_a_text_field_stays_text(tmp_path):
 
     config = load_config(None, ["model.llm=lm", "data.train=d.json", "run_dir=2024"])
     assert config.run_dir == "2024"
+
+
+def test_override_typo_names_the_override_not_the_file(base_yaml):
+    with pytest.raises(UserError) as err:
+        load_config(base_yaml, ["train.lrr=1e-3"])
+    message = str(err.value)
+    assert str(base_yaml) not in message  # the file has no problem
+    assert message.startswith("config problems in the key=value overrides:")
+    line = next(x.strip() for x in message.splitlines() if x.strip().startswith("override"))
+    head, valid = line.split("; valid: ")
+    assert head == "override 'train.lrr=1e-3': unknown key 'lrr' in train (did you mean train.lr?)"
+    assert valid.split(", ") == [k for k in valid_keys(Config) if k.startswith("train.")]
+    with pytest.raises(UserError, match=r"override 'modle\.llm=/m': unknown key 'modle' "
+                                        r"\(did you mean model\.llm\?\)"):
+        load_config(base_yaml, ["modle.llm=/m"])
+    # Sections given whole are keys too.
+    assert load_config(base_yaml, ["train.lora={r: 8, alpha: 16}"]).train.lora.alpha == 16

@@ -48,8 +48,28 @@ def test_real_sizes_on_the_meta_device(like, billions):
     assert SIZES[like]["num_hidden_layers"] == config.num_hidden_layers
 
 
+def real_size_tokenizer(request: pytest.FixtureRequest) -> Path:
+    """InternLM2's real tokenizer (../shared/fixtures, outside the repository) when this
+    checkout has it, else the demo's byte-fallback tokenizer of the tiny_lm fixture, as
+    scripts/gpu_check.py falls back: the checkpoint's vocabulary stays 92,544 either way, so
+    the logits and the memory are the real ones."""
+    if (SHARED_TOKENIZER / "tokenizer.model").is_file():
+        return SHARED_TOKENIZER
+    return request.getfixturevalue("tiny_lm")
+
+
+def test_real_size_tokenizer_without_the_shared_fixture(request, monkeypatch, tmp_path, tiny_lm):
+    """The slow check's tokenizer and load path in a fresh clone (no ../shared), at tiny size."""
+    monkeypatch.setitem(globals(), "SHARED_TOKENIZER", tmp_path / "no-shared")
+    tokenizer = real_size_tokenizer(request)
+    assert tokenizer == tiny_lm
+    model, loaded = load_llm(write_checkpoint("tiny", tmp_path / "lm", tokenizer=tokenizer))
+    assert model.config.vocab_size == 92544
+    assert loaded.convert_tokens_to_ids("<|im_end|>") != loaded.unk_token_id
+
+
 @pytest.mark.slow
-def test_real_size_4bit_forward_backward_on_the_cpu(tmp_path, capsys):
+def test_real_size_4bit_forward_backward_on_the_cpu(tmp_path, capsys, request):
     """The 1.8B model at its real size, 4-bit with LoRA, one forward and backward at 128
     tokens: the path a GPU run takes, proven on the CPU (peak RSS reported)."""
     import shutil
@@ -61,8 +81,8 @@ def test_real_size_4bit_forward_backward_on_the_cpu(tmp_path, capsys):
     free_gb = shutil.disk_usage(tmp_path).free / 2**30
     if free_gb < 12:  # the bf16 checkpoint and its Llama-layout copy: ~7.6 GB
         pytest.skip(f"needs ~8 GB of free disk for a real-size checkpoint, {free_gb:.1f} GB free")
-    tokenizer = SHARED_TOKENIZER if (SHARED_TOKENIZER / "tokenizer.model").is_file() else None
-    out = write_checkpoint("internlm2-chat-1_8b", tmp_path / "lm", tokenizer=tokenizer)
+    out = write_checkpoint("internlm2-chat-1_8b", tmp_path / "lm",
+                           tokenizer=real_size_tokenizer(request))
     model, _ = load_llm(out, quantization="4bit", device="cpu")
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16,
                                                        target_modules="all-linear"))

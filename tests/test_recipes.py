@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,18 @@ def test_a_filled_copy_has_no_placeholders_left(tmp_path, stage_overrides):
     config = load_config(dest, [*stage_overrides("finetune"), "init_from=null"])
     assert recipes.unfilled_placeholders(config) == {}
     recipes.check_placeholders(config)
+
+
+@pytest.mark.parametrize("name", sorted(recipes.recipe_files()))
+def test_a_copy_does_not_say_a_script_sets_its_paths(tmp_path, name):
+    """The shipped recipes say which script fills in their paths; a copy's paths are
+    placeholders for the user, so it must not repeat that."""
+    source = recipes.find_recipe(name).read_text()
+    dest, _ = recipes.copy_recipe(name, tmp_path / "copy.yaml")
+    text = dest.read_text()
+    if "scripts/" in source and ".sh" in source:
+        assert re.search(r"scripts/\S+\.sh", source)
+    assert re.search(r"scripts/\S+\.sh", text) is None, text[:400]
+    assert "Fill in every <...> placeholder" in text
+    # Only that line goes: the recipe's settings are the same.
+    assert yaml.safe_load(text).keys() == yaml.safe_load(source).keys()

@@ -31,7 +31,7 @@ from PIL import Image
 from llava_tune.assembly.model import load_model
 from llava_tune.cli import main
 from llava_tune.errors import UserError
-from llava_tune.inference.generate import GenerationSettings, generate
+from llava_tune.inference.generate import GenerationSettings, LoopStop, generate
 from llava_tune.inference.web import (
     WebChat,
     _Cancelled,
@@ -137,12 +137,13 @@ def test_answer_streams_and_ends_as_chats_answer(bundle, answers, image):
     assert session.history[0]["content"].startswith("<image>")
 
     # Token by token: a longer answer arrives in several growing pieces, and ends as the
-    # one generate() gives without a streamer.
+    # one generate() gives without a streamer (ended, as in chat, where it starts to loop).
     session, _, _ = chat.attach(session, image)
     turns = list(chat.respond(session, QUESTION, max_new_tokens=40))
     pieces = [t.messages[-1]["content"] for t in turns[1:-1]]
     full = generate(bundle, [{"role": "user", "content": f"<image>\n{QUESTION}"}],
-                    [session.image], GenerationSettings(max_new_tokens=40))
+                    [session.image], GenerationSettings(max_new_tokens=40),
+                    stopping_criteria=[LoopStop()])
     assert turns[-1].messages[-1]["content"] == full
     assert len(set(pieces)) >= 2 and pieces[-1] == full
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:], strict=False))
@@ -462,6 +463,7 @@ def test_browser_chat(tiny_finetune_run, cache_dir, image, bad_files, tmp_path):
             assert second.messages() == []
             second.ask(QUESTION)  # no image in this tab: the text-only answer
             second.wait_answer(QUESTION, answers["text"])
+            second.wait_status("no image attached; answering from the text alone")  # as chat
             assert first.messages() == [("user", QUESTION), ("bot", answers["image"])]
 
             # Bad input in tab 2: a message in the page each time, and it goes on serving.

@@ -11,10 +11,11 @@ import peft
 import torch
 
 from llava_tune import rundir
-from llava_tune.assembly.llm import load_llm
+from llava_tune.assembly.llm import default_device, load_llm, quantization_config, resolve_dtype
 from llava_tune.assembly.trainable import set_trainable
 from llava_tune.config import Config, ModelConfig
 from llava_tune.constants import STAGES
+from llava_tune.convert.hf_llava import is_hf_llava_dir, read_hf_llava
 from llava_tune.convert.lora import check_adapter_folder
 from llava_tune.convert.open_clip import create_open_clip
 from llava_tune.convert.projector import load_projector
@@ -225,16 +226,47 @@ def check_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]
 
 def load_model(path: str | os.PathLike, base: str | os.PathLike | None = None,
                quantization: str | None | bool = True, device=None) -> ModelBundle:
-    """A run dir or checkpoint (see `load_run`) or a plain LLM folder, ready for inference."""
+    """A run dir or checkpoint (see `load_run`), an hf-llava export (see `load_hf_llava`) or a
+    plain LLM folder, ready for inference."""
     path = Path(path)
     if (path / rundir.CONFIG).is_file() or (path / "trainable.safetensors").is_file():
         return load_run(path, base=base, quantization=quantization, device=device)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is neither a llava-tune run dir (config.yaml) nor an LLM "
-                        "folder (config.json)")
+    check_model_folder(path)
+    if is_hf_llava_dir(path):
+        return for_inference(load_hf_llava(path, quantization, device))
     config = Config(stage="sft", model=ModelConfig(llm=str(path)))
     return for_inference(build_model(config, path, None if quantization is True else quantization,
                                      device))
+
+
+def load_hf_llava(path: Path, quantization: str | None | bool = True, device=None) -> ModelBundle:
+    """An hf-llava export (transformers Llava + AutoProcessor), in a run's shape: full
+    precision unless `quantization` asks for 4 or 8 bits; InternLM2's chat template, as the
+    export's processor has it."""
+    device = torch.device(device) if device is not None else default_device()
+    quantization = None if quantization is True else quantization
+    parts = read_hf_llava(path, resolve_dtype(None, device), device,
+                          quantization_config(quantization, device))
+    config = Config(stage="finetune", model=ModelConfig(llm=str(path), quantization=quantization))
+    return ModelBundle(LlavaModel(parts.llm, parts.vision, parts.projector), parts.tokenizer,
+                 parts.image_processor, get_template("internlm2_chat"), config)
+
+
+def check_model_folder(path: Path) -> None:
+    """Raise UserError saying what to pass when `path`, which holds no run, is not an LLM
+    folder either: missing, or XTuner's LLaVA output (which imports as a run dir)."""
+    from llava_tune.convert.xtuner import is_xtuner_dir
+
+    if not path.exists():
+        raise UserError(f"{path} not found; give a run dir, a checkpoint of one "
+                        "(RUN/checkpoints/step-N) or an LLM folder")
+    if is_xtuner_dir(path) and not (path / "config.json").is_file():
+        raise UserError(f"{path} is XTuner's LLaVA output (projector/, llm_adapter/), not a "
+                        f"run dir; make it one first: llava-tune import-xtuner {path} RUN_DIR "
+                        "--llm LLM_DIR --vision-weights CLIP_DIR, then use RUN_DIR")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is neither a llava-tune run dir (config.yaml) nor an LLM "
+                        "folder (config.json)")
 
 
 def for_inference(bundle: ModelBundle) -> ModelBundle:

@@ -19,14 +19,36 @@ USER_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 """OSErrors that are the user's to fix (besides PermissionError): a full or read-only disk."""
 
 
+GLOBAL_FLAGS = {"--debug": "show a traceback for every error, user errors too",
+                "--quiet": "no progress bars"}
+"""Flags accepted before the command and after it (`llava-tune chat RUN --debug`)."""
+
+
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("llava-tune")
+    except metadata.PackageNotFoundError:
+        import llava_tune
+
+        return llava_tune.__version__
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    for flag, help_text in GLOBAL_FLAGS.items():
+        parser.add_argument(flag, action="store_true", default=default, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llava-tune", description="Give an InternLM2 chat model eyes: LLaVA-style "
         "pretrain + QLoRA finetune, text SFT, chat, eval and export.")
-    parser.add_argument("--debug", action="store_true",
-                        help="show a traceback for every error, user errors too")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"llava-tune {version()}")
+    _add_global_flags(parser, False)
+    # Not required: without a command, main() prints the help instead of a usage error.
+    sub = parser.add_subparsers(dest="command")
     commands.add_train(sub)
     commands.add_eval(sub)
     chat.add_parser(sub)
@@ -35,7 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_import_xtuner(sub)
     commands.add_plot(sub)
     configs.add_parser(sub)
+    for command in _all_subparsers(sub):
+        # SUPPRESS: a flag not given after the command keeps the value given before it
+        # (a plain default would overwrite it).
+        _add_global_flags(command, argparse.SUPPRESS)
     return parser
+
+
+def _all_subparsers(sub) -> list[argparse.ArgumentParser]:
+    """Every command's parser, nested ones (`configs copy`) included."""
+    found = []
+    for parser in dict.fromkeys(sub.choices.values()):  # aliases share a parser
+        found.append(parser)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += _all_subparsers(action)
+    return found
 
 
 def quiet_libraries() -> None:
@@ -55,7 +92,11 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
     quiet_libraries()
     from llava_tune import progress
 

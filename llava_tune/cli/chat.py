@@ -31,8 +31,8 @@ def add_parser(sub) -> None:
                        description="Interactive when stdin is a terminal; --question answers "
                        "once; piped stdin: one question per line, one conversation.",
                        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="run dir (pretrain, finetune or sft), a checkpoint of one, or a "
-                   "plain LLM folder")
+    p.add_argument("model", help="run dir (pretrain, finetune or sft), a checkpoint of one, an "
+                   "hf-llava export or a plain LLM folder")
     p.add_argument("--image", help="image to talk about")
     p.add_argument("--question", help="answer this one question and exit")
     p.add_argument("--system", help="system prompt (default: the run's)")
@@ -92,10 +92,14 @@ def _chat_turn(session, question: str, stream: bool, verbose: bool) -> None:
     import io
     import time
 
+    from llava_tune.inference.chat import LOOP_NOTE
+
     printer = _Printer(session.bundle.tokenizer, sys.stdout if stream else io.StringIO())
     start = time.perf_counter()
     answer = session.ask(question, streamer=printer.streamer)
     print() if stream else print(answer)
+    if session.stopped_looping:
+        print(f"({LOOP_NOTE})", file=sys.stderr)
     if verbose:
         elapsed = time.perf_counter() - start
         print(f"[{printer.tokens} tokens in {elapsed:.2f}s, "
@@ -145,8 +149,8 @@ def _repl(session, args: argparse.Namespace) -> int:
     kind = "image chat" if session.has_vision else "text chat"
     print(f"llava-tune {kind} with {args.model}. /help for commands, /exit or Ctrl-D to leave.",
           file=sys.stderr)
-    if session.has_vision and session.image is None:
-        print("(no image attached: /image PATH attaches one)", file=sys.stderr)
+    if session.image_note:
+        print(f"({session.image_note}: /image PATH attaches one)", file=sys.stderr)
     try:
         while True:
             try:
@@ -197,9 +201,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not interactive:
                 raise
             print(f"error: {err}", file=sys.stderr)
-    if session.has_vision and session.image is None and not interactive:
-        print("note: no image attached (--image PATH); answering from the text alone",
-              file=sys.stderr)
+    if session.image_note and not interactive:
+        print(f"note: {session.image_note} (--image PATH attaches one)", file=sys.stderr)
     if interactive:
         return _repl(session, args)
     stream = not args.no_stream

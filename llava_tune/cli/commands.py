@@ -37,7 +37,8 @@ def add_eval(sub) -> None:
 
     p = sub.add_parser("eval", help="greedy answers and exact-match accuracy on a data file, "
                        "or MMBench-format multiple choice")
-    p.add_argument("run_dir", help="run dir or a checkpoint of one")
+    p.add_argument("run_dir", help="run dir, a checkpoint of one, an hf-llava export or an "
+                   "LLM folder")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="LLaVA-format JSON/JSONL with reference answers")
     mmbench.add_arguments(p, source)
@@ -62,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--circular is for --mmbench (CircularEval of multiple-choice questions)")
 
     from llava_tune import progress
-    from llava_tune.assembly.model import load_run
+    from llava_tune.assembly.model import load_model
     from llava_tune.files import write_text_atomic
     from llava_tune.inference.evaluate import check_output, evaluate
     from llava_tune.inference.generate import GenerationSettings, eval_batch_size
@@ -74,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--out, --json and --data must be three different files (an output "
                         "would overwrite the data or the other output)")
     batch_size = eval_batch_size(args.batch_size)
-    bundle = load_run(args.run_dir, base=args.base)
+    bundle = load_model(args.run_dir, base=args.base)
     bar = progress.Bar(0, desc="evaluating", unit="question")
     try:
         summary = evaluate(bundle, args.data, args.image_folder,
@@ -121,6 +122,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.moved_aside is not None:
         print(f"the previous contents of {args.out_dir} are now in {result.moved_aside}",
               file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"exported {args.format} to {result.path}")
     return 0
 

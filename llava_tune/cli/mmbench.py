@@ -43,7 +43,7 @@ def _print_scores(title: str, overall, category: dict) -> None:
 
 def cmd_eval_mmbench(args: argparse.Namespace) -> int:
     from llava_tune import progress
-    from llava_tune.assembly.model import load_run
+    from llava_tune.assembly.model import load_model
     from llava_tune.inference.generate import GenerationSettings, eval_batch_size
     from llava_tune.inference.mmbench import evaluate_mmbench_batched, output_paths
 
@@ -62,7 +62,7 @@ def cmd_eval_mmbench(args: argparse.Namespace) -> int:
     def answer_batch(batch: list) -> list[str]:
         if "answer" not in state:
             state["loading"] = True
-            state["answer"] = answer_batch_fn(load_run(args.run_dir, base=args.base), settings)
+            state["answer"] = answer_batch_fn(load_model(args.run_dir, base=args.base), settings)
             state["bar"] = progress.Bar(0, desc="evaluating", unit="question")
         return state["answer"](batch)
 

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("web", help="chat with a run in the browser (needs pip install -e .[web])",
                        description="A browser chat page (gradio) over the same chat code as "
                        "`chat`: image upload, streaming answers, one conversation per tab.")
-    p.add_argument("model", help="run dir (pretrain, finetune or sft) or a plain LLM folder")
+    p.add_argument("model", help="run dir (pretrain, finetune or sft), an hf-llava export or a "
+                   "plain LLM folder")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)

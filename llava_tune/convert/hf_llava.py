@@ -1,16 +1,24 @@
 """Export a run as a transformers `LlavaForConditionalGeneration` + `AutoProcessor` folder, so
-plain transformers (and the servers that read its layout) answer as `llava-tune chat` does."""
+plain transformers (and the servers that read its layout) answer as `llava-tune chat` does;
+and read such a folder back (`read_hf_llava`), so chat, eval and web take it too."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
+from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
+    AutoProcessor,
+    BitsAndBytesConfig,
     GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedModel,
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
@@ -18,6 +26,7 @@ from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.convert.open_clip import hf_clip_vision_state_dict
 from llava_tune.data.template import internlm2_jinja
 from llava_tune.errors import UserError
+from llava_tune.files import read_json
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
 
@@ -74,3 +83,85 @@ def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: 
         image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def is_hf_llava_dir(path: str | Path) -> bool:
+    """A folder whose config.json is a transformers Llava model (our hf-llava export)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and read_json(config).get("model_type") == "llava"
+
+
+class HfVisionTower(nn.Module):
+    """transformers' CLIP tower of a Llava model in the role of our VisionTower: pixels
+    [B, 3, S, S] -> the patch features of one hidden layer [B, N, Dv], as Llava selects them
+    (the CLS token dropped under the "default" strategy)."""
+
+    def __init__(self, tower: nn.Module, config: LlavaConfig) -> None:
+        super().__init__()
+        if not isinstance(config.vision_feature_layer, int):
+            raise UserError("this Llava model concatenates several vision layers "
+                            f"({config.vision_feature_layer}); llava-tune reads one layer")
+        self.tower = tower
+        self.feature_layer = config.vision_feature_layer
+        self.keep_cls = config.vision_feature_select_strategy == "full"
+        vision = config.vision_config
+        self.image_size = vision.image_size
+        self.hidden_size = vision.hidden_size
+        self.num_patches = (vision.image_size // vision.patch_size) ** 2 + int(self.keep_cls)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.tower.parameters()).dtype
+        hidden = self.tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states
+        features = hidden[self.feature_layer]
+        return features if self.keep_cls else features[:, 1:]
+
+
+class HfImageProcessor:
+    """The folder's own image processor as ours: PIL image -> pixels [3, S, S]."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+
+@dataclass
+class HfLlava:
+    """The parts of a Llava folder, shaped as a run's: the causal LM, the tower, the projector
+    (`multi_modal_projector`: features [I, N, Dv] -> [I, N, D]), tokenizer, image processor."""
+
+    llm: PreTrainedModel
+    vision: HfVisionTower
+    projector: nn.Module
+    tokenizer: object
+    image_processor: HfImageProcessor
+
+
+def read_hf_llava(folder: str | Path, dtype: torch.dtype, device: torch.device,
+                  quantization: BitsAndBytesConfig | None = None) -> HfLlava:
+    """Load a Llava folder through `LlavaForConditionalGeneration` and `AutoProcessor`.
+
+    A quantized load quantizes the language model only (the tower, projector and LM head
+    stay in `dtype`), as a run's QLoRA does.
+    """
+    if quantization is not None:
+        # Module paths from the model's root (transformers matches them as prefixes).
+        quantization.llm_int8_skip_modules = ["model.vision_tower", "model.multi_modal_projector",
+                                              "lm_head"]
+    llava = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, quantization_config=quantization, device_map={"": device})
+    processor = AutoProcessor.from_pretrained(folder)
+    # The text model alone, as a causal LM over the same modules (nothing is copied), so one
+    # generation path serves runs and this folder: embeddings with image features in, tokens out.
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(llava.config.text_config)
+    llm.model = llava.model.language_model
+    llm.lm_head = llava.lm_head
+    llm.generation_config = llava.generation_config  # its eos ids, and <image> suppressed
+    return HfLlava(llm, HfVisionTower(llava.model.vision_tower, llava.config),
+                   llava.model.multi_modal_projector, processor.tokenizer,
+                   HfImageProcessor(processor.image_processor))

@@ -389,6 +389,22 @@ def write_internlm2_checkpoint(
         shutil.copy2(file, folder / Path(file).name)
 
 
+def remote_code_files(folder: str | os.PathLike) -> list[str]:
+    """The Python files that `folder`'s config.json and tokenizer_config.json name in their
+    `auto_map` (what `trust_remote_code=True` imports: configuration_internlm2.py,
+    modeling_internlm2.py, tokenization_internlm2*.py), in order, each once. Entries that
+    point at another repository ("repo--module.Class") are not files of this folder."""
+    names: list[str] = []
+    for config in (CONFIG_NAME, "tokenizer_config.json"):
+        file = Path(folder) / config
+        auto_map = read_json(file).get("auto_map") if file.is_file() else None
+        for value in (auto_map or {}).values():
+            for entry in value if isinstance(value, list) else [value]:
+                if isinstance(entry, str) and "--" not in entry and "." in entry:
+                    names.append(entry.rsplit(".", 1)[0] + ".py")
+    return list(dict.fromkeys(names))
+
+
 def save_internlm2_checkpoint(state_dict: dict[str, torch.Tensor], cfg: LlamaConfig,
                               out_dir: str | os.PathLike, extra_files: Sequence[Path] = ()) -> None:
     """`write_internlm2_checkpoint` into `out_dir`, which appears complete or not at all."""

@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llava_tune.convert.internlm2 import save_internlm2_checkpoint
 from llava_tune.demo import mmbench, shapes
 from llava_tune.demo import tokenizer as demo_tokenizer
+from llava_tune.files import honour_umask
 
 LM_SHAPE = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -78,6 +79,7 @@ def make_vision(out_dir: Path, seed: int, config: dict | None = None,
         logging.disable(logging.NOTSET)
     weights = out_dir / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    honour_umask(weights)  # save_file creates it 0600
     return config_file, weights
 
 

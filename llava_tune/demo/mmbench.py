@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.demo import shapes
 from llava_tune.files import write_text_atomic
 from llava_tune.inference.mmbench import (
@@ -158,7 +159,8 @@ ANSWER_STYLES = ("letter", "letter_text", "text")
 
 
 def mcq_records(items: Iterable[tuple[str, str, str]], seed: int = 0,
-                with_text: bool = False, answer: str = "letter") -> list[dict[str, Any]]:
+                with_text: bool = False, answer: str = "letter",
+                multi_turn: bool = False) -> list[dict[str, Any]]:
     """Lettered color and shape questions about images, as LLaVA-format records.
 
     Args:
@@ -168,6 +170,8 @@ def mcq_records(items: Iterable[tuple[str, str, str]], seed: int = 0,
             the same as `answer="letter_text"`.
         answer: "letter" ("B"), "letter_text" ("B. blue") or "text" (the option's text alone,
             "blue", which `extract_letter` maps to its letter).
+        multi_turn: an image's two questions as one two-turn record (id `mcq-N-both`, the
+            order random, the image marker on the first only) instead of two records.
 
     The human turn is exactly the evaluation prompt (`build_messages`: `<image>\\n`, a hint
     on about half of them (`HINTS`), the question, the options, the instruction), so training
@@ -178,8 +182,10 @@ def mcq_records(items: Iterable[tuple[str, str, str]], seed: int = 0,
     style = "letter_text" if with_text else answer
     rng = random.Random(f"shapes-mcq-{seed}")
     hint_rng = random.Random(f"shapes-mcq-hints-{seed}")  # options as without hints
+    turn_rng = random.Random(f"shapes-mcq-turns-{seed}")  # options as with one turn each
     records = []
     for n, (image, color, shape) in enumerate(items):
+        turns = []
         for kind, question, options, right in (
             ("color", shapes.COLOR_QUESTION, color_options(rng, color), color),
             ("shape", shapes.SHAPE_QUESTION, shape_options(rng), shape),
@@ -187,9 +193,17 @@ def mcq_records(items: Iterable[tuple[str, str, str]], seed: int = 0,
             letter = letter_of(options, right)
             reply = {"letter": letter, "letter_text": f"{letter}. {right}", "text": right}[style]
             human = build_messages(question, options, pick_hint(hint_rng))[0]["content"]
-            records.append({"id": f"mcq-{n:06d}-{kind}", "image": image,
-                            "conversations": [{"from": "human", "value": human},
-                                              {"from": "gpt", "value": reply}]})
+            turns.append((kind, [{"from": "human", "value": human}, {"from": "gpt", "value": reply}]))
+        if not multi_turn:
+            records += [{"id": f"mcq-{n:06d}-{kind}", "image": image, "conversations": turn}
+                        for kind, turn in turns]
+            continue
+        if turn_rng.random() < 0.5:
+            turns.reverse()
+        first, second = turns[0][1], turns[1][1]
+        follow_up = {"from": "human", "value": second[0]["value"].removeprefix(f"{IMAGE_TOKEN}\n")}
+        records.append({"id": f"mcq-{n:06d}-both", "image": image,
+                        "conversations": [*first, follow_up, second[1]]})
     return records
 
 
@@ -208,7 +222,7 @@ def items_from_captions(records: Sequence[dict[str, Any]]) -> list[tuple[str, st
 
 
 def add_mcq_to_finetune(shapes_dir: str | Path, fraction: float, seed: int = 0,
-                        answer: str = "letter") -> int:
+                        answer: str = "letter", multi_turn: bool = False) -> int:
     """Append `mcq_records` for the first `fraction` of the training images to finetune.json.
 
     The images come from pretrain.json's captions (one per training image). LLaVA-1.5's mix
@@ -220,7 +234,8 @@ def add_mcq_to_finetune(shapes_dir: str | Path, fraction: float, seed: int = 0,
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     shapes_dir = Path(shapes_dir)
     items = items_from_captions(json.loads((shapes_dir / "pretrain.json").read_text()))
-    records = mcq_records(items[:round(fraction * len(items))], seed, answer=answer)
+    records = mcq_records(items[:round(fraction * len(items))], seed, answer=answer,
+                          multi_turn=multi_turn)
     finetune = json.loads((shapes_dir / "finetune.json").read_text())
     shapes.write_json_atomic(shapes_dir / "finetune.json", finetune + records)
     return len(records)

@@ -10,7 +10,12 @@ from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.image import load_image
 from llava_tune.data.template import Message
 from llava_tune.errors import UserError
-from llava_tune.inference.generate import GenerationSettings, generate
+from llava_tune.inference.generate import GenerationSettings, LoopStop, generate
+
+NO_IMAGE_NOTE = "no image attached; answering from the text alone"
+"""Said (by chat and the web page) when a model with a vision tower is asked without one."""
+LOOP_NOTE = "answer stopped: it kept repeating itself"
+"""Said when LoopStop ended an answer."""
 
 
 class ChatSession:
@@ -24,10 +29,17 @@ class ChatSession:
         self.image = None
         self.image_path: Path | None = None
         self.history: list[Message] = []
+        self.stopped_looping = False
+        """Whether the last answer was ended because it kept repeating itself."""
 
     @property
     def has_vision(self) -> bool:
         return self.bundle.model.vision is not None
+
+    @property
+    def image_note(self) -> str | None:
+        """NO_IMAGE_NOTE when the model could see an image but has none; else None."""
+        return NO_IMAGE_NOTE if self.has_vision and self.image is None else None
 
     def attach_image(self, path: str | Path) -> None:
         """Load an image for a new conversation (the old one ends)."""
@@ -54,9 +66,13 @@ class ChatSession:
 
     def ask(self, question: str, streamer=None) -> str:
         """Answer `question` in context; the turn joins the history only once answered, so
-        an interrupted answer leaves the conversation as it was."""
+        an interrupted answer leaves the conversation as it was. An answer caught in a loop
+        ends there (LoopStop; `stopped_looping` says so): a person is waiting for it."""
         messages = self.messages_for(question)
         images = [self.image] if self.image is not None else []
-        answer = generate(self.bundle, messages, images, self.settings, streamer=streamer)
+        loop = LoopStop()
+        answer = generate(self.bundle, messages, images, self.settings, streamer=streamer,
+                          stopping_criteria=[loop])
+        self.stopped_looping = loop.stopped
         self.history += messages[-1:] + [{"role": "assistant", "content": answer}]
         return answer

@@ -3,15 +3,45 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llava_tune.assembly.model import ModelBundle
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.template import Message, add_image_token, expand_image_slots
 from llava_tune.errors import UserError
+
+LOOP_MIN_REPEATS = 4
+LOOP_MIN_TOKENS = 16
+LOOP_MAX_PERIOD = 32
+
+
+class LoopStop(StoppingCriteria):
+    """Ends an answer caught in a loop: its last tokens are one block of at most
+    LOOP_MAX_PERIOD tokens repeated LOOP_MIN_REPEATS times or more, LOOP_MIN_TOKENS tokens in
+    all (so a number's repeated digits are no loop). A model asked what it was never trained
+    on (a small LLaVA without its image) otherwise repeats itself up to max_new_tokens.
+
+    For one conversation at a time (chat): `stopped` says whether it ended the answer.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for period in range(1, LOOP_MAX_PERIOD + 1):
+            repeats = max(LOOP_MIN_REPEATS, -(-LOOP_MIN_TOKENS // period))
+            if period * repeats > input_ids.shape[1]:
+                continue
+            blocks = input_ids[:, -period * repeats:].reshape(-1, repeats, period)
+            done |= (blocks == blocks[:, -1:]).flatten(1).all(dim=1)
+        self.stopped = self.stopped or bool(done.any())
+        return done
 
 
 @dataclass
@@ -67,13 +97,16 @@ def generate(
     images: list[Image.Image] = (),
     settings: GenerationSettings | None = None,
     streamer=None,
+    stopping_criteria: Sequence[StoppingCriteria] = (),
 ) -> str:
     """The assistant's next answer to `messages` (the last one a user turn).
 
     `images` fill the `<image>` markers in order. `streamer` (a transformers streamer)
-    receives tokens as they are generated.
+    receives tokens as they are generated; `stopping_criteria` may end the answer early
+    (e.g. a LoopStop).
     """
-    return generate_batch(bundle, [(messages, list(images))], settings, streamer=streamer)[0]
+    return generate_batch(bundle, [(messages, list(images))], settings, streamer=streamer,
+                          stopping_criteria=stopping_criteria)[0]
 
 
 def eval_batch_size(requested: int | None) -> int:
@@ -87,7 +120,8 @@ def eval_batch_size(requested: int | None) -> int:
 
 @torch.no_grad()
 def generate_batch(bundle: ModelBundle, conversations: list[Conversation],
-                   settings: GenerationSettings | None = None, streamer=None) -> list[str]:
+                   settings: GenerationSettings | None = None, streamer=None,
+                   stopping_criteria: Sequence[StoppingCriteria] = ()) -> list[str]:
     """The next answer of each conversation, generated together.
 
     Prompts are padded on the left (pad embeddings masked out, positions from the mask), so
@@ -106,9 +140,9 @@ def generate_batch(bundle: ModelBundle, conversations: list[Conversation],
     embeds = model.input_embeddings(input_ids, torch.cat(pixels).to(device) if pixels else None)
     output = model.llm.generate(
         inputs_embeds=embeds, attention_mask=mask, eos_token_id=stop_token_ids(bundle),
-        pad_token_id=pad, streamer=streamer, **_sampling(settings))
-    texts = bundle.tokenizer.batch_decode(output, skip_special_tokens=True)
-    return [text.strip() for text in texts]
+        pad_token_id=pad, streamer=streamer,
+        stopping_criteria=StoppingCriteriaList(stopping_criteria), **_sampling(settings))
+    return [text.strip() for text in bundle.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
 def normalize_answer(text: str) -> str:

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from llava_tune.assembly.model import ModelBundle
 from llava_tune.errors import UserError
-from llava_tune.inference.chat import ChatSession
+from llava_tune.inference.chat import LOOP_NOTE, ChatSession
 from llava_tune.inference.generate import GenerationSettings, strip_image_markers
 
 INSTALL_HINT = "pip install -e .[web]"
@@ -209,16 +209,19 @@ class WebChat:
                 outcome["error"] = err
                 streamer.end()  # generate did not reach it: release the reader
 
+        # As `llava-tune chat` says on stderr: asked without an image, a LLaVA answers from
+        # the text alone (and a small one may ramble until LoopStop ends it).
+        note = f"Note: {session.image_note}." if session.image_note else ""
         asking = [*before, {"role": "user", "content": question}]
         yield Turn([*asking, {"role": "assistant", "content": ""}],
-                   "Waiting for the model..." if self.lock.locked() else "")
+                   "Waiting for the model..." if self.lock.locked() else note)
         thread = threading.Thread(target=work, name="llava-tune-generate", daemon=True)
         thread.start()
         text = ""
         try:
             for piece in streamer:
                 text += piece
-                yield Turn([*asking, {"role": "assistant", "content": text.strip()}])
+                yield Turn([*asking, {"role": "assistant", "content": text.strip()}], note)
             thread.join()
         finally:
             streamer.cancelled.set()  # no-op once done; stops the thread if we were closed
@@ -227,7 +230,9 @@ class WebChat:
             message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             yield Turn(before, f"Error: no answer ({message})", failed=True)
             return
-        yield Turn(self.shown(session))
+        if session.stopped_looping:
+            note = " ".join(filter(None, [note, f"({LOOP_NOTE[0].upper()}{LOOP_NOTE[1:]}.)"]))
+        yield Turn(self.shown(session), note)
 
     @staticmethod
     def _settings(settings: GenerationSettings, temperature, top_p,
