@@ -8,11 +8,16 @@ OUT ?= demo_out
 demo:
 	bash scripts/demo.sh $(OUT)
 
+# Two pytest workers, one per core, each torch on one thread (two torch processes with a
+# thread per core each would fight over the cores); a file's tests stay on one worker, so its
+# module fixtures are built once.
+PYTEST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+
 test:
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast:
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint:
 	$(BIN)/ruff check llava_tune tests scripts

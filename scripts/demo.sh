@@ -36,7 +36,7 @@ llava-tune train configs/demo/pretrain.yaml model.llm="$OUT/lm" "${VISION[@]}" \
 step "4/7 held-out questions after stage 1"
 llava-tune eval "$OUT/pretrain" --data "$OUT/shapes/heldout.json" \
   --image-folder "$OUT/shapes/images" --out "$OUT/pretrain/heldout_predictions.jsonl" \
-  --json "$OUT/pretrain/heldout_accuracy.json"
+  --json "$OUT/pretrain/heldout_accuracy.json" --batch-size 32
 
 step "5/7 stage 2, finetune: projector + QLoRA (4-bit LM), on image questions"
 llava-tune train configs/demo/finetune.yaml model.llm="$OUT/lm" "${VISION[@]}" \
@@ -46,10 +46,10 @@ llava-tune train configs/demo/finetune.yaml model.llm="$OUT/lm" "${VISION[@]}" \
 step "6/7 held-out questions after stage 2, one at a time and as two-turn conversations"
 llava-tune eval "$OUT/finetune" --data "$OUT/shapes/heldout.json" \
   --image-folder "$OUT/shapes/images" --out "$OUT/finetune/heldout_predictions.jsonl" \
-  --json "$OUT/finetune/heldout_accuracy.json"
+  --json "$OUT/finetune/heldout_accuracy.json" --batch-size 32
 llava-tune eval "$OUT/finetune" --data "$OUT/shapes/heldout_multiturn.json" \
   --image-folder "$OUT/shapes/images" --out "$OUT/finetune/heldout_multiturn_predictions.jsonl" \
-  --json "$OUT/finetune/heldout_multiturn_accuracy.json"
+  --json "$OUT/finetune/heldout_multiturn_accuracy.json" --batch-size 32
 
 step "7/7 MMBench-format lettered questions about new images after stage 2 (CircularEval)"
 llava-tune eval "$OUT/finetune" --mmbench "$OUT/shapes/heldout_mmbench.tsv" --circular \
