@@ -3,6 +3,7 @@ JSON reading with errors that name the file."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -79,6 +80,30 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock named after `target` (a `.NAME.lock` file beside it) while the
+    block runs: several processes that would each build the same `target` (the ranks of one
+    launch, say) take turns, so the first builds it and the others find it built.
+
+    The caller checks, inside the block, whether `target` is already built: the lock file is
+    removed on the way out, so a process that opened it before may hold the lock on the
+    removed file while a later one locks a new file, and only that check keeps them from both
+    building. The kernel releases the lock when a holder is killed (its lock file then stays)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # still held: nobody else is inside
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

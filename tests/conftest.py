@@ -26,6 +26,14 @@ TINY_VISION = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Longest first: the demo's file, then the other files with slow tests, then the rest
+    (stable, so each file keeps its order). `make test` runs two workers, a file each at a
+    time; the demo alone is most of a worker's run, so it must not start last."""
+    items.sort(key=lambda item: (item.path.name != "test_demo.py",
+                                 item.get_closest_marker("slow") is None))
+
+
 @pytest.fixture(autouse=True)
 def _conversion_cache(tmp_path_factory, monkeypatch):
     """InternLM2 -> Llama conversions go to a per-session temp cache, not ~/.cache."""

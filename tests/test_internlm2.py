@@ -253,6 +253,39 @@ def test_convert_keeps_a_complete_destination_untouched(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in dst.iterdir()} == before
 
 
+def test_conversions_of_one_checkpoint_at_once_take_turns(tmp_path):
+    """The ranks of a launch convert the same checkpoint into the same cache folder at once
+    (two of them crashed on a cold cache): the second waits for the first's lock, then
+    returns the finished folder without converting again."""
+    import threading
+
+    from llava_tune.files import exclusive
+
+    cfg = tiny_config()
+    write_internlm2_dir(tmp_path / "src", cfg, random_internlm2_weights(cfg))
+    dst = tmp_path / "cache" / "llama"
+    results = []
+    waiting = threading.Thread(target=lambda: results.append(
+        convert_internlm2_dir(tmp_path / "src", dst)))
+    with exclusive(dst):  # another process converting
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not dst.exists()  # it waits instead of converting too
+        convert_internlm2_dir(tmp_path / "src", dst.parent / "other")
+        (dst.parent / "other").rename(dst)  # what the holder of the lock writes
+    waiting.join(timeout=60)
+    assert results == [dst] and not waiting.is_alive()
+    # It returned the folder the lock holder finished.
+    assert {p.name for p in dst.iterdir()} == {"config.json", "model.safetensors"}
+    threads = [threading.Thread(target=lambda: results.append(
+        convert_internlm2_dir(tmp_path / "src", tmp_path / "fresh"))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results[1:] == [tmp_path / "fresh"] * 3
+
+
 def test_convert_rejects_a_folder_that_is_not_internlm2(tmp_path):
     src = tmp_path / "llama"
     src.mkdir()

@@ -73,6 +73,11 @@ def pretrain_argv(tiny_lm, tiny_vision, shapes_data, run_dir, *extra) -> list[st
             *overrides("pretrain", tiny_lm, tiny_vision, shapes_data, run_dir, *extra)]
 
 
+def _head_and_tail(text: str, n: int = 2500) -> str:
+    """Where a process's stderr starts (the first error) and ends (the final one)."""
+    return text if len(text) <= 2 * n else f"{text[:n]}\n[...]\n{text[-n:]}"
+
+
 def wait_for_logged_steps(proc: subprocess.Popen, run: Path, steps: int,
                           timeout: float = 300) -> None:
     """Wait until a training process has logged `steps` lines into run/metrics.jsonl (so it
@@ -80,7 +85,7 @@ def wait_for_logged_steps(proc: subprocess.Popen, run: Path, steps: int,
     deadline = time.time() + timeout
     metrics = run / "metrics.jsonl"
     while not metrics.is_file() or len(metrics.read_text().splitlines()) < steps:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, _head_and_tail(proc.communicate()[1])
         assert time.time() < deadline, f"{steps} logged steps not reached in {timeout} s"
         time.sleep(0.05)
 
@@ -856,7 +861,9 @@ def test_ctrl_c_under_torchrun_then_resume(tmp_path, tiny_lm, shapes_data):
     wait_for_logged_steps(proc, run, 3)
     os.killpg(proc.pid, signal.SIGINT)  # the terminal signals the whole process group
     _, err = proc.communicate(timeout=300)
-    line = next(line for line in err.splitlines() if line.startswith("[interrupted] at step "))
+    line = next((line for line in err.splitlines() if line.startswith("[interrupted] at step ")),
+                None)
+    assert line is not None, f"exit {proc.returncode}; stderr:\n{err[-3000:]}"
     step = int(line.split()[3].rstrip(":"))
     assert f"checkpoint {run / 'checkpoints' / f'step-{step:07d}'} written" in line
     assert err.count("[interrupted]") == 1

@@ -31,7 +31,7 @@ from llava_tune.convert.weights import (
     save_safetensors,
 )
 from llava_tune.errors import UserError
-from llava_tune.files import atomic_dir, read_json
+from llava_tune.files import atomic_dir, exclusive, read_json
 
 CONFIG_NAME = "config.json"
 
@@ -331,7 +331,8 @@ def convert_internlm2_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Pat
     model.safetensors.index.json when there are several). Shards are converted one at a time, so
     peak memory is about one shard. The folder is built beside ``dst`` and renamed into place, so
     an interrupted run leaves no half-written ``dst``; a complete ``dst`` is returned untouched.
-    Tokenizer files are not copied.
+    Tokenizer files are not copied. Processes converting the same ``dst`` at once take turns
+    (a lock beside it): the first converts, the others return its result.
     """
     src, dst = Path(src), Path(dst)
     if _is_complete(dst):
@@ -341,6 +342,15 @@ def convert_internlm2_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Pat
             f"{src} is not an InternLM2 checkpoint (its config.json must say "
             f'"model_type": "internlm2"); point to the downloaded InternLM2 folder'
         )
+    # The processes of one launch all load the LLM at once: one converts, the others wait
+    # for it and find dst complete (converting side by side, one of them crashed).
+    with exclusive(dst):
+        if _is_complete(dst):
+            return dst
+        return _convert(src, dst)
+
+
+def _convert(src: Path, dst: Path) -> Path:
     cfg = _read_config(src)
     with atomic_dir(dst) as tmp:
         weight_map: dict[str, str] = {}
