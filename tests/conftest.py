@@ -29,7 +29,7 @@ TINY_VISION = {
 def pytest_collection_modifyitems(config, items):
     """Longest first: the demo's file, then the other files with slow tests, then the rest
     (stable, so each file keeps its order). `make test` runs two workers, a file each at a
-    time; the demo alone is most of a worker's run, so it must not start last."""
+    time; the demo alone is most of one worker's run, so it must start first."""
     items.sort(key=lambda item: (item.path.name != "test_demo.py",
                                  item.get_closest_marker("slow") is None))
 

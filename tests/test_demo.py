@@ -81,23 +81,6 @@ def test_demo_learns_to_see(demo):
 
 
 @pytest.mark.slow
-def test_self_cognition_sft_on_the_demo_lm(demo, tmp_path):
-    """The self-cognition recipe on the demo's InternLM2-layout LM: it learns its new name."""
-    data = tmp_path / "self.json"
-    subprocess.run([sys.executable, str(REPO / "scripts/make_self_cognition.py"), "--name",
-                    "Nova", "--author", "Ada Lab", "--out", str(data)], check=True)
-    run = tmp_path / "nova"
-    subprocess.run(["bash", str(REPO / "scripts/sft_text.sh"), str(demo / "lm"), str(data),
-                    str(run)], check=True, env={**ENV, "CONFIG": str(REPO / "configs/demo/sft.yaml")},
-                   timeout=1200)
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["llm_adapter"]
-    answer = subprocess.run(["llava-tune", "chat", str(run), "--question", "Who are you?"],
-                            check=True, env=ENV, capture_output=True, text=True,
-                            timeout=300).stdout
-    assert "Nova" in answer and "Ada Lab" in answer, answer
-
-
-@pytest.mark.slow
 def test_hf_llava_export_of_the_demo_answers_like_eval(demo, tmp_path):
     """Through plain transformers, the exported demo model scores what eval scored."""
     import torch

@@ -162,7 +162,9 @@ def test_two_processes_equal_one(tmp_path, tiny_lm, multi_turn, stage_overrides,
 @pytest.mark.slow
 def test_two_processes_resume_after_kill(tmp_path, tiny_lm, multi_turn, env):
     config = DEMO / "sft.yaml"
-    extra = ["train.max_steps=8", "train.save_every=2", "train.batch_size=2"]
+    # 48 steps: the kill after step 4's checkpoint must land mid-run (8 tiny steps could all
+    # finish between two looks at the folder).
+    extra = ["train.max_steps=48", "train.save_every=2", "train.batch_size=2"]
     straight = train(load_config(config, sft_args(tiny_lm, multi_turn, tmp_path / "straight",
                                                   "train.batch_size=4", *extra[:2])))
     run = tmp_path / "killed"
@@ -171,7 +173,7 @@ def test_two_processes_resume_after_kill(tmp_path, tiny_lm, multi_turn, env):
     while not (run / "checkpoints" / "step-0000004").is_dir():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: launcher and workers
     proc.wait()
     assert not (run / "COMPLETE").exists()
@@ -182,6 +184,7 @@ def test_two_processes_resume_after_kill(tmp_path, tiny_lm, multi_turn, env):
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))  # nothing logged twice, nothing missing
-    assert losses(run) == pytest.approx(losses(straight.run_dir), abs=1e-5)
+    assert steps == list(range(1, 49))  # nothing logged twice, nothing missing
+    # The log rounds losses to 5 decimals: values a hair apart can round 1e-5 apart.
+    assert losses(run) == pytest.approx(losses(straight.run_dir), abs=2e-5)
     assert_same_weights(straight.run_dir, run, atol=1e-5)
