@@ -12,7 +12,13 @@ from pathlib import Path
 
 import yaml
 
-from llava_tune.constants import MIXED_PRECISIONS, QUANTIZATIONS, STAGES, TRAIN_MODES
+from llava_tune.constants import (
+    IMAGE_ASPECTS,
+    MIXED_PRECISIONS,
+    QUANTIZATIONS,
+    STAGES,
+    TRAIN_MODES,
+)
 from llava_tune.errors import UserError
 
 
@@ -29,6 +35,21 @@ class VisionConfig:
 
 
 @dataclass
+class AnyresConfig:
+    """LLaVA-NeXT's any-resolution tiles (model.image_aspect=anyres; models/anyres.py)."""
+
+    grid_pinpoints: list[list[int]] = field(
+        default_factory=lambda: [[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]])
+    """The grids an image may be cut into, [rows, cols] in tiles of the tower's input size
+    (LLaVA-NeXT's 336-px pinpoints [[336, 672], ...] are [[1, 2], ...] at 336 px)."""
+    max_tiles: int | None = None
+    """Leave out the grids of more tiles than this (None: every grid)."""
+    pool_max: int | None = None
+    """OneVision's anyres_max_N: the tiles' features are pooled (bilinear) down to about N
+    tiles' worth when they hold more than 1.1 N (None: never)."""
+
+
+@dataclass
 class ModelConfig:
     llm: str = ""
     """Local checkpoint folder of the base LLM (InternLM2 or a native transformers LM)."""
@@ -37,6 +58,10 @@ class ModelConfig:
     dtype: str = "auto"
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector_depth: int = 2
+    image_aspect: str = "pad"
+    """pad: each image padded to one square (LLaVA-1.5); anyres: an overview plus tiles of
+    the image at its own aspect ratio (LLaVA-NeXT), see model.anyres."""
+    anyres: AnyresConfig = field(default_factory=AnyresConfig)
     template: str = "internlm2_chat"
     system: str | None = None
     """System prompt put before every conversation that has none."""
@@ -315,6 +340,7 @@ def validate(config: Config) -> list[str]:
         errors.append("run_dir is not set: give the output folder")
     if config.model.projector_depth < 1:
         errors.append("model.projector_depth must be at least 1")
+    errors += _anyres_problems(config.model)
     tc = config.train
     for name in ("batch_size", "grad_accum", "log_every", "save_total_limit"):
         if getattr(tc, name) < 1:
@@ -348,6 +374,28 @@ def validate(config: Config) -> list[str]:
     if config.data.pack and config.data.group_by_length:
         errors.append("data.pack and data.group_by_length both set; packing already fills rows, "
                       "pick one")
+    return errors
+
+
+def _anyres_problems(model: ModelConfig) -> list[str]:
+    if model.image_aspect not in IMAGE_ASPECTS:
+        return [f"model.image_aspect={model.image_aspect!r}; use one of {_one_of(IMAGE_ASPECTS)}"]
+    if model.image_aspect != "anyres":
+        return []
+    errors = []
+    anyres = model.anyres
+    bad = [g for g in anyres.grid_pinpoints if len(g) != 2 or min(g) < 1]
+    if bad or not anyres.grid_pinpoints:
+        errors.append(f"model.anyres.grid_pinpoints={anyres.grid_pinpoints}: give [rows, cols] "
+                      "pairs of at least 1, e.g. [[1, 2], [2, 1], [2, 2]]")
+    elif anyres.max_tiles is not None and not any(
+            r * c <= anyres.max_tiles for r, c in anyres.grid_pinpoints):
+        errors.append(f"model.anyres.max_tiles={anyres.max_tiles} leaves none of the grids "
+                      f"{anyres.grid_pinpoints}; raise it or add a smaller grid")
+    for name in ("max_tiles", "pool_max"):
+        value = getattr(anyres, name)
+        if value is not None and value < 1:
+            errors.append(f"model.anyres.{name}={value} must be at least 1 (or null)")
     return errors
 
 

@@ -25,6 +25,9 @@ TRAIN_MODES = ("frozen", "lora", "full")
 QUANTIZATIONS = (None, "4bit", "8bit")
 """model.quantization: full precision, NF4 (QLoRA) or LLM.int8."""
 
+IMAGE_ASPECTS = ("pad", "anyres")
+"""model.image_aspect: one padded square per image (LLaVA-1.5), or LLaVA-NeXT's tiles."""
+
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 """train.mixed_precision: auto is bf16 on GPUs that have it, fp16 on older GPUs, no on the
 CPU."""

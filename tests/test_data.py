@@ -21,10 +21,12 @@ from llava_tune.data.formats import read_conversations
 from llava_tune.data.image import ImageProcessor, expand_to_square, load_image
 from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.errors import UserError
+from llava_tune.models.anyres import ImageLayout
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 N_IMG = 4  # image slots per image
+LAYOUT = ImageLayout(tile=32, patches=2)  # pad: N_IMG slots per image
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def write_json(path: Path, records) -> Path:
 def dataset(file, tok, processor, shapes_data, **kwargs):
     kwargs.setdefault("max_length", 256)
     return ConversationDataset(file, tok, INTERNLM2_CHAT, image_folder=shapes_data / "images",
-                               image_processor=processor, num_image_tokens=N_IMG, **kwargs)
+                               image_processor=processor, layout=LAYOUT, **kwargs)
 
 
 # --------------------------------------------------------------------------- formats
@@ -192,7 +194,7 @@ def test_shapes_items(shapes_data, image_tok, sp, processor):
         assert labels == plain_labels[:at] + [IGNORE_INDEX] * N_IMG + plain_labels[at + 1:]
         expected_pixels = processor(load_image(shapes_data / "images" / raw[index]["image"]))
         assert item["pixel_values"].shape == (1, 3, 32, 32)
-        assert torch.equal(item["pixel_values"][0], expected_pixels)
+        assert torch.equal(item["pixel_values"], expected_pixels)
     assert ds.lengths()[0] == len(ds[0]["input_ids"])
 
 
@@ -333,7 +335,7 @@ def test_unreadable_image_becomes_a_skipped_entry(tmp_path, shapes_data, image_t
     path = write_json(tmp_path / "d.json", [rec("good", image="good.png"),
                                             rec("bad", image="corrupt.png")])
     ds = ConversationDataset(path, image_tok, INTERNLM2_CHAT, 256, image_folder=folder,
-                             image_processor=processor, num_image_tokens=N_IMG)
+                             image_processor=processor, layout=LAYOUT)
     assert len(ds) == 2  # the file exists, so it only fails when decoded
     bad = ds[1]
     assert set(bad) == {"id", "error"} and bad["id"] == "bad"
@@ -380,7 +382,7 @@ def test_image_processor_normalizes_and_pads_with_mean():
     # Truncated, as LLaVA's expand2square and transformers' LlavaImageProcessor do.
     assert proc.fill == tuple(int(255 * m) for m in MEAN)
     white = Image.new("RGB", (4, 2), (255, 255, 255))
-    out = proc(white)
+    out = proc(white)[0]  # one square: [1, 3, S, S]
     assert out.shape == (3, 4, 4) and out.dtype == torch.float32
     mean, std = torch.tensor(MEAN)[:, None], torch.tensor(STD)[:, None]
     padded = (torch.tensor(proc.fill, dtype=torch.float32)[:, None] / 255 - mean) / std
@@ -391,7 +393,7 @@ def test_image_processor_normalizes_and_pads_with_mean():
     for row in (1, 2):
         torch.testing.assert_close(out[:, row], inside.expand(3, 4), atol=1e-5, rtol=0)
     # Grayscale input becomes RGB; resizing keeps a solid color solid.
-    gray = proc(Image.new("L", (8, 8), 255))
+    gray = proc(Image.new("L", (8, 8), 255))[0]
     torch.testing.assert_close(gray, inside[:, :, None].expand(3, 4, 4), atol=1e-5, rtol=0)
 
 

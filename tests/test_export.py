@@ -46,7 +46,7 @@ def test_hf_llava_export_matches_our_logits_and_answers(finetune_run, shapes_dat
     expanded = [t for i in ids for t in ([IMAGE_TOKEN_INDEX] * n if i == image_id else [i])]
     hf_ids = inputs["input_ids"][0].tolist()
     assert [image_id if t == IMAGE_TOKEN_INDEX else t for t in expanded] == hf_ids
-    pixels = ours.image_processor(image)[None]
+    pixels = ours.image_processor(image)
     assert torch.allclose(inputs["pixel_values"], pixels, atol=1e-5)
     with torch.no_grad():
         theirs = model(**inputs).logits[0]

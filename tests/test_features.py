@@ -37,11 +37,11 @@ def test_entries_hold_the_towers_features_in_fp16(tmp_path, tower_and_processor,
     assert cache.fill(images, tower, processor, batch_size=2) == 5
     assert cache.fill(images, tower, processor) == 0  # all there: nothing recomputed
     with torch.no_grad():
-        direct = tower(torch.stack([processor(load_image(p)) for p in images]))
+        direct = tower(torch.cat([processor(load_image(p)) for p in images]))
     for image, expected in zip(images, direct, strict=True):
         got = cache.load(image)
-        assert got.dtype == torch.float16 and got.shape == (4, 64)
-        torch.testing.assert_close(got.float(), expected, rtol=1e-3, atol=1e-3)  # fp16 rounding
+        assert got.dtype == torch.float16 and got.shape == (1, 4, 64)
+        torch.testing.assert_close(got[0].float(), expected, rtol=1e-3, atol=1e-3)  # fp16 rounding
 
 
 def test_damaged_or_stale_entries_are_recomputed(tmp_path, tower_and_processor, shapes_data):

@@ -537,7 +537,7 @@ def test_imported_model_chats_like_xtuners(imported_vision, tiny_lm, shapes_data
     ids = bundle.template.prompt_ids(messages, bundle.tokenizer)
     image_id = bundle.tokenizer.convert_tokens_to_ids("<image>")
     ids, _ = expand_image_slots(ids, None, image_id, bundle.model.vision.num_patches)
-    pixels = bundle.image_processor(image)[None]
+    pixels = bundle.image_processor(image)
 
     llm = reference_llm(tiny_lm, xt / "llm_adapter")
     projector = load_file(xt / "projector" / "model.safetensors")

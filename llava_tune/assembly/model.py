@@ -24,6 +24,7 @@ from llava_tune.data.image import ImageProcessor
 from llava_tune.data.template import ChatTemplate, add_image_token, get_template
 from llava_tune.errors import UserError
 from llava_tune.files import read_json
+from llava_tune.models.anyres import ImageLayout
 from llava_tune.models.llava import LlavaModel
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
@@ -54,25 +55,39 @@ def build_tower(config: ModelConfig) -> VisionTower:
     return VisionTower(create_open_clip(v.name, v.pretrained, v.config_file), v.feature_layer)
 
 
+def image_layout(config: ModelConfig, tower: VisionTower) -> ImageLayout:
+    """How the config's images become tokens for `tower` (models/anyres.py)."""
+    grids: tuple = ()
+    if config.image_aspect == "anyres":
+        limit = config.anyres.max_tiles
+        grids = tuple((r, c) for r, c in config.anyres.grid_pinpoints if limit is None or r * c <= limit)
+    side = tower.base.grid_size[0]
+    return ImageLayout(tile=tower.image_size, patches=side, grids=grids,
+                       pool_max=config.anyres.pool_max if grids else None)
+
+
 def build_model(config: Config, llm_path: Path, quantization: str | None,
                 device=None) -> ModelBundle:
     """The stage's parts with their base weights: the LLM from `llm_path` and, for stages with
     images, the config's vision tower and a freshly initialized projector."""
     llm, tokenizer = load_llm(llm_path, quantization=quantization, dtype=config.model.dtype,
                               device=device)
-    vision = projector = processor = None
+    vision = projector = processor = layout = None
     if STAGES[config.stage].vision:
         vision = build_tower(config.model)
-        projector = Projector(vision.hidden_size, llm.config.hidden_size, config.model.projector_depth)
+        layout = image_layout(config.model, vision)
+        projector = Projector(vision.hidden_size, llm.config.hidden_size,
+                              config.model.projector_depth, newline=layout.anyres)
         device = llm.get_input_embeddings().weight.device
         vision.to(device)
         projector.to(device)
-        processor = ImageProcessor(vision.image_size, vision.mean, vision.std)
+        processor = ImageProcessor(vision.image_size, vision.mean, vision.std, layout)
         add_image_token(tokenizer)
     template = get_template(config.model.template)
     if config.model.system:
         template = ChatTemplate(**{**template.__dict__, "default_system": config.model.system})
-    return ModelBundle(LlavaModel(llm, vision, projector), tokenizer, processor, template, config)
+    return ModelBundle(LlavaModel(llm, vision, projector, layout), tokenizer, processor, template,
+                       config)
 
 
 def recorded_base(run_dir: Path, config: Config, base: str | os.PathLike | None = None) -> Path:

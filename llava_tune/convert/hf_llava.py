@@ -126,7 +126,8 @@ class HfImageProcessor:
         self.processor = processor
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        """-> [1, 3, S, S], as ours (models/anyres.py's pad layout)."""
+        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
 
 
 @dataclass

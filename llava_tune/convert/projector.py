@@ -19,6 +19,7 @@ from llava_tune.files import atomic_dir, read_json
 from llava_tune.models.projector import Projector
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+NEWLINE = "image_newline"
 
 
 def read_projector_state(folder: Path, vision_width: int, llm_hidden: int,
@@ -26,7 +27,8 @@ def read_projector_state(folder: Path, vision_width: int, llm_hidden: int,
     """Projector weights (model.N.weight/bias) checked against the tower's feature width and the
     LLM's hidden size (`what` describes those two for messages), and the projector's depth.
 
-    A projector saved without biases gets zero biases: the same function.
+    A projector saved without biases gets zero biases: the same function. An anyres run's
+    projector also holds `image_newline` [llm_hidden].
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -48,6 +50,8 @@ def read_projector_state(folder: Path, vision_width: int, llm_hidden: int,
     for i in range(depth):
         expected[f"model.{2 * i}.weight"] = (llm_hidden, vision_width if i == 0 else llm_hidden)
         expected[f"model.{2 * i}.bias"] = (llm_hidden,)
+    if NEWLINE in state:
+        expected[NEWLINE] = (llm_hidden,)
     unknown = sorted(set(state) - set(expected))
     if unknown:
         raise UserError(f"{file}: unexpected keys {unknown}")
@@ -94,4 +98,10 @@ def load_projector(projector: Projector, folder: Path) -> None:
         raise UserError(f"projector {folder} has depth {depth}, this config has "
                         f"model.projector_depth={cfg['depth']}; set model.projector_depth={depth} "
                         "to use it")
-    projector.load_state_dict(state)
+    if NEWLINE in state and projector.image_newline is None:
+        raise UserError(f"projector {folder} was trained with model.image_aspect=anyres (it has "
+                        "an image_newline), this model reads images with pad; set "
+                        "model.image_aspect=anyres to use it")
+    # A pad projector under an anyres model (LLaVA-NeXT's stage 2 after a LLaVA-1.5 stage 1):
+    # the newline starts fresh.
+    projector.load_state_dict(state, strict=NEWLINE in state or projector.image_newline is None)

@@ -27,9 +27,11 @@ class Batch:
     position_ids: torch.Tensor | None = None
     """[B, T], packed rows only"""
     pixel_values: torch.Tensor | None = None
-    """[I, 3, S, S], every image of the batch in order of its slots"""
+    """[P, 3, S, S], every image of the batch in order of its slots (its tiles in turn)"""
     image_features: torch.Tensor | None = None
-    """[I, N, Dv], the tower's features from a feature cache, instead of pixels"""
+    """[P, N, Dv], the tower's features from a feature cache, instead of pixels"""
+    image_sizes: list[tuple[int, int]] | None = None
+    """(height, width) of each image, for anyres (it stays on the host)"""
     num_tokens: int = 0
     """Real (unpadded) tokens."""
     num_label_tokens: int = 0
@@ -40,8 +42,12 @@ class Batch:
     _TENSORS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values",
                 "image_features")
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self._TENSORS if getattr(self, name) is not None}
+    def model_inputs(self) -> dict[str, torch.Tensor | list]:
+        inputs = {name: getattr(self, name) for name in self._TENSORS
+                  if getattr(self, name) is not None}
+        if self.image_sizes is not None:
+            inputs["image_sizes"] = self.image_sizes
+        return inputs
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         """The batch on `device` (accelerate's data loader calls this)."""
@@ -89,6 +95,9 @@ class Collator:
             images = [item[key] for item in items if key in item]
             if images:
                 setattr(batch, key, torch.cat(images))
+        sizes = [size for item in items for size in item.get("image_sizes", [])]
+        if sizes:
+            batch.image_sizes = sizes
         if packed:
             batch.position_ids = positions
         else:

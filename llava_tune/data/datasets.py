@@ -14,11 +14,12 @@ from transformers import PreTrainedTokenizerBase
 
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.formats import Problem, read_conversations
-from llava_tune.data.image import ImageProcessor, load_image
+from llava_tune.data.image import ImageProcessor, image_size, load_image
 from llava_tune.data.segments import ENCODING_VERSION
 from llava_tune.data.template import ChatTemplate, expand_image_slots
 from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, TRUNCATED, USABLE, tokenize_record
 from llava_tune.errors import UserError
+from llava_tune.models.anyres import ImageLayout
 
 
 @dataclass
@@ -30,6 +31,10 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     truncated: int = 0
+    scaled_down: int = 0
+    """Images larger than the largest anyres grid, scaled down to fit it."""
+    largest: tuple[int, int] | None = None
+    """That grid's canvas (height, width) in pixels."""
 
     def skip(self, reason: str, example: str) -> None:
         self.skipped[reason] += 1
@@ -40,9 +45,17 @@ class DataReport:
         lines = [f"{self.kept} of {self.total} samples kept"]
         if self.truncated:
             lines.append(f"{self.truncated} truncated to max_length")
+        if self.scaled_down:
+            lines.append(f"{self.scaled_down} images larger than every anyres grid, scaled "
+                         f"down to fit one (the largest: {self.largest[1]} x {self.largest[0]} "
+                         "px; model.anyres.grid_pinpoints)")
         lines += [f"{count} skipped: {reason}" for reason, count in self.skipped.items()]
         lines += [f"  e.g. {example}" for example in self.examples]
         return "\n".join(lines)
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:24]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -55,11 +68,13 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Items are {"id", "input_ids" [T], "labels" [T], and "pixel_values" [I, 3, S, S] or
-    "image_features" [I, N, Dv] (from a feature cache) or neither}.
+    """Items are {"id", "input_ids" [T], "labels" [T], and "pixel_values" [P, 3, S, S] or
+    "image_features" [P, N, Dv] (from a feature cache; P: every image's tiles in turn, one per
+    image for pad) with "image_sizes" [(height, width)] per image, or no image keys}.
 
-    Each `<image>` becomes `num_image_tokens` IMAGE_TOKEN_INDEX slots (the tokenizer must know
-    `<image>`: see template.add_image_token). Records are tokenized once by
+    Each `<image>` becomes as many IMAGE_TOKEN_INDEX slots as `layout` gives that image (the
+    tokenizer must know `<image>`: see template.add_image_token); anyres counts them from each
+    image's size, read from its header when the records are checked. Records are tokenized once by
     `tokenize.tokenize_record` (cached under `cache_dir` when given); what cannot train is
     dropped and counted in `report`. Records that fail the checks of `formats.check_record`,
     or whose images are missing, are skipped and counted too; more than `max_bad_fraction` of
@@ -75,14 +90,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_length: int,
         image_folder: str | Path | None = None,
         image_processor: ImageProcessor | None = None,
-        num_image_tokens: int = 0,
+        layout: ImageLayout | None = None,
         max_bad_fraction: float = 0.01,
         cache_dir: str | Path | None = None,
     ) -> None:
         self.file = Path(file)
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.image_processor = image_processor
-        self.num_image_tokens = num_image_tokens
+        self.layout = layout
         self.feature_cache = None
         """Set by the trainer when the vision tower is frozen: a features.FeatureCache."""
         self.report = DataReport()
@@ -93,7 +108,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
         def tokenize(record: dict) -> dict:
             out = tokenize_record(record, tokenizer, template, max_length, self.image_id,
-                                  num_image_tokens)
+                                  record["image_tokens"])
             return {"input_ids": out.input_ids, "labels": out.labels, "status": out.status}
 
         cache_file = None
@@ -101,7 +116,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             stat = self.file.stat()
             key = hashlib.sha256(repr((
                 str(self.file.resolve()), stat.st_size, stat.st_mtime_ns, template, max_length,
-                num_image_tokens, self.image_id, tokenizer_fingerprint(tokenizer), len(records),
+                _digest([r["image_tokens"] for r in records]), self.image_id, tokenizer_fingerprint(tokenizer), len(records),
                 ENCODING_VERSION,
             )).encode()).hexdigest()[:24]
             os.makedirs(cache_dir, exist_ok=True)
@@ -117,7 +132,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             else:
                 self.report.skip(status, f"{self.file} id {record_id!r}: {status}")
         self.table = table.select(keep_rows).remove_columns(["messages", "status"])
-        self.table.set_format(columns=["id", "images", "input_ids", "labels"])
+        self.table.set_format(columns=["id", "images", "image_sizes", "image_tokens",
+                                       "input_ids", "labels"])
         self.report.kept = len(self.table)
         if self.report.kept == 0:
             hint = "(raise data.max_length if samples were cut, or fix the records)"
@@ -137,6 +153,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 problems.append(Problem(self.file, index, record["id"], problem))
             else:
                 records.append(record)
+        if self.layout is not None and self.layout.anyres:
+            self.report.largest = self.layout.largest
         for problem in problems:
             self.report.skip("bad record", str(problem))
         if problems and len(problems) > max_bad_fraction * self.report.total:
@@ -154,12 +172,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         lengths = []
         for record in records[:1000]:
             ids = tokenize_record(record, tokenizer, template, 2**62, self.image_id,
-                                  self.num_image_tokens).input_ids
-            images = ids.count(self.image_id) if self.image_id is not None else 0
-            lengths.append(len(ids) + (self.num_image_tokens - 1) * images)
+                                  record["image_tokens"]).input_ids
+            lengths.append(len(ids) + sum(record["image_tokens"]) - len(record["image_tokens"]))
         lengths.sort()
-        images = (f"; each image alone takes {self.num_image_tokens} tokens"
-                  if self.num_image_tokens and any(r["images"] for r in records) else "")
+        counts = sorted({n for r in records for n in r["image_tokens"]})
+        images = ""
+        if counts:
+            each = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+            images = f"; each image alone takes {each} tokens"
         span = f"{lengths[0]} to {lengths[-1]}" if lengths[0] < lengths[-1] else f"{lengths[0]}"
         fix = f"Set data.max_length={lengths[-1]} (every sample whole)"
         if lengths[0] < lengths[-1]:
@@ -167,14 +187,27 @@ class ConversationDataset(torch.utils.data.Dataset):
         return f"data.max_length={max_length} is too small: the samples take {span} tokens{images}. {fix}"
 
     def _image_problem(self, record: dict) -> str | None:
+        """Why the record's images cannot be used, or None; sets its "image_sizes" (anyres:
+        (height, width) from each header) and "image_tokens" (slots per image)."""
+        record["image_sizes"], record["image_tokens"] = [], []
         if not record["images"]:
             return None
-        if self.image_folder is None or self.image_processor is None:
+        if self.image_folder is None or self.image_processor is None or self.layout is None:
             return "has an image, but this stage has no vision tower (or no image folder is set)"
         for image in record["images"]:
-            if not (self.image_folder / image).is_file():
+            path = self.image_folder / image
+            if not path.is_file():
                 return (f"image {image!r} not found under image folder {self.image_folder}; "
                         "check data.image_folder / --image-folder")
+            size = None
+            if self.layout.anyres:
+                try:
+                    size = image_size(path)
+                except UserError as err:
+                    return str(err)
+                record["image_sizes"].append(list(size))
+                self.report.scaled_down += self.layout.scales_down(size)
+            record["image_tokens"].append(self.layout.num_tokens(size))
         return None
 
     def __len__(self) -> int:
@@ -182,9 +215,9 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def lengths(self) -> list[int]:
         """Token counts with images expanded, for batching by length."""
-        expand = self.num_image_tokens - 1
-        return [len(ids) + expand * len(images)
-                for ids, images in zip(self.table["input_ids"], self.table["images"], strict=True)]
+        return [len(ids) + sum(tokens) - len(tokens)
+                for ids, tokens in zip(self.table["input_ids"], self.table["image_tokens"],
+                                       strict=True)]
 
     def has_images(self) -> list[bool]:
         """Whether each sample has an image (for batching by modality)."""
@@ -199,18 +232,20 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.table[index]
         ids, labels = expand_image_slots(row["input_ids"], row["labels"], self.image_id,
-                                         self.num_image_tokens)
+                                         row["image_tokens"])
         item = {"id": row["id"], "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if row["images"]:
             paths = [self.image_folder / image for image in row["images"]]
             try:
                 if self.feature_cache is not None:
-                    item["image_features"] = torch.stack([self.feature_cache.load(p) for p in paths])
+                    item["image_features"] = torch.cat([self.feature_cache.load(p) for p in paths])
                 else:
-                    item["pixel_values"] = torch.stack(
+                    item["pixel_values"] = torch.cat(
                         [self.image_processor(load_image(p)) for p in paths])
             except UserError as err:
                 return {"id": row["id"], "error": str(err)}
+            if row["image_sizes"]:
+                item["image_sizes"] = [tuple(size) for size in row["image_sizes"]]
         return item
 
 
@@ -262,4 +297,7 @@ class PackedDataset(torch.utils.data.Dataset):
             images = [item[key] for item in good if key in item]
             if images:
                 row[key] = torch.cat(images)
+        sizes = [size for item in good for size in item.get("image_sizes", [])]
+        if sizes:
+            row["image_sizes"] = sizes
         return row

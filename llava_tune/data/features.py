@@ -42,17 +42,18 @@ def tower_key(tower: torch.nn.Module, processor: ImageProcessor) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     digest.update(repr((getattr(tower, "feature_layer", None), processor.size, processor.mean,
-                        processor.std, processor.fill)).encode())
+                        processor.std, processor.fill, processor.layout)).encode())
     return digest.hexdigest()[:20]
 
 
 class FeatureCache:
-    """Features of image files for one tower: `load(path)` -> [N, Dv] fp16."""
+    """Features of image files for one tower: `load(path)` -> [P, N, Dv] fp16, one [N, Dv] per
+    tower input of the image (P = 1 for pad; the overview and the tiles for anyres)."""
 
     def __init__(self, folder: str | os.PathLike, key: str, shape: tuple[int, int]) -> None:
         self.folder = Path(folder) / key
         self.shape = shape
-        """(N, Dv) of every entry: a file of another shape is not trusted."""
+        """(N, Dv) of every tile of every entry: a file of another shape is not trusted."""
 
     def entry(self, image: Path) -> Path:
         stat = image.stat()
@@ -65,10 +66,10 @@ class FeatureCache:
             features = load_file(file)[KEY]
         except (SafetensorError, OSError, KeyError, ValueError):
             return None
-        return features if tuple(features.shape) == self.shape else None
+        return features if features.ndim == 3 and tuple(features.shape[1:]) == self.shape else None
 
     def load(self, image: Path) -> torch.Tensor:
-        """The cached features [N, Dv] (fp16); a missing or broken entry raises UserError (the
+        """The cached features [P, N, Dv] (fp16); a missing or broken entry raises UserError (the
         sample is skipped) after removing the entry, so the next fill recomputes it."""
         file = self.entry(image)
         features = self._read(file)
@@ -102,13 +103,14 @@ class FeatureCache:
             chunk, pixels = [], []
             for image in todo[start:start + batch_size]:
                 try:
-                    pixels.append(processor(load_image(image)))
+                    pixels.append(processor(load_image(image)))  # [P, 3, S, S]
                     chunk.append(image)
                 except UserError as err:
                     on_skip(image, str(err))
             if chunk:
-                features = tower(torch.stack(pixels).to(device)).to("cpu", torch.float16)
-                for image, value in zip(chunk, features, strict=True):
+                features = tower(torch.cat(pixels).to(device)).to("cpu", torch.float16)
+                for image, value in zip(chunk, features.split([len(p) for p in pixels]),
+                                        strict=True):
                     file = self.entry(image)
                     file.parent.mkdir(parents=True, exist_ok=True)
                     write_bytes_atomic(file, save({KEY: value.contiguous()}))

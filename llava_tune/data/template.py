@@ -8,6 +8,7 @@ generation can produce after it, and the loss covers every token of each answer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -179,16 +180,20 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def expand_image_slots(
-    ids: list[int], labels: list[int] | None, image_id: int | None, num_image_tokens: int
+    ids: list[int], labels: list[int] | None, image_id: int | None,
+    num_image_tokens: int | Sequence[int],
 ) -> tuple[list[int], list[int] | None]:
-    """Replace each `<image>` id by `num_image_tokens` IMAGE_TOKEN_INDEX slots (no loss)."""
+    """Replace each `<image>` id by IMAGE_TOKEN_INDEX slots (no loss): `num_image_tokens` for
+    every image, or the i-th count for the i-th image."""
     out_ids: list[int] = []
     out_labels: list[int] | None = None if labels is None else []
+    counts = iter(num_image_tokens) if not isinstance(num_image_tokens, int) else None
     for i, token in enumerate(ids):
         if token == image_id:
-            out_ids += [IMAGE_TOKEN_INDEX] * num_image_tokens
+            n = num_image_tokens if counts is None else next(counts)
+            out_ids += [IMAGE_TOKEN_INDEX] * n
             if out_labels is not None:
-                out_labels += [IGNORE_INDEX] * num_image_tokens
+                out_labels += [IGNORE_INDEX] * n
         else:
             out_ids.append(token)
             if out_labels is not None:

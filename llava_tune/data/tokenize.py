@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -28,22 +29,24 @@ class Tokenized:
 
 def tokenize_record(record: dict, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
                     max_length: int, image_token_id: int | None = None,
-                    num_image_tokens: int = 0) -> Tokenized:
+                    num_image_tokens: int | Sequence[int] = 0) -> Tokenized:
     """Ids and labels of a record's conversation, as long as they fit in `max_length` once
-    every `<image>` becomes `num_image_tokens` slots.
+    every `<image>` becomes `num_image_tokens` slots (or the i-th image the i-th count).
 
     A longer sample is cut at max_length (TRUNCATED), unless the cut would go through an image
     (IMAGE_CUT) or leave no answer to learn from (NO_ANSWER): such a sample cannot train.
     """
     ids, labels = template.encode(record["messages"], tokenizer)
-    extra = num_image_tokens - 1  # each image id becomes num_image_tokens slots
     slots = [i for i, token in enumerate(ids) if token == image_token_id] if image_token_id is not None else []
-    if len(ids) + extra * len(slots) <= max_length:
+    counts = ([num_image_tokens] * len(slots) if isinstance(num_image_tokens, int)
+              else list(num_image_tokens))
+    extra = sum(counts) - len(counts)  # each image id becomes its count of slots
+    if len(ids) + extra <= max_length:
         return Tokenized(ids, labels, OK)
-    last_image_end = slots[-1] + 1 + extra * len(slots) if slots else 0
+    last_image_end = slots[-1] + 1 + extra if slots else 0
     if last_image_end > max_length:
         return Tokenized([], [], IMAGE_CUT)
-    keep = max_length - extra * len(slots)
+    keep = max_length - extra
     if all(label == IGNORE_INDEX for label in labels[:keep]):
         return Tokenized([], [], NO_ANSWER)
     return Tokenized(ids[:keep], labels[:keep], TRUNCATED)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -67,15 +67,27 @@ Conversation = tuple[list[Message], list[Image.Image]]
 """Messages (the last one a user turn) and the images for their `<image>` markers, in order."""
 
 
-def _prompt(bundle: ModelBundle, messages: list[Message],
-            images) -> tuple[list[int], torch.Tensor | None]:
-    """Prompt ids with image slots expanded, and the images' pixels [I, 3, S, S] or None."""
+@dataclass
+class Prompt:
+    ids: list[int]
+    """Prompt ids with every image's slots expanded."""
+    pixels: torch.Tensor | None = None
+    """[P, 3, S, S]: the images' tower inputs (their tiles in turn), or None."""
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    """(height, width) of each image."""
+
+
+def _prompt(bundle: ModelBundle, messages: list[Message], images) -> Prompt:
     ids = bundle.template.prompt_ids(messages, bundle.tokenizer)
     if not images:
-        return ids, None
+        return Prompt(ids)
     image_id = add_image_token(bundle.tokenizer)
-    ids, _ = expand_image_slots(ids, None, image_id, bundle.model.vision.num_patches)
-    return ids, torch.stack([bundle.image_processor(image) for image in images])
+    sizes = [(image.height, image.width) for image in images]
+    layout = bundle.model.layout
+    counts = ([layout.num_tokens(size) for size in sizes] if layout is not None
+              else bundle.model.vision.num_patches)
+    ids, _ = expand_image_slots(ids, None, image_id, counts)
+    return Prompt(ids, torch.cat([bundle.image_processor(image) for image in images]), sizes)
 
 
 def _sampling(settings: GenerationSettings) -> dict:
@@ -131,13 +143,15 @@ def generate_batch(bundle: ModelBundle, conversations: list[Conversation],
     model = bundle.model
     device = model.llm.get_input_embeddings().weight.device
     prompts = [_prompt(bundle, messages, images) for messages, images in conversations]
-    length = max(len(ids) for ids, _ in prompts)
+    length = max(len(p.ids) for p in prompts)
     pad = bundle.tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids, _ in prompts], device=device)
-    mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids, _ in prompts],
+    input_ids = torch.tensor([[pad] * (length - len(p.ids)) + p.ids for p in prompts],
+                             device=device)
+    mask = torch.tensor([[0] * (length - len(p.ids)) + [1] * len(p.ids) for p in prompts],
                         device=device)
-    pixels = [p for _, p in prompts if p is not None]
-    embeds = model.input_embeddings(input_ids, torch.cat(pixels).to(device) if pixels else None)
+    pixels = [p.pixels for p in prompts if p.pixels is not None]
+    embeds = model.input_embeddings(input_ids, torch.cat(pixels).to(device) if pixels else None,
+                                    image_sizes=[size for p in prompts for size in p.sizes])
     output = model.llm.generate(
         inputs_embeds=embeds, attention_mask=mask, eos_token_id=stop_token_ids(bundle),
         pad_token_id=pad, streamer=streamer,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from llava_tune.constants import IMAGE_TOKEN_INDEX
+from llava_tune.models.anyres import ImageLayout, Size, pack_features
 from llava_tune.models.loss import lm_loss_sum
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
@@ -18,15 +19,15 @@ def merge_image_features(
 ) -> torch.Tensor:
     """Put image features into the embedding slots marked IMAGE_TOKEN_INDEX.
 
-    embeds [B, T, D], input_ids [B, T], image_features [I, N, D] (images in order of their
-    slots) -> [B, T, D]. Raises ValueError naming both counts when slots and features differ.
+    embeds [B, T, D], input_ids [B, T], image_features [M, D] (every image token, images in
+    order of their slots; or [I, N, D]) -> [B, T, D]. Raises ValueError naming both counts
+    when slots and features differ.
     """
     slots = input_ids == IMAGE_TOKEN_INDEX
     n_slots = int(slots.sum())
-    n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+    n_features = 0 if image_features is None else image_features[..., 0].numel()
     if n_slots != n_features:
-        shape = "no images" if image_features is None else (
-            f"{image_features.shape[0]} image(s) x {image_features.shape[1]} tokens")
+        shape = "no images" if image_features is None else f"{n_features} image tokens"
         raise ValueError(
             f"image slots and image features differ: the input has {n_slots} image-token "
             f"positions but {n_features} image features ({shape})"
@@ -53,18 +54,39 @@ def _causal_lm(llm: nn.Module) -> nn.Module:
 
 
 class LlavaModel(nn.Module):
-    """LLaVA: `vision` and `projector` are None for text-only models (stage sft)."""
+    """LLaVA: `vision` and `projector` are None for text-only models (stage sft). `layout`
+    says how an image becomes tokens (None: one padded square of the tower's patches)."""
 
     def __init__(self, llm: nn.Module, vision: VisionTower | None = None,
-                 projector: Projector | None = None) -> None:
+                 projector: Projector | None = None, layout: ImageLayout | None = None) -> None:
         super().__init__()
         self.llm = llm
         self.vision = vision
         self.projector = projector
+        self.layout = layout
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[I, 3, S, S] -> projected patch features [I, N, D_llm]."""
-        return self.project(self.vision(pixel_values))
+    def encode_images(self, pixel_values: torch.Tensor,
+                      image_sizes: list[Size] | None = None) -> torch.Tensor:
+        """Tower inputs [T, 3, S, S] (each image's tiles in turn) -> its tokens [M, D_llm]."""
+        return self.image_tokens(self.vision(pixel_values), image_sizes)
+
+    def image_tokens(self, features: torch.Tensor,
+                     image_sizes: list[Size] | None = None) -> torch.Tensor:
+        """Tower features [T, N, Dv] of every tile of every image -> the images' tokens
+        [M, D_llm] in order: N per image for pad; anyres packs each image's tiles
+        (models/anyres.py), which needs each image's (height, width) in `image_sizes`."""
+        projected = self.project(features)
+        if self.layout is None or not self.layout.anyres:
+            return projected.flatten(0, 1)
+        if image_sizes is None:
+            raise ValueError("anyres images need their sizes (image_sizes)")
+        counts = [self.layout.num_tiles(size) for size in image_sizes]
+        if sum(counts) != projected.shape[0]:
+            raise ValueError(f"{len(image_sizes)} images take {sum(counts)} tiles, but "
+                             f"{projected.shape[0]} tiles were given")
+        newline = self.projector.image_newline
+        return torch.cat([pack_features(chunk, size, self.layout, newline) for chunk, size in
+                          zip(projected.split(counts), image_sizes, strict=True)])
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Tower features [I, N, Dv] (maybe cached, maybe fp16) -> [I, N, D_llm]."""
@@ -73,19 +95,20 @@ class LlavaModel(nn.Module):
 
     def input_embeddings(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None, image_sizes: list[Size] | None = None,
     ) -> torch.Tensor:
-        """[B, T] ids (IMAGE_TOKEN_INDEX in image slots) + images as pixels [I, 3, S, S] or as
-        the tower's features [I, N, Dv] -> input embeddings [B, T, D]."""
+        """[B, T] ids (IMAGE_TOKEN_INDEX in image slots) + images as pixels [T, 3, S, S] or as
+        the tower's features [T, N, Dv] (T: every image's tiles in turn, one each for pad) ->
+        input embeddings [B, T, D]. anyres images need `image_sizes` [(height, width)]."""
         embed = self.llm.get_input_embeddings()
         embeds = embed(input_ids.clamp(min=0))
-        features = None
+        tokens = None
         if pixel_values is not None or image_features is not None:
             if self.projector is None:
                 raise ValueError("this model has no vision tower, but images were given")
-            features = (self.project(image_features) if image_features is not None
-                        else self.encode_images(pixel_values))
-        return merge_image_features(embeds, input_ids, features)
+            features = image_features if image_features is not None else self.vision(pixel_values)
+            tokens = self.image_tokens(features, image_sizes)
+        return merge_image_features(embeds, input_ids, tokens)
 
     def forward(
         self,
@@ -95,10 +118,11 @@ class LlavaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        image_sizes: list[Size] | None = None,
     ) -> LossSum:
         """Training forward: [B, T] ids and labels (+ images) -> summed loss over the label
         tokens (see models/loss.py; the LM head only sees positions that carry a label)."""
-        embeds = self.input_embeddings(input_ids, pixel_values, image_features)
+        embeds = self.input_embeddings(input_ids, pixel_values, image_features, image_sizes)
         causal_lm = _causal_lm(self.llm)
         hidden = causal_lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -108,7 +132,7 @@ class LlavaModel(nn.Module):
         return LossSum(loss_sum, count)
 
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-               **kwargs) -> torch.Tensor:
+               image_sizes: list[Size] | None = None, **kwargs) -> torch.Tensor:
         """[B, T] ids (+ images) -> logits [B, T, V] (inference and parity checks)."""
-        embeds = self.input_embeddings(input_ids, pixel_values)
+        embeds = self.input_embeddings(input_ids, pixel_values, image_sizes=image_sizes)
         return self.llm(inputs_embeds=embeds, use_cache=False, **kwargs).logits

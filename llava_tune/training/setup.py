@@ -153,11 +153,10 @@ def build_for_training(config: Config, device=None) -> tuple[ModelBundle, list[s
 
 def build_dataset(config: Config, bundle: ModelBundle,
                   file: str) -> ConversationDataset | PackedDataset:
-    vision = bundle.model.vision
     dataset = ConversationDataset(
         file, bundle.tokenizer, bundle.template, config.data.max_length,
         image_folder=config.data.image_folder, image_processor=bundle.image_processor,
-        num_image_tokens=vision.num_patches if vision is not None else 0,
+        layout=bundle.model.layout,
         max_bad_fraction=config.data.max_bad_fraction, cache_dir=config.data.cache_dir,
     )
     if config.data.pack:

@@ -213,6 +213,7 @@ def shared_dataset(config, export: Path):
     from llava_tune.data.datasets import ConversationDataset
     from llava_tune.data.image import ImageProcessor
     from llava_tune.data.template import ChatTemplate, add_image_token, get_template
+    from llava_tune.models.anyres import ImageLayout
 
     llava = json.loads((export / "config.json").read_text())
     pre = json.loads((export / "preprocessor_config.json").read_text()) \
@@ -227,7 +228,8 @@ def shared_dataset(config, export: Path):
     dataset = ConversationDataset(
         config.data.train, tokenizer, template, config.data.max_length,
         image_folder=config.data.image_folder, image_processor=processor,
-        num_image_tokens=llava["image_seq_length"], max_bad_fraction=config.data.max_bad_fraction,
+        layout=ImageLayout(processor.size, math.isqrt(llava["image_seq_length"])),
+        max_bad_fraction=config.data.max_bad_fraction,
         cache_dir=config.data.cache_dir)
     image_token_id = llava.get("image_token_id", llava.get("image_token_index"))
     return dataset, image_token_id, tokenizer.pad_token_id
