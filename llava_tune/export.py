@@ -1,6 +1,6 @@
 """Write a finished run in other layouts: its merged LLM as transformers Llama (`llm`) or
-InternLM2 (`internlm2`), the whole model as transformers Llava (`hf-llava`), or XTuner's
-LLaVA folders (`xtuner`).
+InternLM2 (`internlm2`), the whole model as transformers Llava (`hf-llava`) or, for anyres
+runs, LlavaNext (`hf-llava-next`), or XTuner's LLaVA folders (`xtuner`).
 
 Exports never destroy: a target inside the run (or the run inside the target) is refused, a
 non-empty target needs `force`, and even then only a previous export's own files are replaced;
@@ -32,7 +32,7 @@ from llava_tune.convert.xtuner import write_xtuner
 from llava_tune.errors import UserError
 from llava_tune.files import honour_umask
 
-FORMATS = ("llm", "internlm2", "hf-llava", "xtuner")
+FORMATS = ("llm", "internlm2", "hf-llava", "hf-llava-next", "xtuner")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 MARKER = "llava_tune_export.json"
 """Written into every export: which run, which format, which files (so --force knows what it
@@ -62,7 +62,8 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
     config = rundir.read_run_config(run_dir)
     rundir.check_complete(run_dir)
     writers = {"llm": _write_llm, "internlm2": _write_internlm2, "hf-llava": _write_hf_llava,
-               "xtuner": _write_xtuner}
+               "hf-llava-next": _write_hf_llava, "xtuner": _write_xtuner}
+    _check_format_holds(config, fmt)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Beside the target, so the final rename stays on one filesystem.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -170,12 +171,29 @@ def _write_internlm2(run_dir: Path, folder: Path, base, config) -> list[str]:
             "checkpoint into the export (llava-tune loads it without them)"]
 
 
+def _check_format_holds(config, fmt: str) -> None:
+    """Refuse, naming the format that fits, a format that cannot hold how the run reads images."""
+    if config.stage == "sft" or fmt in ("llm", "internlm2"):
+        return
+    aspect = config.model.image_aspect
+    if fmt == "hf-llava" and aspect == "anyres":
+        raise UserError("this run reads images as anyres tiles (model.image_aspect=anyres), "
+                        "which transformers' Llava cannot; export it with --format hf-llava-next")
+    if fmt == "hf-llava-next" and aspect != "anyres":
+        raise UserError(f"this run reads images with model.image_aspect={aspect}, LlavaNext "
+                        "tiles them; export it with --format hf-llava")
+    if fmt == "xtuner" and aspect == "anyres":
+        raise UserError("this run reads images as anyres tiles (model.image_aspect=anyres), "
+                        "which XTuner's LLaVA cannot; export it with --format hf-llava-next")
+
+
 def _write_hf_llava(run_dir: Path, folder: Path, base, config) -> None:
     if config.stage == "sft":
         raise UserError(f"{run_dir} is a text-only run; export it with --format llm")
     bundle = merged_model(run_dir, base)
     model = bundle.model
-    write_hf_llava(folder, model.llm, bundle.tokenizer, model.vision, model.projector)
+    write_hf_llava(folder, model.llm, bundle.tokenizer, model.vision, model.projector,
+                   model.layout)
 
 
 def _write_xtuner(run_dir: Path, folder: Path, base, config) -> None:

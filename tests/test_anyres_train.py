@@ -12,7 +12,7 @@ from helpers import SMALL
 from PIL import Image
 from safetensors.torch import load_file
 
-from llava_tune.assembly.model import load_run
+from llava_tune.assembly.model import load_model, load_run
 from llava_tune.config import load_config
 from llava_tune.data.collate import Collator
 from llava_tune.errors import UserError
@@ -133,3 +133,75 @@ def test_bad_anyres_settings_are_reported_together(stage_overrides, aspect_data)
     with pytest.raises(UserError, match="image_aspect='tiles'; use one of pad, anyres"):
         load_config(DEMO / "finetune.yaml", overrides(
             stage_overrides, aspect_data, "bad2", "model.image_aspect=tiles"))
+
+
+@pytest.fixture(scope="module")
+def anyres_run(tmp_path_factory, tiny_lm, tiny_vision, shapes_data, aspect_data) -> Path:
+    """A full-precision anyres finetune run (LoRA on the LM), 3 steps."""
+    from helpers import fixture_overrides
+
+    from llava_tune.cli import main
+
+    run = tmp_path_factory.mktemp("anyres") / "run"
+    assert main(["train", str(DEMO / "finetune.yaml"),
+                 *fixture_overrides("finetune", tiny_lm, tiny_vision, shapes_data, run),
+                 *SMALL, "data.max_length=128", "init_from=null", "model.quantization=null",
+                 "train.max_steps=3", "train.lora.r=4", "train.lr=1e-2",
+                 f"data.train={aspect_data / 'train.json'}",
+                 f"data.image_folder={aspect_data / 'images'}", *ANYRES]) == 0
+    return run
+
+
+@pytest.mark.parametrize("image", ["0.png", "1.png", "3.png", "4.png"])
+def test_hf_llava_next_export_matches_our_logits_and_answers(anyres_run, aspect_data, tmp_path,
+                                                             image):
+    """transformers' LlavaNext, from the export's own processor, gives our logits and our
+    greedy answer: wide, tall, small and scaled-down images."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from llava_tune.cli import main
+    from llava_tune.constants import IMAGE_TOKEN_INDEX
+    from llava_tune.data.template import expand_image_slots
+    from llava_tune.inference.generate import GenerationSettings
+
+    out = tmp_path / "next"
+    assert main(["export", str(anyres_run), str(out), "--format", "hf-llava-next"]) == 0
+    processor = AutoProcessor.from_pretrained(out)
+    model = LlavaNextForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    picture = Image.open(aspect_data / "images" / image)
+    question = "What color is the shape?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=picture, text=prompt, return_tensors="pt")
+
+    ours = load_run(anyres_run, device="cpu")
+    size = (picture.height, picture.width)
+    ids = ours.template.prompt_ids([{"role": "user", "content": f"<image>\n{question}"}],
+                                   ours.tokenizer)
+    image_id = ours.tokenizer.convert_tokens_to_ids("<image>")
+    expanded, _ = expand_image_slots(ids, None, image_id, [ours.model.layout.num_tokens(size)])
+    hf_ids = inputs["input_ids"][0].tolist()
+    assert [image_id if t == IMAGE_TOKEN_INDEX else t for t in expanded] == hf_ids
+    pixels = ours.image_processor(picture)
+    torch.testing.assert_close(inputs["pixel_values"][0], pixels, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        theirs = model(**inputs).logits[0]
+        mine = ours.model.logits(torch.tensor([expanded]), pixels, image_sizes=[size])[0]
+    torch.testing.assert_close(theirs[:, : mine.shape[-1]], mine, rtol=1e-4, atol=1e-4)
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    answer = processor.decode(generated[0, len(hf_ids):], skip_special_tokens=True).strip()
+    user = [{"role": "user", "content": f"<image>\n{question}"}]
+    assert answer == generate(ours, user, [picture], GenerationSettings(max_new_tokens=6))
+    # The export reads back as a model of ours, answering the same.
+    again = load_model(out, device="cpu")
+    assert again.model.layout == ours.model.layout
+    assert generate(again, user, [picture], GenerationSettings(max_new_tokens=6)) == answer
+
+
+def test_exports_refuse_a_format_that_cannot_hold_the_run(anyres_run, tmp_path, capsys):
+    from llava_tune.cli import main
+
+    assert main(["export", str(anyres_run), str(tmp_path / "a"), "--format", "hf-llava"]) == 2
+    assert "--format hf-llava-next" in capsys.readouterr().err
+    assert main(["export", str(anyres_run), str(tmp_path / "b"), "--format", "xtuner"]) == 2
+    assert "XTuner's LLaVA cannot" in capsys.readouterr().err

@@ -263,7 +263,8 @@ def load_hf_llava(path: Path, quantization: str | None | bool = True, device=Non
     parts = read_hf_llava(path, resolve_dtype(None, device), device,
                           quantization_config(quantization, device))
     config = Config(stage="finetune", model=ModelConfig(llm=str(path), quantization=quantization))
-    return ModelBundle(LlavaModel(parts.llm, parts.vision, parts.projector), parts.tokenizer,
+    return ModelBundle(LlavaModel(parts.llm, parts.vision, parts.projector, parts.layout),
+                       parts.tokenizer,
                  parts.image_processor, get_template("internlm2_chat"), config)
 
 

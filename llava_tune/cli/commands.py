@@ -103,10 +103,12 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="write a run's model in another layout")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
-    p.add_argument("--format", required=True, choices=["llm", "internlm2", "hf-llava", "xtuner"],
+    p.add_argument("--format", required=True,
+                   choices=["llm", "internlm2", "hf-llava", "hf-llava-next", "xtuner"],
                    help="llm: merged transformers checkpoint; internlm2: merged, InternLM2 "
                    "layout; hf-llava: the whole model as transformers LlavaForConditionalGeneration "
-                   "+ AutoProcessor; xtuner: projector/ + llm_adapter/ (+ "
+                   "+ AutoProcessor; hf-llava-next: the same for an anyres run, as "
+                   "LlavaNextForConditionalGeneration; xtuner: projector/ + llm_adapter/ (+ "
                    "visual_encoder_adapter/) in XTuner's LLaVA layout")
     p.add_argument("--base", help="base LLM folder, when it moved since training")
     p.add_argument("--force", action="store_true",

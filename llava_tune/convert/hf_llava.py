@@ -1,6 +1,7 @@
-"""Export a run as a transformers `LlavaForConditionalGeneration` + `AutoProcessor` folder, so
-plain transformers (and the servers that read its layout) answer as `llava-tune chat` does;
-and read such a folder back (`read_hf_llava`), so chat, eval and web take it too."""
+"""Export a run as a transformers `LlavaForConditionalGeneration` (pad) or
+`LlavaNextForConditionalGeneration` (anyres) + `AutoProcessor` folder, so plain transformers
+(and the servers that read its layout) answer as `llava-tune chat` does; and read such a
+folder back (`read_hf_llava`), so chat, eval and web take it too."""
 
 from __future__ import annotations
 
@@ -17,27 +18,45 @@ from transformers import (
     GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedModel,
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
 
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.convert.open_clip import hf_clip_vision_state_dict
 from llava_tune.data.template import internlm2_jinja
 from llava_tune.errors import UserError
 from llava_tune.files import read_json
+from llava_tune.models.anyres import ImageLayout
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
 
+MODEL_TYPES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+"""The folders read back: model_type in config.json -> the transformers class."""
 
-def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: Projector) -> None:
+
+def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: Projector,
+                   layout: ImageLayout | None = None) -> None:
     """Write into `folder` the tower (as a CLIPVisionModel, any LoRA merged), the projector
-    (`multi_modal_projector`), the merged full-precision `llm` and an `AutoProcessor`.
+    (`multi_modal_projector`), the merged full-precision `llm` and an `AutoProcessor`: a
+    Llava folder, or for an anyres `layout` a LlavaNext one (its grid pinpoints in pixels and
+    the `image_newline`).
 
     `<image>` becomes a real token: the LLM's vocabulary grows by one row (its embedding is
     never read, image features replace it) and generation is told never to produce it.
     """
+    anyres = layout is not None and layout.anyres
+    if anyres and layout.pool_max is not None:
+        raise UserError("this run pools its tiles' features (model.anyres.pool_max, "
+                        "OneVision's anyres_max_N), which transformers' LlavaNext does not do; "
+                        "no export format llava-tune writes holds it yet")
     if projector.config["depth"] != 2:
         raise UserError("transformers' Llava projector is Linear-GELU-Linear; this run's "
                         f"projector has depth {projector.config['depth']}: export it with "
@@ -50,7 +69,7 @@ def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: 
     if image_id >= llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(image_id + 1, mean_resizing=False)
 
-    llava_config = LlavaConfig(
+    common = dict(
         vision_config=vision_config, text_config=llm.config, image_token_id=image_id,
         # transformers indexes hidden_states, embeddings first: block p is hidden_states[p + 1].
         vision_feature_layer=tower.feature_layer if tower.feature_layer < 0
@@ -58,7 +77,14 @@ def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: 
         projector_hidden_act="gelu", multimodal_projector_bias=True,
         image_seq_length=tower.num_patches, tie_word_embeddings=False,
     )
-    model = LlavaForConditionalGeneration(llava_config).to(torch.float32)
+    if anyres:
+        pinpoints = [list(resolution) for resolution in layout.resolutions]
+        model = LlavaNextForConditionalGeneration(
+            LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)).to(torch.float32)
+        with torch.no_grad():
+            model.model.image_newline.copy_(projector.image_newline)
+    else:
+        model = LlavaForConditionalGeneration(LlavaConfig(**common)).to(torch.float32)
     model.model.vision_tower.load_state_dict(vision_state)
     model.model.multi_modal_projector.load_state_dict({
         "linear_1.weight": projector.model[0].weight, "linear_1.bias": projector.model[0].bias,
@@ -72,11 +98,14 @@ def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: 
         bos_token_id=tokenizer.bos_token_id, suppress_tokens=[image_id])
 
     size = tower.image_size
-    image_processor = LlavaImageProcessorPil(
-        do_pad=True, size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(tower.mean), image_std=list(tower.std))
+    sizes = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                 image_mean=list(tower.mean), image_std=list(tower.std))
+    if anyres:
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, **sizes)
+    else:
+        image_processor = LlavaImageProcessorPil(do_pad=True, **sizes)
     # No BOS in the processor's template, unlike InternLM2's own: `processor(text=...)` adds it.
-    processor = LlavaProcessor(
+    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=image_processor, tokenizer=tokenizer,
         chat_template=internlm2_jinja(bos=False, image_items=True),
         patch_size=tower.visual.patch_size[0], vision_feature_select_strategy="default",
@@ -89,9 +118,10 @@ def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: 
 
 
 def is_hf_llava_dir(path: str | Path) -> bool:
-    """A folder whose config.json is a transformers Llava model (our hf-llava export)."""
+    """A folder whose config.json is a transformers Llava or LlavaNext model (our hf-llava
+    and hf-llava-next exports)."""
     config = Path(path) / "config.json"
-    return config.is_file() and read_json(config).get("model_type") == "llava"
+    return config.is_file() and read_json(config).get("model_type") in MODEL_TYPES
 
 
 class HfVisionTower(nn.Module):
@@ -126,8 +156,10 @@ class HfImageProcessor:
         self.processor = processor
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """-> [1, 3, S, S], as ours (models/anyres.py's pad layout)."""
-        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        """-> [P, 3, S, S], as ours: one square (Llava), or the overview and tiles (LlavaNext,
+        which returns them as [1, P, 3, S, S])."""
+        pixels = self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        return pixels[0] if pixels.dim() == 5 else pixels
 
 
 @dataclass
@@ -140,6 +172,8 @@ class HfLlava:
     projector: nn.Module
     tokenizer: object
     image_processor: HfImageProcessor
+    layout: ImageLayout
+    """How the folder's model turns images into tokens (pad, or LlavaNext's anyres)."""
 
 
 def read_hf_llava(folder: str | Path, dtype: torch.dtype, device: torch.device,
@@ -153,9 +187,18 @@ def read_hf_llava(folder: str | Path, dtype: torch.dtype, device: torch.device,
         # Module paths from the model's root (transformers matches them as prefixes).
         quantization.llm_int8_skip_modules = ["model.vision_tower", "model.multi_modal_projector",
                                               "lm_head"]
-    llava = LlavaForConditionalGeneration.from_pretrained(
+    model_type = read_json(Path(folder) / "config.json").get("model_type")
+    llava = MODEL_TYPES[model_type].from_pretrained(
         folder, dtype=dtype, quantization_config=quantization, device_map={"": device})
     processor = AutoProcessor.from_pretrained(folder)
+    vision = llava.config.vision_config
+    patches = vision.image_size // vision.patch_size
+    grids: tuple = ()
+    projector = llava.model.multi_modal_projector
+    if model_type == "llava_next":
+        grids = tuple((h // vision.image_size, w // vision.image_size)
+                      for h, w in llava.config.image_grid_pinpoints)
+        projector.image_newline = llava.model.image_newline  # where our model looks for it
     # The text model alone, as a causal LM over the same modules (nothing is copied), so one
     # generation path serves runs and this folder: embeddings with image features in, tokens out.
     with torch.device("meta"):
@@ -163,6 +206,6 @@ def read_hf_llava(folder: str | Path, dtype: torch.dtype, device: torch.device,
     llm.model = llava.model.language_model
     llm.lm_head = llava.lm_head
     llm.generation_config = llava.generation_config  # its eos ids, and <image> suppressed
-    return HfLlava(llm, HfVisionTower(llava.model.vision_tower, llava.config),
-                   llava.model.multi_modal_projector, processor.tokenizer,
-                   HfImageProcessor(processor.image_processor))
+    return HfLlava(llm, HfVisionTower(llava.model.vision_tower, llava.config), projector,
+                   processor.tokenizer, HfImageProcessor(processor.image_processor),
+                   ImageLayout(vision.image_size, patches, grids))
