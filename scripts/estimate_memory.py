@@ -10,7 +10,8 @@ token, plus one layer's recomputation) and the logits of one loss chunk (llava_t
 loss.py: at most DEFAULT_CHUNK label tokens' logits live at a time, in bf16, their fp32 upcast,
 its gradient and the bf16 gradient), for a full batch at the sequence length the stage needs. A tower that trains (train.vision
 lora or full) adds its LoRA (or all its weights) to the trainable parameters and its own
-checkpointed activations (one image per sample, every token of it incl. CLS); a frozen tower
+checkpointed activations (one image per sample, every token of it incl. CLS, times the tiles
+of the largest grid for anyres: data.max_length must hold them for the LLM); a frozen tower
 runs without autograd and keeps none. CUDA context and fragmentation (typically 1-2 GB) come
 on top.
 """
@@ -76,6 +77,15 @@ def vision_training(config, images: int) -> tuple[int, int]:
     return trainable, activations
 
 
+def tower_inputs(config) -> int:
+    """Tower inputs per image at most: 1 for pad; anyres's overview plus its largest grid."""
+    if config.model.image_aspect != "anyres":
+        return 1
+    anyres = config.model.anyres
+    return 1 + max(r * c for r, c in anyres.grid_pinpoints
+                   if anyres.max_tiles is None or r * c <= anyres.max_tiles)
+
+
 def estimate(config_file: Path) -> dict[str, float]:
     config = load_config(config_file)
     size = config_file.parent.name.removeprefix("internlm2_chat_")
@@ -106,7 +116,8 @@ def estimate(config_file: Path) -> dict[str, float]:
     activations = tokens * cfg.hidden_size * 2 * (cfg.num_hidden_layers + 8) \
         + tokens * cfg.intermediate_size * 2 * 3
     if vision:
-        tower_trainable, tower_activations = vision_training(config, config.train.batch_size)
+        tower_trainable, tower_activations = vision_training(
+            config, config.train.batch_size * tower_inputs(config))
         trainable += tower_trainable
         activations += tower_activations
     # The chunked loss: one chunk of label tokens' logits at a time, never the whole batch's.
@@ -119,11 +130,11 @@ def estimate(config_file: Path) -> dict[str, float]:
 def main() -> None:
     logging.disable(logging.WARNING)  # open_clip: "no pretrained weights" is the point here
     files = [Path(a) for a in sys.argv[1:]] or sorted(ROOT.glob("configs/internlm2_chat_*/*.yaml"))
-    print(f"{'config':42s} {'weights':>8s} {'train':>8s} {'activ.':>8s} {'logits':>8s} {'total':>8s}  (GB, estimates)")
+    print(f"{'config':50s} {'weights':>8s} {'train':>8s} {'activ.':>8s} {'logits':>8s} {'total':>8s}  (GB, estimates)")
     for file in files:
         e = estimate(file)
         name = str(file.relative_to(ROOT)) if file.is_absolute() else str(file)
-        print(f"{name:42s} {e['weights']:8.1f} {e['trainable']:8.1f} {e['activations']:8.1f} "
+        print(f"{name:50s} {e['weights']:8.1f} {e['trainable']:8.1f} {e['activations']:8.1f} "
               f"{e['logits']:8.1f} {e['total']:8.1f}")
 
 

@@ -60,7 +60,7 @@ def test_configs_are_found():
     assert {"configs/demo/lm.yaml", "configs/demo/pretrain.yaml", "configs/demo/finetune.yaml",
             "configs/internlm2_chat_1_8b/pretrain.yaml",
             "configs/internlm2_chat_7b/finetune.yaml"} <= names
-    assert len(REAL) == 4
+    assert len(REAL) == 6  # pretrain, finetune, finetune_anyres at 1.8B and 7B
     assert [rel(c) for c in REAL_SFT] == ["configs/internlm2_chat_1_8b/sft.yaml",
                                           "configs/internlm2_chat_7b/sft.yaml"]
 
@@ -184,3 +184,18 @@ def test_real_config_model_sizes(path, clip_l_336):
         1024, hidden, config.model.projector_depth)
     # The image's 576 slots leave room for text in every sample.
     assert config.data.max_length >= 576 + 256
+
+
+@pytest.mark.parametrize("path", [c for c in REAL if c.stem == "finetune_anyres"], ids=rel)
+def test_real_anyres_config_leaves_room_for_its_largest_image(path):
+    """Any image's tokens (overview + every tile of the largest grid, with row ends) leave
+    room for text: data.max_length is counted with them."""
+    from llava_tune.models.anyres import ImageLayout
+
+    config = load_config(path)
+    assert config.model.image_aspect == "anyres"
+    grids = tuple(tuple(g) for g in config.model.anyres.grid_pinpoints)
+    layout = ImageLayout(tile=336, patches=24, grids=grids)
+    worst = max(layout.num_tokens((h, w)) for h in range(100, 2000, 37) for w in range(100, 2000, 41))
+    assert worst == 576 + 48 * 49  # a square image on the 2 x 2 grid
+    assert config.data.max_length >= worst + 256
