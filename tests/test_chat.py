@@ -171,9 +171,10 @@ def test_one_shot_prints_only_the_eval_prediction(env, tiny_finetune_run, one_sh
 
 
 def test_piped_questions_are_one_conversation(env, tiny_finetune_run, image, answer):
-    # A blank line is skipped; /reset starts over, so the third answer is the first again;
-    # an unknown command ends the script with exit 2 after the answers so far.
-    stdin = f"{QUESTION}\n{SECOND}\n\n/reset\n{QUESTION}\n/nope\n{SECOND}\n"
+    # A blank line is skipped; /reset starts over without the image, so with it attached
+    # again the third answer is the first again; an unknown command ends the script with
+    # exit 2 after the answers so far.
+    stdin = f"{QUESTION}\n{SECOND}\n\n/reset\n/image {image}\n{QUESTION}\n/nope\n{SECOND}\n"
     result = chat(env, tiny_finetune_run, "--image", image, *SHORT, stdin=stdin)
     assert_one_line_error(result, "unknown command /nope", "/help")
     assert result.stdout.endswith("\n\n")
@@ -181,7 +182,8 @@ def test_piped_questions_are_one_conversation(env, tiny_finetune_run, image, ans
     assert len(answers) == 3, result.stdout
     assert answers[0] == answer and answers[2] == answer
     assert all("\n" not in a for a in answers)
-    assert "(new conversation)" in result.stderr
+    assert "(new conversation, no images)" in result.stderr
+    assert f"(image {image} added; it goes with the next question)" in result.stderr
     assert not any(token in result.stdout for token in SPECIAL)
 
 
@@ -201,12 +203,14 @@ def test_interactive_session(env, tiny_finetune_run, image, other_image, answer,
         child.sendline(SECOND)  # in context: an answer, then the prompt again
         child.expect_exact(">>> ")
         child.sendline("/reset")
-        child.expect_exact("(new conversation)")
+        child.expect_exact("(new conversation, no images)")
+        child.sendline(f"/image {image}")
+        child.expect_exact(f"(image {image} added; it goes with the next question)")
         child.sendline(QUESTION)  # a new conversation: the one-shot answer again
         child.expect_exact(f"{QUESTION}\r\n{answer}\r\n>>> ")
 
-        child.sendline(f"/image {other_image}")
-        child.expect_exact(f"(image {other_image} attached; new conversation)")
+        child.sendline(f"/image {other_image}")  # a second image, for the next question
+        child.expect_exact(f"(image {other_image} added; it goes with the next question)")
         child.sendline("/system Be brief.")
         child.expect_exact("(system prompt set)")
         child.expect_exact(">>> ")
@@ -222,7 +226,7 @@ def test_interactive_session(env, tiny_finetune_run, image, other_image, answer,
         child.sendline(f"/image {bad}")
         child.expect_exact(f"error: image {bad} cannot be read")
         child.expect_exact(">>> ")
-        child.sendline(SECOND)  # still chatting, about the other image
+        child.sendline(SECOND)  # still chatting, now about both images
         child.expect_exact(f"{SECOND}\r\n")
         child.expect_exact(">>> ")
 

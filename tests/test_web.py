@@ -43,6 +43,7 @@ from llava_tune.inference.web import (
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["--max-new-tokens", "8"]
 QUESTION = "What color is the shape?"
+SECOND = "What shape is this?"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
@@ -70,6 +71,11 @@ def image(shapes_data) -> Path:
     return shapes_data / "images" / "heldout" / "000000.png"
 
 
+@pytest.fixture(scope="module")
+def other_image(shapes_data) -> Path:
+    return shapes_data / "images" / "heldout" / "000001.png"
+
+
 def chat_answer(model: Path, cache_dir: Path, *args) -> str:
     """What `llava-tune chat MODEL --question QUESTION ARGS` prints (greedy, 8 tokens)."""
     out = io.StringIO()
@@ -77,6 +83,16 @@ def chat_answer(model: Path, cache_dir: Path, *args) -> str:
         mp.setenv("LLAVA_TUNE_CACHE", str(cache_dir))
         assert main(["chat", str(model), "--question", QUESTION, *SHORT, *map(str, args)]) == 0
     return out.getvalue().removesuffix("\n")
+
+
+def piped_answers(model: Path, cache_dir: Path, stdin: str, *args) -> list[str]:
+    """The answers `llava-tune chat MODEL ARGS` prints with `stdin` piped in (8 tokens)."""
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("LLAVA_TUNE_CACHE", str(cache_dir))
+        mp.setattr(sys, "stdin", io.StringIO(stdin))
+        assert main(["chat", str(model), *SHORT, *map(str, args)]) == 0
+    return out.getvalue().removesuffix("\n\n").split("\n\n")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +158,7 @@ def test_answer_streams_and_ends_as_chats_answer(bundle, answers, image):
     turns = list(chat.respond(session, QUESTION, max_new_tokens=40))
     pieces = [t.messages[-1]["content"] for t in turns[1:-1]]
     full = generate(bundle, [{"role": "user", "content": f"<image>\n{QUESTION}"}],
-                    [session.image], GenerationSettings(max_new_tokens=40),
+                    session.images, GenerationSettings(max_new_tokens=40),
                     stopping_criteria=[LoopStop()])
     assert turns[-1].messages[-1]["content"] == full
     assert len(set(pieces)) >= 2 and pieces[-1] == full
@@ -182,7 +198,7 @@ def test_sessions_are_separate_and_generation_runs_one_at_a_time(bundle, answers
     assert results["image"].messages[-1]["content"] == answers["image"]
     assert results["text"].messages[-1]["content"] == answers["text"]
     assert len(with_image.history) == len(without.history) == 2
-    assert without.image is None
+    assert without.images == []
 
 
 def test_stop_ends_generation_and_keeps_the_conversation(bundle, answers, image, monkeypatch):
@@ -239,10 +255,51 @@ def test_bad_input_gets_a_message_and_the_chat_goes_on(bundle, answers, image, b
         list(chat.respond(session, QUESTION))
         session, taken, note = chat.attach(session, bad_files[name])
         assert not taken and note.startswith("Error: ") and needle in note, (name, note)
-        assert session.image is None and session.history == []  # no stale image or answers
+        assert session.images == [] and session.history == []  # no stale image or answers
     session, taken, _ = chat.attach(session, image)
     assert taken
     assert list(chat.respond(session, QUESTION))[-1].messages[-1]["content"] == answers["image"]
+
+
+def test_added_images_go_with_the_next_question(bundle, image, other_image, bad_files):
+    chat = short_chat(bundle)
+    session, taken, note = chat.add(None, image)
+    assert taken and note == "Image 1 of this conversation added; it goes with the next question."
+    list(chat.respond(session, QUESTION))
+    session, taken, note = chat.add(session, other_image)  # mid-conversation
+    assert taken and note.startswith("Image 2 of this conversation added; it goes with")
+    # Refused images change nothing: the conversation goes on with its images.
+    for name in ("text", "huge", "big_header"):
+        session, taken, note = chat.add(session, bad_files[name])
+        assert not taken and note.startswith("Error: "), name
+    assert chat.images(session) == [str(image), str(other_image)]
+    assert len(session.history) == 2 and session.pending_images == [other_image]
+    last = list(chat.respond(session, SECOND))[-1]
+
+    # As a ChatSession (`llava-tune chat` with `/image PATH` between the questions) answers.
+    reference = chat.new_session()
+    reference.attach_image(image)
+    first = reference.ask(QUESTION)
+    reference.attach_image(other_image)
+    assert last.messages == [{"role": "user", "content": QUESTION},
+                             {"role": "assistant", "content": first},
+                             {"role": "user", "content": SECOND},
+                             {"role": "assistant", "content": reference.ask(SECOND)}]
+    assert session.history == reference.history  # the markers where the images were added
+    assert session.history[2]["content"] == f"<image>\n{SECOND}"
+
+    # Clear: no conversation, no images; then two images for the first question.
+    session = chat.clear(session)
+    assert session.history == [] and chat.images(session) == []
+    chat.add(session, image)
+    _, taken, note = chat.add(session, other_image)
+    assert taken and note.endswith("these 2 go with the next question.")
+    list(chat.respond(session, QUESTION))
+    assert session.history[0]["content"] == f"<image>\n<image>\n{QUESTION}"
+    # attach: a new conversation about one image, as before.
+    session, taken, note = chat.attach(session, other_image)
+    assert taken and note == "New conversation about this image."
+    assert session.history == [] and chat.images(session) == [str(other_image)]
 
 
 def test_upload_check_reads_only_the_header(bad_files, image):
@@ -299,9 +356,9 @@ def test_text_only_model_has_no_image_box(bundle, tiny_lm):
     from llava_tune.inference.web import build_app
 
     def images(app) -> list:
-        return [b for b in app.blocks.values() if isinstance(b, gr.Image)]
+        return [b for b in app.blocks.values() if isinstance(b, (gr.Image, gr.Gallery))]
 
-    assert len(images(build_app(bundle))) == 1
+    assert sorted(type(b).__name__ for b in images(build_app(bundle))) == ["Gallery", "Image"]
     text_app = build_app(load_model(tiny_lm))
     assert images(text_app) == []
     notes = [b.value for b in text_app.blocks.values() if isinstance(b, gr.Markdown)]
@@ -404,6 +461,10 @@ class Page:
         found = self._find("#status")
         return found[0].text if found else ""
 
+    def gallery(self) -> list[str]:
+        """The sources of the images the conversation's gallery shows (its thumbnails)."""
+        return [img.get_attribute("src") for img in self._find("#images button img")]
+
     def upload(self, path: Path) -> None:
         self._find("#image input[type=file]")[0].send_keys(str(path))
 
@@ -433,12 +494,18 @@ def save_screenshot(driver, tmp_path: Path, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_browser_chat(tiny_finetune_run, cache_dir, image, bad_files, tmp_path):
+def test_browser_chat(tiny_finetune_run, cache_dir, image, other_image, bad_files, tmp_path):
     chromium, driver_path = browser_tools()
     with web_server(tiny_finetune_run, cache_dir, tmp_path / "server.log", *SHORT) as url:
         # The references, computed while the server loads its model.
         answers = {"image": chat_answer(tiny_finetune_run, cache_dir, "--image", image),
-                   "text": chat_answer(tiny_finetune_run, cache_dir)}
+                   "text": chat_answer(tiny_finetune_run, cache_dir),
+                   "two": chat_answer(tiny_finetune_run, cache_dir, "--image", image,
+                                      "--image", other_image)}
+        first_answer, answers["added"] = piped_answers(
+            tiny_finetune_run, cache_dir, f"{QUESTION}\n/image {other_image}\n{SECOND}\n",
+            "--image", image)
+        assert first_answer == answers["image"]
         driver = new_browser(chromium, driver_path, Path(tempfile.mkdtemp(dir=tmp_path)))
         try:
             driver.get(url)
@@ -448,23 +515,32 @@ def test_browser_chat(tiny_finetune_run, cache_dir, image, bad_files, tmp_path):
 
             # Tab 1: an image and a question; the answer is `llava-tune chat`'s.
             first.upload(image)
-            first.wait_status("New conversation about this image.")
+            first.wait_status("Image 1 of this conversation added; it goes with the next "
+                              "question.")
+            first.wait(lambda: len(first.gallery()) == 1, "the image in the gallery")
             first.ask(QUESTION)
             first.wait_answer(QUESTION, answers["image"])
             assert first._find("#question textarea")[0].get_attribute("value") == ""
+            # A second image, added mid-conversation, goes with the next question (as
+            # `/image PATH` in chat).
+            first.upload(other_image)
+            first.wait_status("Image 2 of this conversation added")
+            first.wait(lambda: len(first.gallery()) == 2, "both images in the gallery")
+            first.ask(SECOND)
+            first.wait_answer(SECOND, answers["added"], before=2)
             shot = save_screenshot(driver, tmp_path, "web_chat.png")
             assert shot.stat().st_size > 10_000
 
-            # Tab 2: a session of its own, with none of tab 1's conversation or image.
+            # Tab 2: a session of its own, with none of tab 1's conversation or images.
             driver.switch_to.new_window("tab")
             driver.get(url)
             second = Page(driver, driver.current_window_handle)
             second.wait(lambda: second._find("#question textarea"), "the second page")
-            assert second.messages() == []
+            assert second.messages() == [] and second.gallery() == []
             second.ask(QUESTION)  # no image in this tab: the text-only answer
             second.wait_answer(QUESTION, answers["text"])
             second.wait_status("no image attached; answering from the text alone")  # as chat
-            assert first.messages() == [("user", QUESTION), ("bot", answers["image"])]
+            assert first.messages()[:2] == [("user", QUESTION), ("bot", answers["image"])]
 
             # Bad input in tab 2: a message in the page each time, and it goes on serving.
             second._find("#send")[0].click()  # an empty question
@@ -474,16 +550,25 @@ def test_browser_chat(tiny_finetune_run, cache_dir, image, bad_files, tmp_path):
             second.wait_status("not an image that can be read")
             second.upload(bad_files["huge"])
             second.wait_status("this image has 400,000,000 pixels; upload one of at most")
-            assert second.messages() == []  # a new image, even a refused one, starts over
+            # A refused image changes nothing: the conversation goes on, with no image.
+            assert len(second.messages()) == 2 and second.gallery() == []
             save_screenshot(driver, tmp_path, "web_chat_refused.png")
-            second.upload(image)
-            second.wait_status("New conversation about this image.")
-            second.ask(QUESTION)
-            second.wait_answer(QUESTION, answers["image"])
 
-            # Clear: no conversation, no image; the next answer is the text-only one again.
+            # Clear, then two images for one question: `chat --image A --image B`'s answer.
             second._find("#clear")[0].click()
-            second.wait(lambda: second.messages() == [] and not second._find("#image img"),
+            second.wait(lambda: second.messages() == [], "a cleared page")
+            second.upload(image)
+            second.wait_status("Image 1 of this conversation added")
+            second.upload(other_image)
+            second.wait_status("Image 2 of this conversation added; these 2 go with the next "
+                               "question.")
+            second.ask(QUESTION)
+            second.wait_answer(QUESTION, answers["two"])
+            assert len(second.gallery()) == 2
+
+            # Clear: no conversation, no images; the next answer is the text-only one again.
+            second._find("#clear")[0].click()
+            second.wait(lambda: second.messages() == [] and second.gallery() == [],
                         "a cleared page")
             second.ask(QUESTION)
             second.wait_answer(QUESTION, answers["text"])

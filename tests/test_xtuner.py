@@ -566,7 +566,7 @@ def test_imported_model_chats_like_xtuners(imported_vision, tiny_lm, shapes_data
         tokens.append(nxt)
         answer.append(nxt)
     session = ChatSession(bundle, settings=GenerationSettings(max_new_tokens=6))
-    session.image = image
+    session.attach_image(shapes_data / "images" / "heldout" / "000000.png")
     expected = bundle.tokenizer.decode(answer, skip_special_tokens=True).strip()
     assert session.ask(QUESTION) == expected
 

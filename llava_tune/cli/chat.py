@@ -27,13 +27,15 @@ def generation_settings(args: argparse.Namespace):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("chat", help="chat with a run (or an LLM folder), with an image",
+    p = sub.add_parser("chat", help="chat with a run (or an LLM folder), with images",
                        description="Interactive when stdin is a terminal; --question answers "
                        "once; piped stdin: one question per line, one conversation.",
                        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run dir (pretrain, finetune or sft), a checkpoint of one, an "
                    "hf-llava export or a plain LLM folder")
-    p.add_argument("--image", help="image to talk about")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="image to talk about; repeat for several (all go with the first "
+                   "question, in this order)")
     p.add_argument("--question", help="answer this one question and exit")
     p.add_argument("--system", help="system prompt (default: the run's)")
     add_sampling_arguments(p)
@@ -47,8 +49,8 @@ def add_parser(sub) -> None:
 
 
 CHAT_HELP = """commands:
-  /image PATH   attach or switch the image (starts a new conversation)
-  /reset        start a new conversation (keeps the image)
+  /image PATH   add an image to the conversation (it goes with the next question)
+  /reset        start a new conversation, without images
   /system TEXT  set the system prompt (empty TEXT clears it)
   /help         this list
   /exit         leave (or Ctrl-D); Ctrl-C stops an answer"""
@@ -116,10 +118,12 @@ def _chat_command(session, line: str) -> bool:
         if not argument:
             raise UserError("/image needs a path: /image PATH")
         session.attach_image(argument)
-        print(f"(image {argument} attached; new conversation)", file=sys.stderr)
+        pending = len(session.pending_images)
+        goes = "it goes" if pending == 1 else f"{pending} images go"
+        print(f"(image {argument} added; {goes} with the next question)", file=sys.stderr)
     elif command == "/reset":
         session.reset()
-        print("(new conversation)", file=sys.stderr)
+        print("(new conversation, no images)", file=sys.stderr)
     elif command == "/system":
         session.set_system(argument)
         print(f"(system prompt {'set' if argument else 'cleared'})", file=sys.stderr)
@@ -186,17 +190,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from llava_tune.inference.chat import ChatSession
 
     interactive = args.question is None and sys.stdin.isatty()
-    if args.image and not interactive:
-        load_image(args.image)  # a typo should not wait for a 7B model to load
+    images = args.image or []
+    if not interactive:
+        for path in images:
+            load_image(path)  # a typo should not wait for a 7B model to load
     if args.seed is not None:
         torch.manual_seed(args.seed)
     bits = {None: True, 4: "4bit", 8: "8bit"}[args.bits]
     bundle = load_model(args.model, base=args.base, quantization=bits)
     session = ChatSession(bundle, system=args.system or bundle.template.default_system,
                           settings=generation_settings(args))
-    if args.image:
+    for path in images:
         try:
-            session.attach_image(args.image)
+            session.attach_image(path)
         except UserError as err:
             if not interactive:
                 raise

@@ -1,4 +1,4 @@
-"""A chat session with one model: history, image, system prompt. No I/O: the CLI reads and
+"""A chat session with one model: history, images, system prompt. No I/O: the CLI reads and
 prints, so the same session serves the terminal, pipes and tests."""
 
 from __future__ import annotations
@@ -19,16 +19,29 @@ LOOP_NOTE = "answer stopped: it kept repeating itself"
 
 
 class ChatSession:
-    """Multi-turn conversation; the image (at most one) belongs to the first question."""
+    """Multi-turn conversation with any number of images.
+
+    An attached image belongs to the next question asked: its `<image>` marker goes in front
+    of that question (one marker per image attached since the last answered question), so
+    the images stay in the order of their markers in the conversation. `images[:asked]` have
+    their markers in `history`; `pending_images` wait for the next question.
+    """
 
     def __init__(self, bundle: ModelBundle, system: str | None = None,
                  settings: GenerationSettings | None = None) -> None:
         self.bundle = bundle
         self.system = system
         self.settings = settings or GenerationSettings()
-        self.image = None
-        self.image_path: Path | None = None
+        self.images: list = []
+        """The conversation's images (PIL), in the order of their markers."""
+        self.image_paths: list[Path] = []
+        """Where each of `images` came from."""
+        self.asked = 0
+        """How many of `images` have their marker in `history` (the rest are pending)."""
         self.history: list[Message] = []
+        self._conversation = object()
+        """Replaced by reset(): an answer that ends after a reset does not join the new
+        conversation (the web page's Clear can land while an answer finishes)."""
         self.stopped_looping = False
         """Whether the last answer was ended because it kept repeating itself."""
 
@@ -38,41 +51,59 @@ class ChatSession:
 
     @property
     def image_note(self) -> str | None:
-        """NO_IMAGE_NOTE when the model could see an image but has none; else None."""
-        return NO_IMAGE_NOTE if self.has_vision and self.image is None else None
+        """NO_IMAGE_NOTE when the model could see images but has none; else None."""
+        return NO_IMAGE_NOTE if self.has_vision and not self.images else None
 
-    def attach_image(self, path: str | Path) -> None:
-        """Load an image for a new conversation (the old one ends)."""
+    @property
+    def pending_images(self) -> list[Path]:
+        """The images that go with the next question (attached since the last answer)."""
+        return self.image_paths[self.asked:]
+
+    def attach_image(self, path: str | Path, new: bool = False) -> None:
+        """Add an image to the conversation: it goes with the next question. `new`: start a
+        new conversation with this image instead. An image that cannot be read raises
+        UserError and changes nothing."""
         if not self.has_vision:
             raise UserError("this model has no vision tower; it chats about text only")
-        self.image = load_image(path)
-        self.image_path = Path(path)
-        self.reset()
+        image = load_image(path)
+        if new:
+            self.reset()
+        self.images.append(image)
+        self.image_paths.append(Path(path))
 
     def reset(self) -> None:
+        """Start over: no history and no images."""
         self.history = []
+        self.images, self.image_paths, self.asked = [], [], 0
+        self._conversation = object()
 
     def set_system(self, text: str | None) -> None:
         """Replace the system prompt; empty text clears it (the run's default too)."""
         self.system = text or ""
 
     def messages_for(self, question: str) -> list[Message]:
-        """The conversation so far plus `question`, as the template wants it."""
+        """The conversation so far plus `question` (the pending images' markers in front of
+        it), as the template wants it."""
+        if self.has_vision and IMAGE_TOKEN in question:
+            raise UserError(f"a question cannot contain {IMAGE_TOKEN}: attach images instead "
+                            "(each goes with the next question)")
         # None: the template's default applies; "" overrides that default with none.
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
-        if self.image is not None and not self.history:
-            question = f"{IMAGE_TOKEN}\n{question}"
+        question = f"{IMAGE_TOKEN}\n" * len(self.pending_images) + question
         return messages + self.history + [{"role": "user", "content": question}]
 
     def ask(self, question: str, streamer=None) -> str:
-        """Answer `question` in context; the turn joins the history only once answered, so
-        an interrupted answer leaves the conversation as it was. An answer caught in a loop
-        ends there (LoopStop; `stopped_looping` says so): a person is waiting for it."""
+        """Answer `question` in context; the turn (and its pending images' markers) joins the
+        history only once answered, so an interrupted answer leaves the conversation as it
+        was, those images still pending. An answer caught in a loop ends there (LoopStop;
+        `stopped_looping` says so): a person is waiting for it."""
         messages = self.messages_for(question)
-        images = [self.image] if self.image is not None else []
+        images, conversation = list(self.images), self._conversation
         loop = LoopStop()
         answer = generate(self.bundle, messages, images, self.settings, streamer=streamer,
                           stopping_criteria=[loop])
         self.stopped_looping = loop.stopped
-        self.history += messages[-1:] + [{"role": "assistant", "content": answer}]
+        if self._conversation is conversation:
+            self.history += messages[-1:] + [{"role": "assistant", "content": answer}]
+            self.asked = len(images)  # images attached while it answered stay pending
         return answer

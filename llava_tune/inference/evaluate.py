@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_tune.assembly.model import ModelBundle
+from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.formats import read_conversations
 from llava_tune.data.image import load_image
 from llava_tune.data.template import Message
@@ -26,6 +27,8 @@ from llava_tune.inference.generate import (
 class EvalItem:
     record_id: str
     images: list[str]
+    """The images of the `<image>` markers in `messages`, in order (a later turn's image is
+    not one of an earlier turn's)."""
     messages: list[Message]
     """The conversation up to and including the question."""
     answer: str
@@ -68,7 +71,8 @@ class EvalSummary:
 
 def eval_items(records: list[dict]) -> Iterator[EvalItem]:
     """An item for every assistant turn that follows a user turn, with the history before it
-    (the reference answers of earlier turns, so each turn is scored on its own)."""
+    (the reference answers of earlier turns, so each turn is scored on its own) and the
+    images of the markers in it."""
     for record in records:
         messages = record["messages"]
         turn = 0
@@ -76,7 +80,8 @@ def eval_items(records: list[dict]) -> Iterator[EvalItem]:
             if message["role"] == "assistant":
                 turn += 1
                 if i > 0:
-                    yield EvalItem(record["id"], record["images"], messages[:i],
+                    markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages[:i])
+                    yield EvalItem(record["id"], record["images"][:markers], messages[:i],
                                    message["content"], turn)
 
 

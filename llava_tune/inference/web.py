@@ -148,34 +148,49 @@ class WebChat:
 
     @staticmethod
     def shown(session: ChatSession | None) -> ChatMessages:
-        """The conversation as the page shows it: no `<image>` marker in the first question."""
+        """The conversation as the page shows it: no `<image>` markers in the questions."""
         if session is None:
             return []
         return [{"role": m["role"], "content": strip_image_markers(m["content"])
                  if m["role"] == "user" else m["content"]} for m in session.history]
 
-    def attach(self, session: ChatSession | None,
-               path: str | Path | None) -> tuple[ChatSession, bool, str]:
-        """A new image (or None: image removed) starts a new conversation.
+    @staticmethod
+    def images(session: ChatSession | None) -> list[str]:
+        """The conversation's images, in order: what the page's gallery shows."""
+        return [] if session is None else [str(path) for path in session.image_paths]
+
+    def add(self, session: ChatSession | None,
+            path: str | Path) -> tuple[ChatSession, bool, str]:
+        """Add an image to the conversation: it goes with the next question. A refused image
+        (not an image, too many pixels) leaves the conversation and its images as they were.
 
         Returns (session, whether the image was taken, status text)."""
         session = self.session(session)
-        if path is None:
-            session.image = session.image_path = None
-            session.reset()
-            return session, True, ""
         try:
             check_upload(path)
             session.attach_image(path)
         except UserError as err:
-            # A refused image leaves no image: the next answer is not about a stale one.
-            session.image = session.image_path = None
-            session.reset()
             return session, False, f"Error: {err}"
-        return session, True, "New conversation about this image."
+        count = len(session.pending_images)
+        images = "it goes" if count == 1 else f"these {count} go"
+        return session, True, (f"Image {len(session.images)} of this conversation added; "
+                               f"{images} with the next question.")
+
+    def attach(self, session: ChatSession | None,
+               path: str | Path | None) -> tuple[ChatSession, bool, str]:
+        """A new conversation about this one image (None: about no image).
+
+        Returns (session, whether the image was taken, status text)."""
+        session = self.session(session)
+        session.reset()
+        if path is None:
+            return session, True, ""
+        # Refused, it leaves no image: the next answer is not about a stale one.
+        session, taken, status = self.add(session, path)
+        return session, taken, "New conversation about this image." if taken else status
 
     def clear(self, session: ChatSession | None) -> ChatSession:
-        """Forget the conversation and the image."""
+        """Forget the conversation and its images."""
         return self.attach(session, None)[0]
 
     def respond(self, session: ChatSession, question: str, system: str | None = None,
@@ -265,7 +280,7 @@ def _upload_path(payload) -> str | None:
 
 def build_app(bundle: ModelBundle, title: str = "llava-tune", system: str | None = None,
               settings: GenerationSettings | None = None):
-    """The chat page: image, conversation, question box, system prompt and sampling controls.
+    """The chat page: images, conversation, question box, system prompt and sampling controls.
 
     Returns a `gr.Blocks`; `serve` launches it.
     """
@@ -282,12 +297,16 @@ def build_app(bundle: ModelBundle, title: str = "llava-tune", system: str | None
             with gr.Column(scale=1, min_width=260):
                 if chat.has_vision:
                     # preprocess=False below: our own checks read the upload, not gradio's
-                    # PIL.Image.open, so a bad or huge file gets our message.
-                    image = gr.Image(type="filepath", label="Image (a new one starts a new "
-                                     "conversation)", sources=["upload", "clipboard"],
-                                     elem_id="image", height=280, buttons=["fullscreen"])
+                    # PIL.Image.open, so a bad or huge file gets our message. The box takes
+                    # one image at a time and empties again; the gallery shows them all.
+                    image = gr.Image(type="filepath", label="Add an image (it goes with the "
+                                     "next question)", sources=["upload", "clipboard"],
+                                     elem_id="image", height=200, buttons=[])
+                    gallery = gr.Gallery(label="Images of this conversation (Clear removes "
+                                         "them)", elem_id="images", interactive=False,
+                                         columns=4, height=160, buttons=["fullscreen"])
                 else:
-                    image = None
+                    image = gallery = None
                     gr.Markdown("This is a text-only model: it takes no image.",
                                 elem_id="text-only")
                 system_box = gr.Textbox(value=chat.system or "", label="System prompt",
@@ -304,7 +323,7 @@ def build_app(bundle: ModelBundle, title: str = "llava-tune", system: str | None
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420,
                                      buttons=["copy", "copy_all"])
                 status = gr.Markdown("", elem_id="status")
-                hint = "Ask about the image" if chat.has_vision else "Ask"
+                hint = "Ask about the images" if chat.has_vision else "Ask"
                 question = gr.Textbox(label="Question", placeholder=f"{hint}, then press Enter",
                                       elem_id="question", lines=1)
                 with gr.Row():
@@ -324,29 +343,32 @@ def build_app(bundle: ModelBundle, title: str = "llava-tune", system: str | None
                 send.click(on_ask, ask_inputs, ask_outputs, **generating)]
         stop.click(None, cancels=asks)
 
-        def on_clear(session):
-            return (chat.clear(session), [], "") + ((None,) if image is not None else ())
+        # Clear, and the chat box's own trash button, start over without images (/reset).
+        images_out = [image, gallery] if image is not None else []
 
-        clear.click(on_clear, [state], [state, chatbot, status]
-                    + ([image] if image is not None else []), cancels=asks)
+        def on_clear(session):
+            return (chat.clear(session), [], "") + ((None, []) if image is not None else ())
+
+        clear.click(on_clear, [state], [state, chatbot, status, *images_out], cancels=asks)
 
         def on_chatbot_clear(session):
-            # The chat box's own trash button: a new conversation, same image, like /reset.
-            session = chat.session(session)
-            session.reset()
-            return session, "New conversation."
+            return (chat.clear(session), "New conversation, no images.") + (
+                (None, []) if image is not None else ())
 
-        chatbot.clear(on_chatbot_clear, [state], [state, status], cancels=asks)
+        chatbot.clear(on_chatbot_clear, [state], [state, status, *images_out], cancels=asks)
 
         if image is not None:
             def on_image(payload, session):
-                session, taken, note = chat.attach(session, _upload_path(payload))
-                return session, [], note, gr.skip() if taken else None
+                path = _upload_path(payload)
+                if path is None:
+                    return session, gr.skip(), None, gr.skip()
+                session, _, note = chat.add(session, path)
+                return session, note, None, chat.images(session)
 
-            image.upload(on_image, [image, state], [state, chatbot, status, image],
+            # In the queue behind a running answer: an image added while it answers goes
+            # with the next question.
+            image.upload(on_image, [image, state], [state, status, image, gallery],
                          preprocess=False, **generating)
-            image.clear(on_image, [image, state], [state, chatbot, status, image],
-                        preprocess=False)
     return app
 
 
