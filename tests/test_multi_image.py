@@ -47,9 +47,9 @@ def seen(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     calls = []
     original = LlavaModel.input_embeddings
 
-    def spy(self, input_ids, pixel_values=None, image_features=None):
+    def spy(self, input_ids, pixel_values=None, image_features=None, image_sizes=None):
         calls.append((input_ids.clone(), None if pixel_values is None else pixel_values.clone()))
-        return original(self, input_ids, pixel_values, image_features)
+        return original(self, input_ids, pixel_values, image_features, image_sizes)
 
     monkeypatch.setattr(LlavaModel, "input_embeddings", spy)
     return calls
@@ -57,7 +57,7 @@ def seen(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
 
 def pixels(bundle, *paths: Path) -> torch.Tensor:
     """The pixels of `paths`, in that order, as generation makes them."""
-    return torch.stack([bundle.image_processor(load_image(path)) for path in paths])
+    return torch.cat([bundle.image_processor(load_image(path)) for path in paths])
 
 
 def session(bundle) -> ChatSession:
