@@ -62,6 +62,9 @@ class ModelConfig:
     """pad: each image padded to one square (LLaVA-1.5); anyres: an overview plus tiles of
     the image at its own aspect ratio (LLaVA-NeXT), see model.anyres."""
     anyres: AnyresConfig = field(default_factory=AnyresConfig)
+    video_pool: int = 2
+    """A video frame's feature map is pooled (bilinear) by this factor per side: 2 keeps a
+    quarter of its tokens (LLaVA-OneVision)."""
     template: str = "internlm2_chat"
     system: str | None = None
     """System prompt put before every conversation that has none."""
@@ -99,6 +102,9 @@ class DataConfig:
     group_by_modality_length does: less padding without packing."""
     eval: str | None = None
     """Held-out data (same formats as `train`) for the validation loss."""
+    video_frames: int = 8
+    """Frames sampled uniformly from each video (`video` in a record: a file or a folder
+    of frames); chat and eval use the run's value."""
     feature_cache: str | None = None
     """Folder for the frozen vision tower's features, computed once per image and reused
     across epochs and stages (data/features.py; off while the tower trains). ~1.2 MB per image
@@ -369,6 +375,11 @@ def validate(config: Config) -> list[str]:
         errors.append(f"data.max_length={config.data.max_length} must be at least 8")
     if not 0 <= config.data.max_bad_fraction <= 1:
         errors.append(f"data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1]")
+    if config.data.video_frames < 1:
+        errors.append(f"data.video_frames={config.data.video_frames} must be at least 1")
+    if config.model.video_pool < 1:
+        errors.append(f"model.video_pool={config.model.video_pool} must be at least 1 (1: no "
+                      "pooling)")
     if config.data.num_workers < 0:
         errors.append(f"data.num_workers={config.data.num_workers} must be 0 or more")
     if config.data.pack and config.data.group_by_length:

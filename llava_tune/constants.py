@@ -12,6 +12,10 @@ IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
 """Where an image goes in a conversation's text."""
 
+VIDEO_TOKEN = "<video>"
+"""Where a video goes in a conversation's text (records only: read as an `<image>` marker
+whose item is a video, see data/formats.py)."""
+
 IMAGE_TOKEN_INDEX = -200
 """Placeholder id for one image slot in input_ids; each image fills N consecutive slots."""
 

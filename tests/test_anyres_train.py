@@ -17,6 +17,7 @@ from llava_tune.config import load_config
 from llava_tune.data.collate import Collator
 from llava_tune.errors import UserError
 from llava_tune.inference.generate import generate
+from llava_tune.models.anyres import Media
 from llava_tune.training import train
 from llava_tune.training.setup import build_dataset, build_for_training
 
@@ -63,7 +64,7 @@ def test_each_image_takes_its_own_token_count(stage_overrides, aspect_data):
     assert "(the largest: 64 x 64 px" in dataset.report.summary()
     items = [dataset[i] for i in range(len(SIZES))]
     for item, size in zip(items, SIZES, strict=True):
-        assert item["image_sizes"] == [size]
+        assert item["media"] == [Media("image", size)]
         assert int((item["input_ids"] == -200).sum()) == layout.num_tokens(size)
         assert item["pixel_values"].shape[0] == layout.num_tiles(size)
     assert len({layout.num_tokens(size) for size in SIZES}) > 2
@@ -186,7 +187,7 @@ def test_hf_llava_next_export_matches_our_logits_and_answers(anyres_run, aspect_
     torch.testing.assert_close(inputs["pixel_values"][0], pixels, rtol=0, atol=1e-5)
     with torch.no_grad():
         theirs = model(**inputs).logits[0]
-        mine = ours.model.logits(torch.tensor([expanded]), pixels, image_sizes=[size])[0]
+        mine = ours.model.logits(torch.tensor([expanded]), pixels, media=[Media("image", size)])[0]
     torch.testing.assert_close(theirs[:, : mine.shape[-1]], mine, rtol=1e-4, atol=1e-4)
     generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     answer = processor.decode(generated[0, len(hf_ids):], skip_special_tokens=True).strip()

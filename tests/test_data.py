@@ -64,7 +64,7 @@ def test_read_shapes_finetune(shapes_data):
     raw = json.loads((shapes_data / "finetune.json").read_text())[0]
     first = result.records[0]
     assert first == {
-        "id": raw["id"], "images": [raw["image"]],
+        "id": raw["id"], "images": [raw["image"]], "kinds": ["image"],
         "messages": [{"role": "user", "content": raw["conversations"][0]["value"]},
                      {"role": "assistant", "content": raw["conversations"][1]["value"]}],
     }

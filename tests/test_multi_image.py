@@ -47,9 +47,9 @@ def seen(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     calls = []
     original = LlavaModel.input_embeddings
 
-    def spy(self, input_ids, pixel_values=None, image_features=None, image_sizes=None):
+    def spy(self, input_ids, pixel_values=None, image_features=None, media=None):
         calls.append((input_ids.clone(), None if pixel_values is None else pixel_values.clone()))
-        return original(self, input_ids, pixel_values, image_features, image_sizes)
+        return original(self, input_ids, pixel_values, image_features, media)
 
     monkeypatch.setattr(LlavaModel, "input_embeddings", spy)
     return calls

@@ -55,15 +55,16 @@ def build_tower(config: ModelConfig) -> VisionTower:
     return VisionTower(create_open_clip(v.name, v.pretrained, v.config_file), v.feature_layer)
 
 
-def image_layout(config: ModelConfig, tower: VisionTower) -> ImageLayout:
-    """How the config's images become tokens for `tower` (models/anyres.py)."""
+def image_layout(config: Config, tower: VisionTower) -> ImageLayout:
+    """How the config's images and videos become tokens for `tower` (models/anyres.py)."""
+    model = config.model
     grids: tuple = ()
-    if config.image_aspect == "anyres":
-        limit = config.anyres.max_tiles
-        grids = tuple((r, c) for r, c in config.anyres.grid_pinpoints if limit is None or r * c <= limit)
-    side = tower.base.grid_size[0]
-    return ImageLayout(tile=tower.image_size, patches=side, grids=grids,
-                       pool_max=config.anyres.pool_max if grids else None)
+    if model.image_aspect == "anyres":
+        limit = model.anyres.max_tiles
+        grids = tuple((r, c) for r, c in model.anyres.grid_pinpoints if limit is None or r * c <= limit)
+    return ImageLayout(tile=tower.image_size, patches=tower.base.grid_size[0], grids=grids,
+                       pool_max=model.anyres.pool_max if grids else None,
+                       video_frames=config.data.video_frames, video_pool=model.video_pool)
 
 
 def build_model(config: Config, llm_path: Path, quantization: str | None,
@@ -75,7 +76,7 @@ def build_model(config: Config, llm_path: Path, quantization: str | None,
     vision = projector = processor = layout = None
     if STAGES[config.stage].vision:
         vision = build_tower(config.model)
-        layout = image_layout(config.model, vision)
+        layout = image_layout(config, vision)
         projector = Projector(vision.hidden_size, llm.config.hidden_size,
                               config.model.projector_depth, newline=layout.anyres)
         device = llm.get_input_embeddings().weight.device

@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--image", action="append", metavar="PATH",
                    help="image to talk about; repeat for several (all go with the first "
                    "question, in this order)")
+    p.add_argument("--video", action="append", metavar="PATH",
+                   help="video (a file, or a folder of frames) to talk about, sampled to the "
+                   "run's data.video_frames; repeat for several (after the images)")
     p.add_argument("--question", help="answer this one question and exit")
     p.add_argument("--system", help="system prompt (default: the run's)")
     add_sampling_arguments(p)
@@ -50,6 +53,7 @@ def add_parser(sub) -> None:
 
 CHAT_HELP = """commands:
   /image PATH   add an image to the conversation (it goes with the next question)
+  /video PATH   add a video (a file or a folder of frames), as /image
   /reset        start a new conversation, without images
   /system TEXT  set the system prompt (empty TEXT clears it)
   /help         this list
@@ -114,13 +118,14 @@ def _chat_command(session, line: str) -> bool:
     argument = argument.strip()
     if command in ("/exit", "/quit"):
         return False
-    if command == "/image":
+    if command in ("/image", "/video"):
+        what = command[1:]
         if not argument:
-            raise UserError("/image needs a path: /image PATH")
-        session.attach_image(argument)
+            raise UserError(f"{command} needs a path: {command} PATH")
+        (session.attach_video if what == "video" else session.attach_image)(argument)
         pending = len(session.pending_images)
-        goes = "it goes" if pending == 1 else f"{pending} images go"
-        print(f"(image {argument} added; {goes} with the next question)", file=sys.stderr)
+        goes = "it goes" if pending == 1 else f"{pending} images or videos go"
+        print(f"({what} {argument} added; {goes} with the next question)", file=sys.stderr)
     elif command == "/reset":
         session.reset()
         print("(new conversation, no images)", file=sys.stderr)
@@ -191,18 +196,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     interactive = args.question is None and sys.stdin.isatty()
     images = args.image or []
+    videos = args.video or []
     if not interactive:
         for path in images:
             load_image(path)  # a typo should not wait for a 7B model to load
+        for path in videos:
+            if not Path(path).exists():
+                raise UserError(f"video {path} not found")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     bits = {None: True, 4: "4bit", 8: "8bit"}[args.bits]
     bundle = load_model(args.model, base=args.base, quantization=bits)
     session = ChatSession(bundle, system=args.system or bundle.template.default_system,
                           settings=generation_settings(args))
-    for path in images:
+    # Images first, then videos: each kind in the order given.
+    for attach, path in [(session.attach_image, p) for p in images] + [
+            (session.attach_video, p) for p in videos]:
         try:
-            session.attach_image(path)
+            attach(path)
         except UserError as err:
             if not interactive:
                 raise

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from llava_tune.constants import IGNORE_INDEX
+from llava_tune.models.anyres import Media
 
 
 @dataclass
@@ -30,8 +31,9 @@ class Batch:
     """[P, 3, S, S], every image of the batch in order of its slots (its tiles in turn)"""
     image_features: torch.Tensor | None = None
     """[P, N, Dv], the tower's features from a feature cache, instead of pixels"""
-    image_sizes: list[tuple[int, int]] | None = None
-    """(height, width) of each image, for anyres (it stays on the host)"""
+    media: list[Media] | None = None
+    """What each image or video is (its size, its frames), for anyres and videos (it stays
+    on the host)"""
     num_tokens: int = 0
     """Real (unpadded) tokens."""
     num_label_tokens: int = 0
@@ -45,8 +47,8 @@ class Batch:
     def model_inputs(self) -> dict[str, torch.Tensor | list]:
         inputs = {name: getattr(self, name) for name in self._TENSORS
                   if getattr(self, name) is not None}
-        if self.image_sizes is not None:
-            inputs["image_sizes"] = self.image_sizes
+        if self.media is not None:
+            inputs["media"] = self.media
         return inputs
 
     def to(self, device, non_blocking: bool = False) -> Batch:
@@ -95,9 +97,9 @@ class Collator:
             images = [item[key] for item in items if key in item]
             if images:
                 setattr(batch, key, torch.cat(images))
-        sizes = [size for item in items for size in item.get("image_sizes", [])]
-        if sizes:
-            batch.image_sizes = sizes
+        media = [m for item in items for m in item.get("media", [])]
+        if media:
+            batch.media = media
         if packed:
             batch.position_ids = positions
         else:

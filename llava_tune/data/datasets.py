@@ -18,8 +18,9 @@ from llava_tune.data.image import ImageProcessor, image_size, load_image
 from llava_tune.data.segments import ENCODING_VERSION
 from llava_tune.data.template import ChatTemplate, expand_image_slots
 from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, TRUNCATED, USABLE, tokenize_record
+from llava_tune.data.video import VIDEO_SUFFIXES, load_video
 from llava_tune.errors import UserError
-from llava_tune.models.anyres import ImageLayout
+from llava_tune.models.anyres import ImageLayout, Media
 
 
 @dataclass
@@ -69,8 +70,8 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 class ConversationDataset(torch.utils.data.Dataset):
     """Items are {"id", "input_ids" [T], "labels" [T], and "pixel_values" [P, 3, S, S] or
-    "image_features" [P, N, Dv] (from a feature cache; P: every image's tiles in turn, one per
-    image for pad) with "image_sizes" [(height, width)] per image, or no image keys}.
+    "image_features" [P, N, Dv] (from a feature cache; P: every item's tiles or frames in
+    turn, one per pad image) with "media" [models.anyres.Media] per item, or no image keys}.
 
     Each `<image>` becomes as many IMAGE_TOKEN_INDEX slots as `layout` gives that image (the
     tokenizer must know `<image>`: see template.add_image_token); anyres counts them from each
@@ -132,7 +133,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             else:
                 self.report.skip(status, f"{self.file} id {record_id!r}: {status}")
         self.table = table.select(keep_rows).remove_columns(["messages", "status"])
-        self.table.set_format(columns=["id", "images", "image_sizes", "image_tokens",
+        self.table.set_format(columns=["id", "images", "kinds", "image_sizes", "image_tokens",
                                        "input_ids", "labels"])
         self.report.kept = len(self.table)
         if self.report.kept == 0:
@@ -187,26 +188,34 @@ class ConversationDataset(torch.utils.data.Dataset):
         return f"data.max_length={max_length} is too small: the samples take {span} tokens{images}. {fix}"
 
     def _image_problem(self, record: dict) -> str | None:
-        """Why the record's images cannot be used, or None; sets its "image_sizes" (anyres:
-        (height, width) from each header) and "image_tokens" (slots per image)."""
+        """Why the record's images (or videos) cannot be used, or None; sets its
+        "image_sizes" (anyres images: (height, width) from each header, else (0, 0)) and
+        "image_tokens" (slots per item)."""
         record["image_sizes"], record["image_tokens"] = [], []
         if not record["images"]:
             return None
         if self.image_folder is None or self.image_processor is None or self.layout is None:
             return "has an image, but this stage has no vision tower (or no image folder is set)"
-        for image in record["images"]:
+        for image, kind in zip(record["images"], record["kinds"], strict=True):
             path = self.image_folder / image
+            if kind == "video":
+                if not path.exists():
+                    return (f"video {image!r} not found under image folder "
+                            f"{self.image_folder}; check data.image_folder / --image-folder")
+                record["image_sizes"].append([0, 0])
+                record["image_tokens"].append(self.layout.video_tokens())
+                continue
             if not path.is_file():
                 return (f"image {image!r} not found under image folder {self.image_folder}; "
                         "check data.image_folder / --image-folder")
-            size = None
+            size = (0, 0)
             if self.layout.anyres:
                 try:
                     size = image_size(path)
                 except UserError as err:
                     return str(err)
-                record["image_sizes"].append(list(size))
                 self.report.scaled_down += self.layout.scales_down(size)
+            record["image_sizes"].append(list(size))
             record["image_tokens"].append(self.layout.num_tokens(size))
         return None
 
@@ -224,10 +233,17 @@ class ConversationDataset(torch.utils.data.Dataset):
         return [bool(images) for images in self.table["images"]]
 
     def image_paths(self) -> list[Path]:
-        """Every distinct image the kept samples use, in first-use order."""
+        """Every distinct image or video the kept samples use, in first-use order."""
         seen = dict.fromkeys(self.image_folder / image for images in self.table["images"]
                              for image in images)
         return list(seen)
+
+    def tower_inputs(self, path: Path) -> torch.Tensor:
+        """[P, 3, S, S]: an image's square or tiles, or a video's frames (by what `path` is:
+        a file of video frames is a video, like a folder)."""
+        if path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES:
+            return self.image_processor.frames(load_video(path, self.layout.video_frames))
+        return self.image_processor(load_image(path))
 
     def __getitem__(self, index: int) -> dict:
         row = self.table[index]
@@ -240,12 +256,12 @@ class ConversationDataset(torch.utils.data.Dataset):
                 if self.feature_cache is not None:
                     item["image_features"] = torch.cat([self.feature_cache.load(p) for p in paths])
                 else:
-                    item["pixel_values"] = torch.cat(
-                        [self.image_processor(load_image(p)) for p in paths])
+                    item["pixel_values"] = torch.cat([self.tower_inputs(p) for p in paths])
             except UserError as err:
                 return {"id": row["id"], "error": str(err)}
-            if row["image_sizes"]:
-                item["image_sizes"] = [tuple(size) for size in row["image_sizes"]]
+            item["media"] = [
+                Media(kind, tuple(size), self.layout.video_frames if kind == "video" else 0)
+                for kind, size in zip(row["kinds"], row["image_sizes"], strict=True)]
         return item
 
 
@@ -297,7 +313,7 @@ class PackedDataset(torch.utils.data.Dataset):
             images = [item[key] for item in good if key in item]
             if images:
                 row[key] = torch.cat(images)
-        sizes = [size for item in good for size in item.get("image_sizes", [])]
-        if sizes:
-            row["image_sizes"] = sizes
+        media = [m for item in good for m in item.get("media", [])]
+        if media:
+            row["media"] = media
         return row

@@ -90,12 +90,20 @@ class FeatureCache:
         return out
 
     @torch.no_grad()
-    def fill(self, images: list[Path], tower: torch.nn.Module, processor: ImageProcessor,
+    def fill(self, images: list[Path], tower: torch.nn.Module,
+             inputs: ImageProcessor | Callable[[Path], torch.Tensor],
              batch_size: int = 32, on_progress: Callable[[int, int], None] = lambda d, t: None,
              on_skip: Callable[[Path, str], None] = lambda p, why: None) -> int:
-        """Compute and store the features of every image without a readable entry; returns
-        how many were computed. An image that cannot be read is left out (its samples are
-        skipped when loaded)."""
+        """Compute and store the features of every image (or video) without a readable
+        entry; returns how many were computed. `inputs` makes a file's tower inputs
+        [P, 3, S, S] (an ImageProcessor: the image's). An image that cannot be read is left
+        out (its samples are skipped when loaded)."""
+        if isinstance(inputs, ImageProcessor):
+            processor = inputs
+
+            def inputs(path: Path) -> torch.Tensor:
+                return processor(load_image(path))
+
         todo = self.missing(images)
         device = next(tower.parameters()).device
         done = 0
@@ -103,7 +111,7 @@ class FeatureCache:
             chunk, pixels = [], []
             for image in todo[start:start + batch_size]:
                 try:
-                    pixels.append(processor(load_image(image)))  # [P, 3, S, S]
+                    pixels.append(inputs(image))  # [P, 3, S, S]
                     chunk.append(image)
                 except UserError as err:
                     on_skip(image, str(err))

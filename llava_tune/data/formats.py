@@ -1,6 +1,9 @@
 """Read conversation files (LLaVA/ShareGPT, OpenAI, XTuner, Alpaca) into one record form.
 
-A record is `{"id": str, "images": [relative paths], "messages": [{"role", "content"}]}`.
+A record is `{"id": str, "images": [relative paths], "kinds": ["image" | "video", ...],
+"messages": [{"role", "content"}]}`: `images` lists every visual item in the order of its
+marker, and a `<video>` marker becomes an `<image>` marker whose item is a video (a file or
+a folder of frames; `kinds` says which), so one slot token and one template serve both.
 Each reader checks every record and reports what is wrong with its position in the file, so
 a bad record can be skipped and counted, or the whole file refused with the fix.
 """
@@ -8,10 +11,11 @@ a bad record can be skipped and counted, or the whole file refused with the fix.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_tune.constants import IMAGE_TOKEN
+from llava_tune.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from llava_tune.data.template import Message, check_roles
 from llava_tune.errors import UserError
 
@@ -121,6 +125,31 @@ def _images(raw: dict) -> list[str]:
     return images
 
 
+def _videos(raw: dict) -> list[str]:
+    video = raw.get("video", raw.get("videos"))
+    videos = [] if video is None else [video] if isinstance(video, str) else video
+    if not isinstance(videos, list) or not all(isinstance(v, str) and v for v in videos):
+        raise ValueError(f"'video' is {video!r}; give a video file (or a folder of frames) "
+                         "relative to the image folder, or a list of them")
+    return videos
+
+
+def merge_media(messages: list[Message], images: list[str],
+                videos: list[str]) -> tuple[list[Message], list[str], list[str]]:
+    """`<image>` and `<video>` markers in text order -> (messages with `<image>` markers
+    only, every item in marker order, each item's kind). Counts must already match."""
+    image_items, video_items = iter(images), iter(videos)
+    items, kinds, out = [], [], []
+    for message in messages:
+        for marker in re.findall(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}",
+                                 message["content"]):
+            video = marker == VIDEO_TOKEN
+            items.append(next(video_items if video else image_items))
+            kinds.append("video" if video else "image")
+        out.append({**message, "content": message["content"].replace(VIDEO_TOKEN, IMAGE_TOKEN)})
+    return out, items, kinds
+
+
 def _text(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{what} is not a string")
@@ -213,9 +242,9 @@ def detect_format(path: Path, raws: list[object]) -> str:
                     f"\"value\": ...}}, {{\"from\": \"gpt\", \"value\": ...}}]}}")
 
 
-def check_record(record: dict) -> None:
+def check_record(record: dict, videos: list[str] = ()) -> None:
     """Raise ValueError unless the record can train: roles in order, an answer, and as many
-    `<image>` markers as images."""
+    `<image>` markers as images and `<video>` markers as videos."""
     messages = record["messages"]
     check_roles(messages)
     if not any(m["role"] == "assistant" for m in messages):
@@ -226,6 +255,12 @@ def check_record(record: dict) -> None:
         raise ValueError(
             f"has {markers} {IMAGE_TOKEN} marker(s) but {len(record['images'])} image(s); "
             f"put one {IMAGE_TOKEN} in the text per image"
+        )
+    markers = sum(m["content"].count(VIDEO_TOKEN) for m in messages)
+    if markers != len(videos):
+        raise ValueError(
+            f"has {markers} {VIDEO_TOKEN} marker(s) but {len(videos)} video(s); put one "
+            f"{VIDEO_TOKEN} in the text per video ('video': a file or a folder of frames)"
         )
 
 
@@ -245,7 +280,10 @@ def read_conversations(path: str | Path) -> ReadResult:
                 raise ValueError("is not a JSON object")
             record = {"id": str(raw.get("id", index)), "images": _images(raw),
                       "messages": read_messages(raw)}
-            check_record(record)
+            videos = _videos(raw)
+            check_record(record, videos)
+            record["messages"], record["images"], record["kinds"] = merge_media(
+                record["messages"], record["images"], videos)
         except ValueError as err:
             result.problems.append(Problem(path, index, record_id, str(err)))
             continue

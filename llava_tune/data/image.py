@@ -72,6 +72,13 @@ class ImageProcessor:
             return self._normalize(square.resize((self.size, self.size), Image.Resampling.BICUBIC))[None]
         return torch.stack([self._normalize(tile) for tile in self.tiles(image)])
 
+    def frames(self, frames: list[Image.Image]) -> torch.Tensor:
+        """A video's frames -> [F, 3, size, size], each squashed to the square (as OneVision's
+        video processor does: no padding, no tiles)."""
+        size = (self.size, self.size)
+        return torch.stack([self._normalize(frame.convert("RGB").resize(
+            size, Image.Resampling.BICUBIC)) for frame in frames])
+
     def tiles(self, image: Image.Image) -> list[Image.Image]:
         """anyres: the image squashed to one tile (the overview), then its best grid's tiles.
         The grid's canvas holds the image resized to fit, centered on black (LLaVA-NeXT's and

@@ -9,6 +9,7 @@ from llava_tune.assembly.model import ModelBundle
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.image import load_image
 from llava_tune.data.template import Message
+from llava_tune.data.video import load_video
 from llava_tune.errors import UserError
 from llava_tune.inference.generate import GenerationSettings, LoopStop, generate
 
@@ -33,7 +34,8 @@ class ChatSession:
         self.system = system
         self.settings = settings or GenerationSettings()
         self.images: list = []
-        """The conversation's images (PIL), in the order of their markers."""
+        """The conversation's images (PIL; a video: its frames, a list), in the order of
+        their markers."""
         self.image_paths: list[Path] = []
         """Where each of `images` came from."""
         self.asked = 0
@@ -69,6 +71,18 @@ class ChatSession:
         if new:
             self.reset()
         self.images.append(image)
+        self.image_paths.append(Path(path))
+
+    def attach_video(self, path: str | Path, new: bool = False) -> None:
+        """Add a video (a file, or a folder of frames) as attach_image adds an image: its
+        frames, as many as the model reads (data.video_frames), go with the next question.
+        A video that does not decode, or has too few frames, raises UserError naming it."""
+        if not self.has_vision:
+            raise UserError("this model has no vision tower; it chats about text only")
+        frames = load_video(path, self.bundle.model.layout.video_frames)
+        if new:
+            self.reset()
+        self.images.append(frames)
         self.image_paths.append(Path(path))
 
     def reset(self) -> None:

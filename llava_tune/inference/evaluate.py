@@ -14,6 +14,7 @@ from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.formats import read_conversations
 from llava_tune.data.image import load_image
 from llava_tune.data.template import Message
+from llava_tune.data.video import load_video
 from llava_tune.errors import UserError
 from llava_tune.inference.generate import (
     GenerationSettings,
@@ -34,6 +35,8 @@ class EvalItem:
     answer: str
     turn: int = 1
     """Which answer of its conversation this is (1 = the first): a follow-up is turn 2."""
+    kinds: list[str] = field(default_factory=list)
+    """"image" or "video", for each of `images`."""
 
 
 @dataclass
@@ -82,7 +85,15 @@ def eval_items(records: list[dict]) -> Iterator[EvalItem]:
                 if i > 0:
                     markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages[:i])
                     yield EvalItem(record["id"], record["images"][:markers], messages[:i],
-                                   message["content"], turn)
+                                   message["content"], turn,
+                                   record.get("kinds", ["image"] * markers)[:markers])
+
+
+def load_visual(path: Path, kind: str, bundle: ModelBundle):
+    """An image, or a video's frames as many as the model reads (data.video_frames)."""
+    if kind == "video":
+        return load_video(path, bundle.model.layout.video_frames)
+    return load_image(path)
 
 
 def check_output(path: str | os.PathLike | None, what: str) -> None:
@@ -127,10 +138,17 @@ def evaluate(bundle: ModelBundle, data: str | os.PathLike, image_folder: str | o
     sink = open(partial, "w", encoding="utf-8") if partial is not None else None
     try:
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            answers = generate_batch(bundle, [
-                (item.messages, [load_image(folder / name) for name in item.images])
-                for item in chunk], settings)
+            chunk, conversations = [], []
+            for item in items[start:start + batch_size]:
+                try:
+                    visuals = [load_visual(folder / name, kind, bundle)
+                               for name, kind in zip(item.images, item.kinds, strict=True)]
+                except UserError as err:  # one unreadable image or video: that question only
+                    on_skip(f"{data} id {item.record_id!r} (answer {item.turn}): {err}")
+                    continue
+                chunk.append(item)
+                conversations.append((item.messages, visuals))
+            answers = generate_batch(bundle, conversations, settings) if chunk else []
             for item, prediction in zip(chunk, answers, strict=True):
                 question = strip_image_markers(item.messages[-1]["content"])
                 hit = normalize_answer(prediction) == normalize_answer(item.answer)

@@ -14,6 +14,7 @@ from llava_tune.assembly.model import ModelBundle
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.template import Message, add_image_token, expand_image_slots
 from llava_tune.errors import UserError
+from llava_tune.models.anyres import Media
 
 LOOP_MIN_REPEATS = 4
 LOOP_MIN_TOKENS = 16
@@ -72,22 +73,37 @@ class Prompt:
     ids: list[int]
     """Prompt ids with every image's slots expanded."""
     pixels: torch.Tensor | None = None
-    """[P, 3, S, S]: the images' tower inputs (their tiles in turn), or None."""
-    sizes: list[tuple[int, int]] = field(default_factory=list)
-    """(height, width) of each image."""
+    """[P, 3, S, S]: the items' tower inputs (tiles or frames in turn), or None."""
+    media: list[Media] = field(default_factory=list)
+    """What each item is (models/anyres.py)."""
 
 
-def _prompt(bundle: ModelBundle, messages: list[Message], images) -> Prompt:
+Visual = Image.Image | list[Image.Image]
+"""An image, or a video as its frames (data/video.py's load_video)."""
+
+
+def _prompt(bundle: ModelBundle, messages: list[Message], images: list[Visual]) -> Prompt:
     ids = bundle.template.prompt_ids(messages, bundle.tokenizer)
     if not images:
         return Prompt(ids)
     image_id = add_image_token(bundle.tokenizer)
-    sizes = [(image.height, image.width) for image in images]
     layout = bundle.model.layout
-    counts = ([layout.num_tokens(size) for size in sizes] if layout is not None
-              else bundle.model.vision.num_patches)
+    if layout is None:  # an export read back without a layout: pad squares
+        ids, _ = expand_image_slots(ids, None, image_id, bundle.model.vision.num_patches)
+        return Prompt(ids, torch.cat([bundle.image_processor(image) for image in images]))
+    media = [Media("video", frames=len(item)) if isinstance(item, list)
+             else Media("image", (item.height, item.width)) for item in images]
+    for item in media:
+        if item.kind == "video" and item.frames != layout.video_frames:
+            raise UserError(f"a video of {item.frames} frames; this model reads "
+                            f"{layout.video_frames} (data.video_frames)")
+    # A pad image takes the tower's own count (an export's tower may keep its CLS token).
+    counts = [layout.tokens(m) if m.kind == "video" or layout.anyres
+              else bundle.model.vision.num_patches for m in media]
     ids, _ = expand_image_slots(ids, None, image_id, counts)
-    return Prompt(ids, torch.cat([bundle.image_processor(image) for image in images]), sizes)
+    pixels = torch.cat([bundle.image_processor.frames(item) if isinstance(item, list)
+                        else bundle.image_processor(item) for item in images])
+    return Prompt(ids, pixels, media)
 
 
 def _sampling(settings: GenerationSettings) -> dict:
@@ -150,8 +166,9 @@ def generate_batch(bundle: ModelBundle, conversations: list[Conversation],
     mask = torch.tensor([[0] * (length - len(p.ids)) + [1] * len(p.ids) for p in prompts],
                         device=device)
     pixels = [p.pixels for p in prompts if p.pixels is not None]
+    media = [m for p in prompts for m in p.media]
     embeds = model.input_embeddings(input_ids, torch.cat(pixels).to(device) if pixels else None,
-                                    image_sizes=[size for p in prompts for size in p.sizes])
+                                    media=media or None)
     output = model.llm.generate(
         inputs_embeds=embeds, attention_mask=mask, eos_token_id=stop_token_ids(bundle),
         pad_token_id=pad, streamer=streamer,

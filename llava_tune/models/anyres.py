@@ -13,6 +13,10 @@ anyres, as LLaVA-NeXT does it (and transformers' LlavaNext, which an export must
 4. OneVision caps the map (`anyres_max_N`): over 1.1 x N tiles' worth of features, it is
    pooled (bilinear) down to about N tiles' worth (`pool_max`).
 
+A video is `video_frames` frames, each one square tower input whose P x P features are pooled
+(bilinear, OneVision's 2 x 2) to ceil(P / 2) x ceil(P / 2); the frames' tokens follow each
+other, and an anyres model ends them with one `image_newline` (as OneVision does).
+
 All geometry is integer arithmetic on (height, width) pairs, so the dataset can count an
 image's tokens from its header before any pixel is decoded.
 """
@@ -84,6 +88,16 @@ def pooled_size(size: Size, patches: int, pool_max: int | None) -> Size:
 
 
 @dataclass(frozen=True)
+class Media:
+    """One visual item of a sample, as the model needs to know it: an image of `size`
+    (height, width; (0, 0) when pad does not need it) or a video of `frames` frames."""
+
+    kind: str = "image"
+    size: Size = (0, 0)
+    frames: int = 0
+
+
+@dataclass(frozen=True)
 class ImageLayout:
     """How images become tokens for one tower: its input side `tile` (pixels) and `patches`
     per side; `grids` (rows, cols) empty means `pad` (one square, patches^2 tokens)."""
@@ -93,6 +107,10 @@ class ImageLayout:
     grids: tuple[Size, ...] = ()
     pool_max: int | None = None
     """OneVision's anyres_max_N (None: never pooled)."""
+    video_frames: int = 8
+    """Frames sampled from each video (data.video_frames)."""
+    video_pool: int = 2
+    """Each frame's feature map is pooled by this factor per side (model.video_pool)."""
 
     @property
     def anyres(self) -> bool:
@@ -131,6 +149,20 @@ class ImageLayout:
         size = unpadded_size(image, (rows * self.patches, cols * self.patches))
         return pooled_size(size, self.patches, self.pool_max)
 
+    def video_tokens(self) -> int:
+        """Tokens a video takes: its frames' pooled maps, plus the newline that ends them
+        (anyres models, which have one)."""
+        side = math.ceil(self.patches / self.video_pool)
+        return self.video_frames * side * side + int(self.anyres)
+
+    def inputs(self, media: Media) -> int:
+        """Tower inputs of one item: its tiles, or its frames."""
+        return media.frames if media.kind == "video" else self.num_tiles(media.size)
+
+    def tokens(self, media: Media) -> int:
+        """Tokens of one item in the LLM's input."""
+        return self.video_tokens() if media.kind == "video" else self.num_tokens(media.size)
+
     def num_tokens(self, image: Size | None = None) -> int:
         """Tokens an image of size (height, width) takes in the LLM's input."""
         base = self.patches**2
@@ -163,3 +195,19 @@ def pack_features(features: torch.Tensor, image: Size, layout: ImageLayout,
     ends = newline.to(grid.dtype)[:, None, None].expand(dim, grid.shape[1], 1)
     grid = torch.cat([grid, ends], dim=2).flatten(1).transpose(0, 1)
     return torch.cat([overview, grid])
+
+
+def pool_frames(features: torch.Tensor, layout: ImageLayout,
+                newline: torch.Tensor | None) -> torch.Tensor:
+    """A video's projected features [F, P*P, D] -> its tokens [layout.video_tokens(), D]:
+    each frame's map pooled bilinearly to ceil(P / video_pool) per side, the frames in turn,
+    then `newline` (when the model has one)."""
+    frames, _, dim = features.shape
+    p = layout.patches
+    side = math.ceil(p / layout.video_pool)
+    maps = features.view(frames, p, p, dim).permute(0, 3, 1, 2)
+    pooled = F.interpolate(maps, size=[side, side], mode="bilinear")
+    tokens = pooled.permute(0, 2, 3, 1).reshape(frames * side * side, dim)
+    if newline is None:
+        return tokens
+    return torch.cat([tokens, newline.to(tokens.dtype)[None]])

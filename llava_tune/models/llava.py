@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from llava_tune.constants import IMAGE_TOKEN_INDEX
-from llava_tune.models.anyres import ImageLayout, Size, pack_features
+from llava_tune.models.anyres import ImageLayout, Media, pack_features, pool_frames
 from llava_tune.models.loss import lm_loss_sum
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
@@ -66,27 +66,35 @@ class LlavaModel(nn.Module):
         self.layout = layout
 
     def encode_images(self, pixel_values: torch.Tensor,
-                      image_sizes: list[Size] | None = None) -> torch.Tensor:
-        """Tower inputs [T, 3, S, S] (each image's tiles in turn) -> its tokens [M, D_llm]."""
-        return self.image_tokens(self.vision(pixel_values), image_sizes)
+                      media: list[Media] | None = None) -> torch.Tensor:
+        """Tower inputs [T, 3, S, S] (each item's tiles or frames in turn) -> the items'
+        tokens [M, D_llm]."""
+        return self.image_tokens(self.vision(pixel_values), media)
 
     def image_tokens(self, features: torch.Tensor,
-                     image_sizes: list[Size] | None = None) -> torch.Tensor:
-        """Tower features [T, N, Dv] of every tile of every image -> the images' tokens
-        [M, D_llm] in order: N per image for pad; anyres packs each image's tiles
-        (models/anyres.py), which needs each image's (height, width) in `image_sizes`."""
+                     media: list[Media] | None = None) -> torch.Tensor:
+        """Tower features [T, N, Dv] of every tile or frame of every item -> the items'
+        tokens [M, D_llm] in order (models/anyres.py): N per pad image; anyres packs each
+        image's tiles, which needs its size; a video's frames are pooled. `media` describes
+        the items (None: pad images only)."""
         projected = self.project(features)
-        if self.layout is None or not self.layout.anyres:
+        if media is None or (self.layout is None or not self.layout.anyres) and all(
+                m.kind == "image" for m in media):
             return projected.flatten(0, 1)
-        if image_sizes is None:
-            raise ValueError("anyres images need their sizes (image_sizes)")
-        counts = [self.layout.num_tiles(size) for size in image_sizes]
+        counts = [self.layout.inputs(m) for m in media]
         if sum(counts) != projected.shape[0]:
-            raise ValueError(f"{len(image_sizes)} images take {sum(counts)} tiles, but "
-                             f"{projected.shape[0]} tiles were given")
+            raise ValueError(f"{len(media)} images or videos take {sum(counts)} tower inputs, "
+                             f"but {projected.shape[0]} were given")
         newline = self.projector.image_newline
-        return torch.cat([pack_features(chunk, size, self.layout, newline) for chunk, size in
-                          zip(projected.split(counts), image_sizes, strict=True)])
+        tokens = []
+        for chunk, item in zip(projected.split(counts), media, strict=True):
+            if item.kind == "video":
+                tokens.append(pool_frames(chunk, self.layout, newline))
+            elif self.layout.anyres:
+                tokens.append(pack_features(chunk, item.size, self.layout, newline))
+            else:
+                tokens.append(chunk.flatten(0, 1))
+        return torch.cat(tokens)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Tower features [I, N, Dv] (maybe cached, maybe fp16) -> [I, N, D_llm]."""
@@ -95,11 +103,11 @@ class LlavaModel(nn.Module):
 
     def input_embeddings(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None, image_sizes: list[Size] | None = None,
+        image_features: torch.Tensor | None = None, media: list[Media] | None = None,
     ) -> torch.Tensor:
         """[B, T] ids (IMAGE_TOKEN_INDEX in image slots) + images as pixels [T, 3, S, S] or as
-        the tower's features [T, N, Dv] (T: every image's tiles in turn, one each for pad) ->
-        input embeddings [B, T, D]. anyres images need `image_sizes` [(height, width)]."""
+        the tower's features [T, N, Dv] (T: every item's tiles or frames in turn, one per pad
+        image) -> input embeddings [B, T, D]. anyres images and videos need `media`."""
         embed = self.llm.get_input_embeddings()
         embeds = embed(input_ids.clamp(min=0))
         tokens = None
@@ -107,7 +115,7 @@ class LlavaModel(nn.Module):
             if self.projector is None:
                 raise ValueError("this model has no vision tower, but images were given")
             features = image_features if image_features is not None else self.vision(pixel_values)
-            tokens = self.image_tokens(features, image_sizes)
+            tokens = self.image_tokens(features, media)
         return merge_image_features(embeds, input_ids, tokens)
 
     def forward(
@@ -118,11 +126,11 @@ class LlavaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-        image_sizes: list[Size] | None = None,
+        media: list[Media] | None = None,
     ) -> LossSum:
         """Training forward: [B, T] ids and labels (+ images) -> summed loss over the label
         tokens (see models/loss.py; the LM head only sees positions that carry a label)."""
-        embeds = self.input_embeddings(input_ids, pixel_values, image_features, image_sizes)
+        embeds = self.input_embeddings(input_ids, pixel_values, image_features, media)
         causal_lm = _causal_lm(self.llm)
         hidden = causal_lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -132,7 +140,7 @@ class LlavaModel(nn.Module):
         return LossSum(loss_sum, count)
 
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-               image_sizes: list[Size] | None = None, **kwargs) -> torch.Tensor:
+               media: list[Media] | None = None, **kwargs) -> torch.Tensor:
         """[B, T] ids (+ images) -> logits [B, T, V] (inference and parity checks)."""
-        embeds = self.input_embeddings(input_ids, pixel_values, image_sizes=image_sizes)
+        embeds = self.input_embeddings(input_ids, pixel_values, media=media)
         return self.llm(inputs_embeds=embeds, use_cache=False, **kwargs).logits

@@ -258,7 +258,7 @@ def use_feature_cache(config: Config, bundle: ModelBundle, accelerator: Accelera
     if accelerator.is_main_process:
         images = list(dict.fromkeys(p for d in inner for p in d.image_paths()))
         bar = progress.Bar(len(images), desc="caching image features", unit="image")
-        computed = cache.fill(images, tower, bundle.image_processor, on_progress=bar.reached)
+        computed = cache.fill(images, tower, inner[0].tower_inputs, on_progress=bar.reached)
         bar.close()
     accelerator.wait_for_everyone()
     for dataset in inner:
