@@ -47,6 +47,9 @@ class AnyresConfig:
     pool_max: int | None = None
     """OneVision's anyres_max_N: the tiles' features are pooled (bilinear) down to about N
     tiles' worth when they hold more than 1.1 N (None: never)."""
+    multi_image: str = "tiles"
+    """A sample with several images: tiles for each (LLaVA-NeXT), or "square": each one
+    padded square plus a newline (LLaVA-OneVision; far fewer tokens)."""
 
 
 @dataclass
@@ -403,6 +406,8 @@ def _anyres_problems(model: ModelConfig) -> list[str]:
             r * c <= anyres.max_tiles for r, c in anyres.grid_pinpoints):
         errors.append(f"model.anyres.max_tiles={anyres.max_tiles} leaves none of the grids "
                       f"{anyres.grid_pinpoints}; raise it or add a smaller grid")
+    if anyres.multi_image not in ("tiles", "square"):
+        errors.append(f"model.anyres.multi_image={anyres.multi_image!r}; use tiles or square")
     for name in ("max_tiles", "pool_max"):
         value = getattr(anyres, name)
         if value is not None and value < 1:

@@ -9,6 +9,7 @@ a folder holding anything else is moved aside, never deleted.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -21,18 +22,19 @@ from llava_tune import rundir
 from llava_tune.assembly.model import (
     ModelBundle,
     build_tower,
+    image_layout,
     load_full_tower,
     load_run,
     recorded_base,
 )
-from llava_tune.convert.hf_llava import write_hf_llava
+from llava_tune.convert.hf_llava import check_kind, write_hf_llava
 from llava_tune.convert.internlm2 import remote_code_files, write_internlm2_checkpoint
 from llava_tune.convert.vision_lora import write_clip_tower
 from llava_tune.convert.xtuner import write_xtuner
 from llava_tune.errors import UserError
 from llava_tune.files import honour_umask
 
-FORMATS = ("llm", "internlm2", "hf-llava", "hf-llava-next", "xtuner")
+FORMATS = ("llm", "internlm2", "hf-llava", "hf-llava-next", "hf-llava-onevision", "xtuner")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 MARKER = "llava_tune_export.json"
 """Written into every export: which run, which format, which files (so --force knows what it
@@ -61,8 +63,9 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
     check_target(run_dir, out_dir, force)
     config = rundir.read_run_config(run_dir)
     rundir.check_complete(run_dir)
-    writers = {"llm": _write_llm, "internlm2": _write_internlm2, "hf-llava": _write_hf_llava,
-               "hf-llava-next": _write_hf_llava, "xtuner": _write_xtuner}
+    hf = functools.partial(_write_hf_llava, fmt=fmt)
+    writers = {"llm": _write_llm, "internlm2": _write_internlm2, "hf-llava": hf,
+               "hf-llava-next": hf, "hf-llava-onevision": hf, "xtuner": _write_xtuner}
     _check_format_holds(config, fmt)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Beside the target, so the final rename stays on one filesystem.
@@ -172,28 +175,29 @@ def _write_internlm2(run_dir: Path, folder: Path, base, config) -> list[str]:
 
 
 def _check_format_holds(config, fmt: str) -> None:
-    """Refuse, naming the format that fits, a format that cannot hold how the run reads images."""
+    """Refuse, before anything loads, a format that cannot hold how the run reads images
+    (naming the format that can)."""
     if config.stage == "sft" or fmt in ("llm", "internlm2"):
         return
-    aspect = config.model.image_aspect
-    if fmt == "hf-llava" and aspect == "anyres":
-        raise UserError("this run reads images as anyres tiles (model.image_aspect=anyres), "
-                        "which transformers' Llava cannot; export it with --format hf-llava-next")
-    if fmt == "hf-llava-next" and aspect != "anyres":
-        raise UserError(f"this run reads images with model.image_aspect={aspect}, LlavaNext "
-                        "tiles them; export it with --format hf-llava")
-    if fmt == "xtuner" and aspect == "anyres":
+    if fmt.startswith("hf-"):
+        check_kind(_hf_kind(fmt), image_layout(config))
+    if fmt == "xtuner" and config.model.image_aspect == "anyres":
         raise UserError("this run reads images as anyres tiles (model.image_aspect=anyres), "
                         "which XTuner's LLaVA cannot; export it with --format hf-llava-next")
 
 
-def _write_hf_llava(run_dir: Path, folder: Path, base, config) -> None:
+def _hf_kind(fmt: str) -> str:
+    """hf-llava-next -> llava_next: transformers' model_type (convert/hf_llava.py's KINDS)."""
+    return fmt.removeprefix("hf-").replace("-", "_")
+
+
+def _write_hf_llava(run_dir: Path, folder: Path, base, config, fmt: str) -> None:
     if config.stage == "sft":
         raise UserError(f"{run_dir} is a text-only run; export it with --format llm")
     bundle = merged_model(run_dir, base)
     model = bundle.model
     write_hf_llava(folder, model.llm, bundle.tokenizer, model.vision, model.projector,
-                   model.layout)
+                   model.layout, _hf_kind(fmt))
 
 
 def _write_xtuner(run_dir: Path, folder: Path, base, config) -> None:

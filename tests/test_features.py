@@ -57,7 +57,7 @@ def test_damaged_or_stale_entries_are_recomputed(tmp_path, tower_and_processor, 
         cache.load(images[0])
     assert not cache.entry(images[0]).exists()  # removed, so the next fill recomputes it
     os.utime(images[1], ns=(1, 1))  # the image changed: its old entry is not found
-    assert cache.missing(images) == images
+    assert cache.missing(images) == [(image, "image") for image in images]
     assert cache.fill(images, tower, processor) == 2
     # Other tower weights (or other image processing) are another key: other entries.
     with torch.no_grad():

@@ -55,16 +55,19 @@ def build_tower(config: ModelConfig) -> VisionTower:
     return VisionTower(create_open_clip(v.name, v.pretrained, v.config_file), v.feature_layer)
 
 
-def image_layout(config: Config, tower: VisionTower) -> ImageLayout:
-    """How the config's images and videos become tokens for `tower` (models/anyres.py)."""
+def image_layout(config: Config, tower: VisionTower | None = None) -> ImageLayout:
+    """How the config's images and videos become tokens for `tower` (models/anyres.py);
+    without a tower, the settings alone (its sizes 0), e.g. to check an export format."""
     model = config.model
     grids: tuple = ()
     if model.image_aspect == "anyres":
         limit = model.anyres.max_tiles
         grids = tuple((r, c) for r, c in model.anyres.grid_pinpoints if limit is None or r * c <= limit)
-    return ImageLayout(tile=tower.image_size, patches=tower.base.grid_size[0], grids=grids,
+    tile, patches = (tower.image_size, tower.base.grid_size[0]) if tower is not None else (0, 0)
+    return ImageLayout(tile=tile, patches=patches, grids=grids,
                        pool_max=model.anyres.pool_max if grids else None,
-                       video_frames=config.data.video_frames, video_pool=model.video_pool)
+                       video_frames=config.data.video_frames, video_pool=model.video_pool,
+                       multi_image=model.anyres.multi_image)
 
 
 def build_model(config: Config, llm_path: Path, quantization: str | None,

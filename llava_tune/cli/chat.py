@@ -124,7 +124,7 @@ def _chat_command(session, line: str) -> bool:
             raise UserError(f"{command} needs a path: {command} PATH")
         (session.attach_video if what == "video" else session.attach_image)(argument)
         pending = len(session.pending_images)
-        goes = "it goes" if pending == 1 else f"{pending} images or videos go"
+        goes = "it goes" if pending == 1 else f"{pending} images go"
         print(f"({what} {argument} added; {goes} with the next question)", file=sys.stderr)
     elif command == "/reset":
         session.reset()

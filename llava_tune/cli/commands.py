@@ -104,11 +104,14 @@ def add_export(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--format", required=True,
-                   choices=["llm", "internlm2", "hf-llava", "hf-llava-next", "xtuner"],
+                   choices=["llm", "internlm2", "hf-llava", "hf-llava-next", "hf-llava-onevision",
+                            "xtuner"],
                    help="llm: merged transformers checkpoint; internlm2: merged, InternLM2 "
                    "layout; hf-llava: the whole model as transformers LlavaForConditionalGeneration "
                    "+ AutoProcessor; hf-llava-next: the same for an anyres run, as "
-                   "LlavaNextForConditionalGeneration; xtuner: projector/ + llm_adapter/ (+ "
+                   "LlavaNextForConditionalGeneration; hf-llava-onevision: an anyres run with "
+                   "model.anyres.multi_image=square (several images, video) as "
+                   "LlavaOnevisionForConditionalGeneration; xtuner: projector/ + llm_adapter/ (+ "
                    "visual_encoder_adapter/) in XTuner's LLaVA layout")
     p.add_argument("--base", help="base LLM folder, when it moved since training")
     p.add_argument("--force", action="store_true",

@@ -1,5 +1,6 @@
-"""Export a run as a transformers `LlavaForConditionalGeneration` (pad) or
-`LlavaNextForConditionalGeneration` (anyres) + `AutoProcessor` folder, so plain transformers
+"""Export a run as a transformers `LlavaForConditionalGeneration` (pad),
+`LlavaNextForConditionalGeneration` or `LlavaOnevisionForConditionalGeneration` (anyres) +
+`AutoProcessor` folder, so plain transformers
 (and the servers that read its layout) answer as `llava-tune chat` does; and read such a
 folder back (`read_hf_llava`), so chat, eval and web take it too."""
 
@@ -21,6 +22,10 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     LlavaProcessor,
     PreTrainedModel,
 )
@@ -28,8 +33,11 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil,
 )
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
 
-from llava_tune.constants import IMAGE_TOKEN
+from llava_tune.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from llava_tune.convert.open_clip import hf_clip_vision_state_dict
 from llava_tune.data.template import internlm2_jinja
 from llava_tune.errors import UserError
@@ -41,50 +49,92 @@ from llava_tune.models.vision import VisionTower
 MODEL_TYPES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 """The folders read back: model_type in config.json -> the transformers class."""
 
+KINDS = ("llava", "llava_next", "llava_onevision")
+"""What write_hf_llava writes: transformers' Llava (pad), LlavaNext (anyres) or
+LlavaOnevision (anyres, several images as squares, videos)."""
+
+
+def check_kind(kind: str, layout: ImageLayout) -> None:
+    """Refuse, naming the setting, a run whose image reading `kind`'s model does not do."""
+    fmt = "hf-" + kind.replace("_", "-")
+    if kind == "llava":
+        if layout.anyres:
+            raise UserError("this run reads images as anyres tiles (model.image_aspect=anyres), "
+                            "which transformers' Llava cannot; export it with --format "
+                            "hf-llava-next or hf-llava-onevision")
+        return
+    if not layout.anyres:
+        raise UserError(f"this run reads images with model.image_aspect=pad, {fmt} tiles "
+                        "them; export it with --format hf-llava")
+    if kind == "llava_next":
+        if layout.pool_max is not None:
+            raise UserError("this run pools its tiles' features (model.anyres.pool_max, "
+                            "OneVision's anyres_max_N), which LlavaNext does not; export it "
+                            "with --format hf-llava-onevision")
+        if layout.multi_image != "tiles":
+            raise UserError("this run reads each of several images as one square "
+                            "(model.anyres.multi_image=square), LlavaNext tiles them; export it "
+                            "with --format hf-llava-onevision")
+        return
+    if layout.multi_image != "square":
+        raise UserError("LlavaOnevision reads each of several images as one square; this run "
+                        "tiles them (model.anyres.multi_image=tiles): export it with --format "
+                        "hf-llava-next, or train with model.anyres.multi_image=square")
+    if layout.video_pool != 2:
+        raise UserError(f"LlavaOnevision pools video frames 2 x 2; this run pools by "
+                        f"{layout.video_pool} (model.video_pool)")
+
 
 def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: Projector,
-                   layout: ImageLayout | None = None) -> None:
+                   layout: ImageLayout, kind: str = "llava") -> None:
     """Write into `folder` the tower (as a CLIPVisionModel, any LoRA merged), the projector
-    (`multi_modal_projector`), the merged full-precision `llm` and an `AutoProcessor`: a
-    Llava folder, or for an anyres `layout` a LlavaNext one (its grid pinpoints in pixels and
-    the `image_newline`).
+    (`multi_modal_projector`), the merged full-precision `llm` and an `AutoProcessor`, as
+    transformers' `kind` (KINDS): for anyres, its grid pinpoints in pixels and the
+    `image_newline`; for OneVision, `anyres_max_N` and a video processor too.
 
-    `<image>` becomes a real token: the LLM's vocabulary grows by one row (its embedding is
-    never read, image features replace it) and generation is told never to produce it.
+    `<image>` (and OneVision's `<video>`) become real tokens: the LLM's vocabulary grows (their
+    embeddings are never read, image features replace them) and generation is told never to
+    produce them.
     """
-    anyres = layout is not None and layout.anyres
-    if anyres and layout.pool_max is not None:
-        raise UserError("this run pools its tiles' features (model.anyres.pool_max, "
-                        "OneVision's anyres_max_N), which transformers' LlavaNext does not do; "
-                        "no export format llava-tune writes holds it yet")
+    check_kind(kind, layout)
     if projector.config["depth"] != 2:
         raise UserError("transformers' Llava projector is Linear-GELU-Linear; this run's "
                         f"projector has depth {projector.config['depth']}: export it with "
                         "--format xtuner instead")
     vision_config, vision_state = hf_clip_vision_state_dict(tower.base)
-
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if image_id >= llm.get_input_embeddings().weight.shape[0]:
-        llm.resize_token_embeddings(image_id + 1, mean_resizing=False)
+    onevision = kind == "llava_onevision"
+    markers = [IMAGE_TOKEN, VIDEO_TOKEN] if onevision else [IMAGE_TOKEN]
+    tokenizer.add_tokens([m for m in markers if m not in tokenizer.get_vocab()],
+                         special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(markers)
+    if max(ids) >= llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
 
     common = dict(
-        vision_config=vision_config, text_config=llm.config, image_token_id=image_id,
+        vision_config=vision_config, text_config=llm.config,
         # transformers indexes hidden_states, embeddings first: block p is hidden_states[p + 1].
         vision_feature_layer=tower.feature_layer if tower.feature_layer < 0
         else tower.feature_layer + 1, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu", multimodal_projector_bias=True,
-        image_seq_length=tower.num_patches, tie_word_embeddings=False,
+        projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False,
     )
-    if anyres:
-        pinpoints = [list(resolution) for resolution in layout.resolutions]
-        model = LlavaNextForConditionalGeneration(
-            LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)).to(torch.float32)
+    pinpoints = [list(resolution) for resolution in layout.resolutions]
+    # anyres_max_N with N the largest grid's tiles never pools: a run without pool_max.
+    anyres_max = f"anyres_max_{layout.pool_max or max(r * c for r, c in layout.grids or [(1, 1)])}"
+    if kind == "llava":
+        model = LlavaForConditionalGeneration(LlavaConfig(
+            **common, image_token_id=ids[0], image_seq_length=tower.num_patches))
+    elif kind == "llava_next":
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(
+            **common, image_token_id=ids[0], image_seq_length=tower.num_patches,
+            image_grid_pinpoints=pinpoints))
+    else:
+        model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+            **common, image_token_index=ids[0], video_token_index=ids[1],
+            image_grid_pinpoints=pinpoints, vision_aspect_ratio=anyres_max))
+    model = model.to(torch.float32)
+    if kind != "llava":
         with torch.no_grad():
             model.model.image_newline.copy_(projector.image_newline)
-    else:
-        model = LlavaForConditionalGeneration(LlavaConfig(**common)).to(torch.float32)
     model.model.vision_tower.load_state_dict(vision_state)
     model.model.multi_modal_projector.load_state_dict({
         "linear_1.weight": projector.model[0].weight, "linear_1.bias": projector.model[0].bias,
@@ -95,23 +145,33 @@ def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: 
     stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.generation_config = GenerationConfig(
         eos_token_id=[i for i in stop if i is not None], pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, suppress_tokens=[image_id])
-
-    size = tower.image_size
-    sizes = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                 image_mean=list(tower.mean), image_std=list(tower.std))
-    if anyres:
-        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, **sizes)
-    else:
-        image_processor = LlavaImageProcessorPil(do_pad=True, **sizes)
-    # No BOS in the processor's template, unlike InternLM2's own: `processor(text=...)` adds it.
-    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer,
-        chat_template=internlm2_jinja(bos=False, image_items=True),
-        patch_size=tower.visual.patch_size[0], vision_feature_select_strategy="default",
-        image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+        bos_token_id=tokenizer.bos_token_id, suppress_tokens=ids)
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    _processor(kind, tokenizer, tower, pinpoints, anyres_max).save_pretrained(folder)
+
+
+def _processor(kind: str, tokenizer, tower: VisionTower, pinpoints: list, anyres_max: str):
+    """The export's AutoProcessor: images (and videos) and text as the run reads them."""
+    size = tower.image_size
+    norm = dict(image_mean=list(tower.mean), image_std=list(tower.std))
+    # No BOS in the processor's template, unlike InternLM2's own: `processor(text=...)` adds it.
+    text = dict(tokenizer=tokenizer, chat_template=internlm2_jinja(bos=False, image_items=True),
+                vision_feature_select_strategy="default", image_token=IMAGE_TOKEN)
+    if kind == "llava_onevision":
+        square = {"height": size, "width": size}
+        return LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessorPil(
+                size=square, image_grid_pinpoints=pinpoints, **norm),
+            video_processor=LlavaOnevisionVideoProcessor(size=square, **norm),
+            # The processor subtracts the CLS token ("default") that its count includes.
+            num_image_tokens=tower.num_patches + 1, video_token=VIDEO_TOKEN,
+            vision_aspect_ratio=anyres_max, **text)
+    sizes = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **norm)
+    common = dict(patch_size=tower.visual.patch_size[0], num_additional_image_tokens=1, **text)
+    if kind == "llava_next":
+        return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(
+            image_grid_pinpoints=pinpoints, **sizes), **common)
+    return LlavaProcessor(image_processor=LlavaImageProcessorPil(do_pad=True, **sizes), **common)
 
 
 # --------------------------------------------------------------------------- reading back

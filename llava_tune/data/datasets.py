@@ -18,7 +18,7 @@ from llava_tune.data.image import ImageProcessor, image_size, load_image
 from llava_tune.data.segments import ENCODING_VERSION
 from llava_tune.data.template import ChatTemplate, expand_image_slots
 from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, TRUNCATED, USABLE, tokenize_record
-from llava_tune.data.video import VIDEO_SUFFIXES, load_video
+from llava_tune.data.video import load_video
 from llava_tune.errors import UserError
 from llava_tune.models.anyres import ImageLayout, Media
 
@@ -196,6 +196,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             return None
         if self.image_folder is None or self.image_processor is None or self.layout is None:
             return "has an image, but this stage has no vision tower (or no image folder is set)"
+        # OneVision reads each of several images as one square (model.anyres.multi_image).
+        square = self.layout.kind_of_images(record["kinds"].count("image")) == "square"
+        record["kinds"] = ["square" if square and k == "image" else k for k in record["kinds"]]
         for image, kind in zip(record["images"], record["kinds"], strict=True):
             path = self.image_folder / image
             if kind == "video":
@@ -209,6 +212,10 @@ class ConversationDataset(torch.utils.data.Dataset):
                 return (f"image {image!r} not found under image folder {self.image_folder}; "
                         "check data.image_folder / --image-folder")
             size = (0, 0)
+            if kind == "square":
+                record["image_sizes"].append([0, 0])
+                record["image_tokens"].append(self.layout.tokens(Media("square")))
+                continue
             if self.layout.anyres:
                 try:
                     size = image_size(path)
@@ -232,17 +239,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         """Whether each sample has an image (for batching by modality)."""
         return [bool(images) for images in self.table["images"]]
 
-    def image_paths(self) -> list[Path]:
-        """Every distinct image or video the kept samples use, in first-use order."""
-        seen = dict.fromkeys(self.image_folder / image for images in self.table["images"]
-                             for image in images)
+    def image_paths(self) -> list[tuple[Path, str]]:
+        """Every distinct (image or video, kind) the kept samples use, in first-use order."""
+        seen = dict.fromkeys((self.image_folder / image, kind) for images, kinds in
+                             zip(self.table["images"], self.table["kinds"], strict=True)
+                             for image, kind in zip(images, kinds, strict=True))
         return list(seen)
 
-    def tower_inputs(self, path: Path) -> torch.Tensor:
-        """[P, 3, S, S]: an image's square or tiles, or a video's frames (by what `path` is:
-        a file of video frames is a video, like a folder)."""
-        if path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES:
+    def tower_inputs(self, path: Path, kind: str) -> torch.Tensor:
+        """[P, 3, S, S]: an image's square or tiles, a "square" (one padded square), or a
+        video's frames."""
+        if kind == "video":
             return self.image_processor.frames(load_video(path, self.layout.video_frames))
+        if kind == "square":
+            return self.image_processor.square(load_image(path))
         return self.image_processor(load_image(path))
 
     def __getitem__(self, index: int) -> dict:
@@ -252,11 +262,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         item = {"id": row["id"], "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if row["images"]:
             paths = [self.image_folder / image for image in row["images"]]
+            pairs = list(zip(paths, row["kinds"], strict=True))
             try:
                 if self.feature_cache is not None:
-                    item["image_features"] = torch.cat([self.feature_cache.load(p) for p in paths])
+                    item["image_features"] = torch.cat(
+                        [self.feature_cache.load(p, kind) for p, kind in pairs])
                 else:
-                    item["pixel_values"] = torch.cat([self.tower_inputs(p) for p in paths])
+                    item["pixel_values"] = torch.cat([self.tower_inputs(p, k) for p, k in pairs])
             except UserError as err:
                 return {"id": row["id"], "error": str(err)}
             item["media"] = [

@@ -46,18 +46,25 @@ def tower_key(tower: torch.nn.Module, processor: ImageProcessor) -> str:
     return digest.hexdigest()[:20]
 
 
+Item = tuple[Path, str]
+"""A file and how it is read (Media kinds: "image", "square", "video")."""
+
+
 class FeatureCache:
-    """Features of image files for one tower: `load(path)` -> [P, N, Dv] fp16, one [N, Dv] per
-    tower input of the image (P = 1 for pad; the overview and the tiles for anyres)."""
+    """Features of image files for one tower: `load(path, kind)` -> [P, N, Dv] fp16, one
+    [N, Dv] per tower input (P = 1 for pad; the overview and the tiles for anyres; a video's
+    frames). An image read two ways (tiles alone, a square among several) has two entries."""
 
     def __init__(self, folder: str | os.PathLike, key: str, shape: tuple[int, int]) -> None:
         self.folder = Path(folder) / key
         self.shape = shape
         """(N, Dv) of every tile of every entry: a file of another shape is not trusted."""
 
-    def entry(self, image: Path) -> Path:
+    def entry(self, image: Path, kind: str = "image") -> Path:
         stat = image.stat()
-        digest = hashlib.sha256(f"{image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        how = "" if kind == "image" else f"|{kind}"  # images keep their keys from before kinds
+        digest = hashlib.sha256(
+            f"{image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}{how}".encode())
         name = digest.hexdigest()[:32]
         return self.folder / name[:2] / f"{name}.safetensors"
 
@@ -68,10 +75,10 @@ class FeatureCache:
             return None
         return features if features.ndim == 3 and tuple(features.shape[1:]) == self.shape else None
 
-    def load(self, image: Path) -> torch.Tensor:
+    def load(self, image: Path, kind: str = "image") -> torch.Tensor:
         """The cached features [P, N, Dv] (fp16); a missing or broken entry raises UserError (the
         sample is skipped) after removing the entry, so the next fill recomputes it."""
-        file = self.entry(image)
+        file = self.entry(image, kind)
         features = self._read(file)
         if features is None:
             file.unlink(missing_ok=True)
@@ -79,29 +86,30 @@ class FeatureCache:
                             "damaged; it is recomputed when the next training starts")
         return features
 
-    def missing(self, images: list[Path]) -> list[Path]:
-        """Images without a readable entry (broken ones are removed on the way)."""
+    def missing(self, images: list[Path | Item]) -> list[Item]:
+        """Items (an image alone: read as "image") without a readable entry (broken ones are
+        removed on the way)."""
         out = []
-        for image in images:
-            file = self.entry(image)
+        for image, kind in map(_item, images):
+            file = self.entry(image, kind)
             if not file.is_file() or self._read(file) is None:
                 file.unlink(missing_ok=True)
-                out.append(image)
+                out.append((image, kind))
         return out
 
     @torch.no_grad()
-    def fill(self, images: list[Path], tower: torch.nn.Module,
-             inputs: ImageProcessor | Callable[[Path], torch.Tensor],
+    def fill(self, images: list[Path | Item], tower: torch.nn.Module,
+             inputs: ImageProcessor | Callable[[Path, str], torch.Tensor],
              batch_size: int = 32, on_progress: Callable[[int, int], None] = lambda d, t: None,
              on_skip: Callable[[Path, str], None] = lambda p, why: None) -> int:
         """Compute and store the features of every image (or video) without a readable
-        entry; returns how many were computed. `inputs` makes a file's tower inputs
-        [P, 3, S, S] (an ImageProcessor: the image's). An image that cannot be read is left
-        out (its samples are skipped when loaded)."""
+        entry; returns how many were computed. `inputs(path, kind)` makes a file's tower
+        inputs [P, 3, S, S] (an ImageProcessor: the image's). An image that cannot be read is
+        left out (its samples are skipped when loaded)."""
         if isinstance(inputs, ImageProcessor):
             processor = inputs
 
-            def inputs(path: Path) -> torch.Tensor:
+            def inputs(path: Path, kind: str) -> torch.Tensor:
                 return processor(load_image(path))
 
         todo = self.missing(images)
@@ -109,19 +117,23 @@ class FeatureCache:
         done = 0
         for start in range(0, len(todo), batch_size):
             chunk, pixels = [], []
-            for image in todo[start:start + batch_size]:
+            for image, kind in todo[start:start + batch_size]:
                 try:
-                    pixels.append(inputs(image))  # [P, 3, S, S]
-                    chunk.append(image)
+                    pixels.append(inputs(image, kind))  # [P, 3, S, S]
+                    chunk.append((image, kind))
                 except UserError as err:
                     on_skip(image, str(err))
             if chunk:
                 features = tower(torch.cat(pixels).to(device)).to("cpu", torch.float16)
-                for image, value in zip(chunk, features.split([len(p) for p in pixels]),
-                                        strict=True):
-                    file = self.entry(image)
+                for (image, kind), value in zip(chunk, features.split([len(p) for p in pixels]),
+                                                strict=True):
+                    file = self.entry(image, kind)
                     file.parent.mkdir(parents=True, exist_ok=True)
                     write_bytes_atomic(file, save({KEY: value.contiguous()}))
                 done += len(chunk)
             on_progress(min(start + batch_size, len(todo)), len(todo))
         return done
+
+
+def _item(image: Path | Item) -> Item:
+    return image if isinstance(image, tuple) else (image, "image")

@@ -66,11 +66,15 @@ class ImageProcessor:
         return TF.normalize(TF.to_tensor(image), self.mean, self.std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
         if self.layout is None:
-            square = expand_to_square(image, self.fill)
-            return self._normalize(square.resize((self.size, self.size), Image.Resampling.BICUBIC))[None]
-        return torch.stack([self._normalize(tile) for tile in self.tiles(image)])
+            return self.square(image)
+        return torch.stack([self._normalize(tile) for tile in self.tiles(image.convert("RGB"))])
+
+    def square(self, image: Image.Image) -> torch.Tensor:
+        """[1, 3, size, size]: the image padded to a square with the mean color (LLaVA-1.5's
+        pad, and how OneVision reads each of several images)."""
+        square = expand_to_square(image.convert("RGB"), self.fill)
+        return self._normalize(square.resize((self.size, self.size), Image.Resampling.BICUBIC))[None]
 
     def frames(self, frames: list[Image.Image]) -> torch.Tensor:
         """A video's frames -> [F, 3, size, size], each squashed to the square (as OneVision's

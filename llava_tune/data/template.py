@@ -15,7 +15,7 @@ from itertools import pairwise
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 
-from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, VIDEO_TOKEN
 from llava_tune.data.segments import encode_segments
 from llava_tune.errors import UserError
 
@@ -115,8 +115,9 @@ def internlm2_jinja(bos: bool = True, image_items: bool = False) -> str:
     `<|im_start|>{role}\n{content}<|im_end|>\n`, and `<|im_start|>assistant\n` for
     add_generation_prompt.
 
-    `image_items`: content may also be a list of {"type": "image"} / {"type": "text"} items, an
-    image written as `<image>\n` (transformers' processors expect that form).
+    `image_items`: content may also be a list of {"type": "image" | "video" | "text"} items,
+    an image written as `<image>\n`, a video as `<video>\n` (transformers' processors expect
+    that form).
     """
     content = "{{ message['content'] }}"
     if image_items:
@@ -124,6 +125,7 @@ def internlm2_jinja(bos: bool = True, image_items: bool = False) -> str:
             "{% if message['content'] is string %}{{ message['content'] }}"
             "{% else %}{% for item in message['content'] %}"
             "{% if item['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "\n' }}"
+            "{% elif item['type'] == 'video' %}{{ '" + VIDEO_TOKEN + "\n' }}"
             "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
             "{% endfor %}{% endif %}"
         )

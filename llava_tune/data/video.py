@@ -11,8 +11,6 @@ from llava_tune.data.image import load_image
 from llava_tune.errors import UserError
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
-"""Files read as videos (a folder is always a video: its frames)."""
 
 
 def sample_indices(total: int, frames: int) -> list[int]:

@@ -91,8 +91,9 @@ def _prompt(bundle: ModelBundle, messages: list[Message], images: list[Visual]) 
     if layout is None:  # an export read back without a layout: pad squares
         ids, _ = expand_image_slots(ids, None, image_id, bundle.model.vision.num_patches)
         return Prompt(ids, torch.cat([bundle.image_processor(image) for image in images]))
+    kind = layout.kind_of_images(sum(not isinstance(item, list) for item in images))
     media = [Media("video", frames=len(item)) if isinstance(item, list)
-             else Media("image", (item.height, item.width)) for item in images]
+             else Media(kind, (item.height, item.width)) for item in images]
     for item in media:
         if item.kind == "video" and item.frames != layout.video_frames:
             raise UserError(f"a video of {item.frames} frames; this model reads "
@@ -101,8 +102,10 @@ def _prompt(bundle: ModelBundle, messages: list[Message], images: list[Visual]) 
     counts = [layout.tokens(m) if m.kind == "video" or layout.anyres
               else bundle.model.vision.num_patches for m in media]
     ids, _ = expand_image_slots(ids, None, image_id, counts)
-    pixels = torch.cat([bundle.image_processor.frames(item) if isinstance(item, list)
-                        else bundle.image_processor(item) for item in images])
+    processor = bundle.image_processor
+    pixels = torch.cat([processor.frames(item) if m.kind == "video" else processor.square(item)
+                        if m.kind == "square" else processor(item)
+                        for item, m in zip(images, media, strict=True)])
     return Prompt(ids, pixels, media)
 
 

@@ -90,7 +90,9 @@ def pooled_size(size: Size, patches: int, pool_max: int | None) -> Size:
 @dataclass(frozen=True)
 class Media:
     """One visual item of a sample, as the model needs to know it: an image of `size`
-    (height, width; (0, 0) when pad does not need it) or a video of `frames` frames."""
+    (height, width; (0, 0) when pad does not need it), a "square" (an anyres model's image
+    read as one padded square plus a newline, as OneVision reads each of several images), or
+    a video of `frames` frames."""
 
     kind: str = "image"
     size: Size = (0, 0)
@@ -111,6 +113,13 @@ class ImageLayout:
     """Frames sampled from each video (data.video_frames)."""
     video_pool: int = 2
     """Each frame's feature map is pooled by this factor per side (model.video_pool)."""
+    multi_image: str = "tiles"
+    """anyres with several images in a sample: "tiles" each (LLaVA-NeXT), or "square", one
+    padded square plus a newline each (OneVision)."""
+
+    def kind_of_images(self, count: int) -> str:
+        """The Media kind of each image in a sample of `count` images."""
+        return "square" if self.anyres and count > 1 and self.multi_image == "square" else "image"
 
     @property
     def anyres(self) -> bool:
@@ -156,12 +165,18 @@ class ImageLayout:
         return self.video_frames * side * side + int(self.anyres)
 
     def inputs(self, media: Media) -> int:
-        """Tower inputs of one item: its tiles, or its frames."""
-        return media.frames if media.kind == "video" else self.num_tiles(media.size)
+        """Tower inputs of one item: its tiles, its square, or its frames."""
+        if media.kind == "video":
+            return media.frames
+        return 1 if media.kind == "square" else self.num_tiles(media.size)
 
     def tokens(self, media: Media) -> int:
         """Tokens of one item in the LLM's input."""
-        return self.video_tokens() if media.kind == "video" else self.num_tokens(media.size)
+        if media.kind == "video":
+            return self.video_tokens()
+        if media.kind == "square":
+            return self.patches**2 + 1
+        return self.num_tokens(media.size)
 
     def num_tokens(self, image: Size | None = None) -> int:
         """Tokens an image of size (height, width) takes in the LLM's input."""

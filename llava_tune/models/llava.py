@@ -90,6 +90,8 @@ class LlavaModel(nn.Module):
         for chunk, item in zip(projected.split(counts), media, strict=True):
             if item.kind == "video":
                 tokens.append(pool_frames(chunk, self.layout, newline))
+            elif item.kind == "square":
+                tokens.append(torch.cat([chunk[0], newline.to(chunk.dtype)[None]]))
             elif self.layout.anyres:
                 tokens.append(pack_features(chunk, item.size, self.layout, newline))
             else:
