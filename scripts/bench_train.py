@@ -4,7 +4,7 @@
 each system, peer.py the peer's worker, profile.py where a step's time goes. To run it on
 another machine, copy bench_train.py with benchlib/ beside it.)
 
-    python scripts/bench_train.py --data demo|mix [--size demo|1_8b] [--steps 40] [--warmup 5]
+    python scripts/bench_train.py --data demo|mix|anyres [--size demo|1_8b] [--steps 40] [--warmup 5]
         [--batch-size 8] [--repeats 3] [--ours-override k=v ...] [--out results.json]
     python scripts/bench_train.py --data mix --check      # same first batch: the two losses agree
     python scripts/bench_train.py --data mix --profile    # where one step's time goes, both systems
@@ -39,6 +39,12 @@ process: that one also counts the parent's peak (a vfork + exec child inherits i
 interpreter's exit, where destructors in torch's shared libraries page in up to ~120 MB of
 code (measured: `import torch` alone, 507 MB in the process, 632 MB by wait4); it is kept in
 the results as process_peak_mb.
+
+--data anyres: the same comparison on tiles (model.image_aspect=anyres, LLaVA-NeXT): the
+detail scenes of llava_tune/demo/scenes.py, images of 4 x 1, 1 x 4 and 2 x 2 tower sides cut
+into the grids [[1,4],[4,1],[2,2]] (an overview + 4 tiles each, unpadded, a newline per row);
+the peer is transformers' LlavaNextForConditionalGeneration loaded from our hf-llava-next
+export (its image_newline trainable, as ours is), fed the same tiles and image sizes.
 
 --size demo: the demo's 4-layer InternLM2-architecture LM and tiny ViT (llava_tune/demo/make.py),
 data.max_length 128 (demo) / 1024 (mix). --size 1_8b: InternLM2-chat-1.8B's shapes with
@@ -111,7 +117,7 @@ def print_table(result: dict[str, Any], memory: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=["demo", "mix"], default="demo")
+    parser.add_argument("--data", choices=["demo", "mix", "anyres"], default="demo")
     parser.add_argument("--size", choices=list(SIZES), default="demo")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the rates")

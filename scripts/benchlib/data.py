@@ -34,10 +34,23 @@ class Size:
 
 
 SIZES = {
-    "demo": Size("configs/demo/finetune.yaml", {"demo": 112, "mix": 160}, {"demo": 128, "mix": 1024}),
-    "1_8b": Size("configs/internlm2_chat_1_8b/finetune.yaml", {"demo": 336, "mix": 640},
-                 {"demo": 2048, "mix": 2048}, gpu_only=True),
+    "demo": Size("configs/demo/finetune.yaml", {"demo": 112, "mix": 160, "anyres": 64},
+                 {"demo": 128, "mix": 1024, "anyres": 256}),
+    "1_8b": Size("configs/internlm2_chat_1_8b/finetune.yaml", {"demo": 336, "mix": 640, "anyres": 336},
+                 {"demo": 2048, "mix": 2048, "anyres": 4096}, gpu_only=True),
 }
+
+ANYRES_GRIDS = [[1, 4], [4, 1], [2, 2]]
+"""--data anyres: the grids ([rows, cols] of tower-sized tiles) both systems cut the images
+into; the detail scenes are exactly these shapes (4:1, 1:4 and 2 x 2 tower sides)."""
+
+
+def data_overrides(kind: str) -> list[str]:
+    """What --data KIND changes in our config, for both systems (anyres: the tiles)."""
+    if kind == "anyres":
+        return ["model.image_aspect=anyres",
+                f"model.anyres.grid_pinpoints={json.dumps(ANYRES_GRIDS, separators=(',', ':'))}"]
+    return []
 
 
 @dataclass
@@ -54,7 +67,9 @@ class Setup:
     max_length: int
     work: Path
     """Holds cache/ (tokenized data, InternLM2 conversions), start/ (the starting point),
-    hf-llava/ (its export) and runs/."""
+    hf-llava/ or hf-llava-next/ (its export) and runs/."""
+    extra: tuple[str, ...] = ()
+    """data_overrides(--data): the image reading both systems share."""
 
     def overrides(self) -> list[str]:
         """key=value pairs that point our config at this setup, for both systems."""
@@ -67,15 +82,20 @@ class Setup:
                  "train.vision=frozen", "data.group_by_length=false"]
         if self.vision_config is not None:
             items.append(f"model.vision.config_file={self.vision_config}")
-        return items
+        return items + list(self.extra)
 
     @property
     def start(self) -> Path:
         return self.work / "start"
 
     @property
+    def export_format(self) -> str:
+        """Tiles go to transformers' LlavaNext, one square per image to its Llava."""
+        return "hf-llava-next" if "model.image_aspect=anyres" in self.extra else "hf-llava"
+
+    @property
     def export(self) -> Path:
-        return self.work / "hf-llava"
+        return self.work / self.export_format
 
 
 # --------------------------------------------------------------------------- building inputs
@@ -101,6 +121,18 @@ def prepare_data(kind: str, size: str, work: Path, records: int,
                             image_size=image_size)
             (out / ".complete").touch()
         return data, out / "images", [out / "text.json", data]
+    if kind == "anyres":
+        from llava_tune.demo import scenes
+
+        # Wide, tall and square images of exactly the grids' shapes, so every image is cut
+        # into 4 tiles plus its overview (5 tower inputs, 5 x the tokens of pad).
+        sizes = [(cols * image_size, rows * image_size) for rows, cols in ANYRES_GRIDS]
+        if not (out / ".complete").is_file():
+            written = scenes.write_detail(out, math.ceil(records / 2), 1, seed, sizes=sizes)
+            (out / ".complete").touch()
+        else:
+            written = {"train": out / "train.json", "image_folder": out / "images"}
+        return Path(written["train"]), Path(written["image_folder"]), [Path(written["train"])]
     if kind == "mix":
         from llava_tune.demo import mix
 
@@ -108,7 +140,7 @@ def prepare_data(kind: str, size: str, work: Path, records: int,
             mix.generate_mix(out, records, seed, image_size)
             (out / ".complete").touch()
         return out / "mix.json", out / "images", [out / "mix.json"]
-    raise UserError(f"--data {kind!r}: use demo or mix")
+    raise UserError(f"--data {kind!r}: use demo, mix or anyres")
 
 
 def prepare(size: str, kind: str, work: Path, records: int = 2000, seed: int = 0) -> Setup:
@@ -141,7 +173,8 @@ def prepare(size: str, kind: str, work: Path, records: int = 2000, seed: int = 0
     setup = Setup(config=ROOT / SIZES[size].config, llm=models / "lm", vision_name=name,
                   vision_config=models / "vision" / f"{name}.json",
                   vision_weights=models / "vision" / f"{name}.safetensors", data=data,
-                  image_folder=images, max_length=SIZES[size].max_length[kind], work=home)
+                  image_folder=images, max_length=SIZES[size].max_length[kind], work=home,
+                  extra=tuple(data_overrides(kind)))
     prepare_start(setup)
     return setup
 
@@ -164,7 +197,8 @@ def environment(**values: str):
 def prepare_start(setup: Setup) -> None:
     """The finetune stage's starting point (base LLM + the seeded random projector after one
     pretrain step at lr 1e-12, which leaves it as it was; lr 0 is not a valid config) and its
-    hf-llava export, for the peer to load. Both systems start from this run's weights."""
+    hf-llava (hf-llava-next for tiles) export, for the peer to load. Both systems start from
+    this run's weights."""
     marker = setup.work / ".start-complete"
     if marker.is_file():
         return
@@ -179,8 +213,9 @@ def prepare_start(setup: Setup) -> None:
     with environment(LLAVA_TUNE_CACHE=str(setup.work / "cache")):
         if cli(["train", str(setup.config), *overrides]) != 0:
             raise RuntimeError(f"the starting-point run {setup.start} failed (see above)")
-        if cli(["export", str(setup.start), str(setup.export), "--format", "hf-llava"]) != 0:
-            raise RuntimeError(f"exporting {setup.start} as hf-llava failed (see above)")
+        if cli(["export", str(setup.start), str(setup.export), "--format",
+                setup.export_format]) != 0:
+            raise RuntimeError(f"exporting {setup.start} as {setup.export_format} failed (see above)")
     _free_memory()
     marker.touch()
 
@@ -224,11 +259,18 @@ def shared_dataset(config, export: Path):
     template = get_template(config.model.template)
     if config.model.system:
         template = ChatTemplate(**{**template.__dict__, "default_system": config.model.system})
-    processor = ImageProcessor(pre["crop_size"]["height"], pre["image_mean"], pre["image_std"])
+    side = pre["crop_size"]["height"]
+    if llava["model_type"] == "llava_next":
+        # The export's pinpoints are pixels; ours are tiles of the tower's side.
+        vision = llava["vision_config"]
+        layout = ImageLayout(side, vision["image_size"] // vision["patch_size"], tuple(
+            (h // side, w // side) for h, w in llava["image_grid_pinpoints"]))
+    else:
+        layout = ImageLayout(side, math.isqrt(llava["image_seq_length"]))
+    processor = ImageProcessor(side, pre["image_mean"], pre["image_std"], layout)
     dataset = ConversationDataset(
         config.data.train, tokenizer, template, config.data.max_length,
-        image_folder=config.data.image_folder, image_processor=processor,
-        layout=ImageLayout(processor.size, math.isqrt(llava["image_seq_length"])),
+        image_folder=config.data.image_folder, image_processor=processor, layout=layout,
         max_bad_fraction=config.data.max_bad_fraction,
         cache_dir=config.data.cache_dir)
     image_token_id = llava.get("image_token_id", llava.get("image_token_index"))

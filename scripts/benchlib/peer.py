@@ -1,5 +1,6 @@
 """The peer, what most tutorials and TRL do instead of llava-tune: transformers'
-LlavaForConditionalGeneration loaded from the hf-llava export (4-bit NF4 as our config says),
+LlavaForConditionalGeneration loaded from the hf-llava export (LlavaNextForConditionalGeneration
+from the hf-llava-next export for --data anyres; 4-bit NF4 as our config says),
 peft LoRA on every linear layer of the LLM with a trainable projector, and the HF Trainer on
 our dataset's items. `peer_worker` runs in its own process (bench_train.py --worker peer SPEC)
 or, when nothing is timed, in the caller's."""
@@ -34,7 +35,16 @@ class PeerDataset:
             raise RuntimeError(f"sample {item['id']}: {item['error']}")
         ids = item["input_ids"].clone()
         ids[ids == IMAGE_TOKEN_INDEX] = self.image_token_id
-        return {"input_ids": ids, "labels": item["labels"], "pixel_values": item.get("pixel_values")}
+        out = {"input_ids": ids, "labels": item["labels"], "pixel_values": item.get("pixel_values")}
+        media = item.get("media", [])
+        if any(m.kind == "image" and m.size != (0, 0) for m in media):
+            # Tiles: LlavaNext takes one image's overview + tiles per row of pixel_values,
+            # and the image's (height, width) to unpad them.
+            if len(media) != 1:
+                raise RuntimeError(f"sample {item['id']}: the LlavaNext peer takes one image "
+                                   f"per sample, it has {len(media)}")
+            out["image_sizes"] = list(media[0].size)
+        return out
 
 
 class PeerCollator:
@@ -53,17 +63,26 @@ class PeerCollator:
         mask = pad_sequence([torch.ones_like(i["input_ids"]) for i in items], batch_first=True)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         images = [i["pixel_values"] for i in items if i["pixel_values"] is not None]
-        if images:
+        if images and "image_sizes" in items[0]:
+            # LlavaNext: [images, most tiles, 3, S, S], zero rows after an image's own tiles
+            # (its image_sizes say how many are real), as its image processor pads them.
+            batch["pixel_values"] = pad_sequence(images, batch_first=True)
+            batch["image_sizes"] = torch.tensor([i["image_sizes"] for i in items if "image_sizes" in i])
+        elif images:
             batch["pixel_values"] = torch.cat(images)
         return batch
 
 
 def load_peer_model(config, export: Path, llm_vocab: int):
-    """The exported Llava, quantized as our config says, with LoRA on every linear layer of
-    the LLM and a trainable projector."""
+    """The exported Llava (or LlavaNext), quantized as our config says, with LoRA on every
+    linear layer of the LLM and a trainable projector (and image_newline, as ours trains it)."""
     import peft
     import torch
-    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+    from transformers import (
+        BitsAndBytesConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+    )
 
     from llava_tune.assembly.llm import resolve_dtype
 
@@ -77,7 +96,9 @@ def load_peer_model(config, export: Path, llm_vocab: int):
             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
     elif config.model.quantization == "8bit":
         quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    model = LlavaForConditionalGeneration.from_pretrained(
+    next_ = json.loads((export / "config.json").read_text())["model_type"] == "llava_next"
+    model_class = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
+    model = model_class.from_pretrained(
         export, dtype=dtype, quantization_config=quantization, device_map={"": device})
     head = model.lm_head
     if head.out_features > llm_vocab:
@@ -107,6 +128,8 @@ def load_peer_model(config, export: Path, llm_vocab: int):
         target_modules=rf"{re.escape(prefix)}.*\.({'|'.join(targets)})",
         modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
+    if next_:
+        model.base_model.model.model.image_newline.requires_grad_(True)
     quantized = [n for n, m in model.named_modules()
                  if type(m).__name__ in ("Linear4bit", "Linear8bitLt") and ".lora_" not in n]
     assert all("language_model" in n for n in quantized), "only the LLM may be quantized"
