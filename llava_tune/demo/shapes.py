@@ -202,18 +202,22 @@ def _inside_polygon(
 
 
 def shape_mask(
-    shape: str, size: float, center: tuple[float, float], image_size: int = 112
+    shape: str,
+    size: float,
+    center: tuple[float, float],
+    image_size: int = 112,
+    height: int | None = None,
 ) -> np.ndarray:
-    """Return the boolean ``[image_size, image_size]`` mask of the shape (row = y, col = x).
+    """Return the boolean ``[height, image_size]`` mask of the shape (row = y, col = x).
 
-    A pixel belongs to the shape when its center ``(x + 0.5, y + 0.5)`` lies inside the
-    shape's geometry (no anti-aliasing).
+    ``image_size`` is the canvas width and ``height`` its height (default: the width, a
+    square canvas). A pixel belongs to the shape when its center ``(x + 0.5, y + 0.5)`` lies
+    inside the shape's geometry (no anti-aliasing).
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    coords = np.arange(image_size, dtype=np.float64) + 0.5
-    xs = coords[None, :]
-    ys = coords[:, None]
+    xs = (np.arange(image_size, dtype=np.float64) + 0.5)[None, :]
+    ys = (np.arange(image_size if height is None else height, dtype=np.float64) + 0.5)[:, None]
     cx, cy = center
     half = size / 2.0
     if shape == "circle":
