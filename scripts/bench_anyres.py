@@ -82,7 +82,7 @@ def cli(args: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def prepare(work: Path, n_train: int, n_test: int, seed: int, log) -> dict:
+def prepare(work: Path, n_train: int, n_test: int, seed: int, log, n_text: int = 4000) -> dict:
     """The three scenes data sets, the demo's LM trained on the demo's text, and its tower;
     built once under `work` and reused."""
     from llava_tune.demo import make, scenes, shapes
@@ -96,7 +96,7 @@ def prepare(work: Path, n_train: int, n_test: int, seed: int, log) -> dict:
             "pair": scenes.write_pairs(data / "pair", n_train, n_test, seed),
             "clip": scenes.write_clips(data / "clip", n_train, n_test, seed)}
     text = data / "text.json"
-    shapes.write_json_atomic(text, shapes.text_records(4000, seed))
+    shapes.write_json_atomic(text, shapes.text_records(n_text, seed))
     models = work / "models"
     log("making the demo's LM and tower, training the LM on the demo's text ...")
     # The tokenizer learns every word the scenes ask and answer ("second", "Yes", ...).
@@ -175,7 +175,7 @@ def verdicts(results: dict[str, dict]) -> dict[str, bool]:
         out["detail: anyres >= pad + 0.15"] = (results["detail-anyres"]["accuracy"]
                                                >= results["detail-pad"]["accuracy"] + 0.15)
     if "pair" in results:
-        first = results["pair"]["by_question"].get(scenes.SECOND_COLOR_QUESTION)
+        first = results["pair"]["by_question"].get(scenes.PAIR_COLOR_QUESTION)
         out["pair: second-image color >= 0.9"] = first is not None and first >= 0.9
     if "clip" in results:
         out["clip: >= 0.8"] = results["clip"]["accuracy"] >= 0.8
@@ -183,19 +183,24 @@ def verdicts(results: dict[str, dict]) -> dict[str, bool]:
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = [f"{'arm':14s} {'held-out':>9s} {'per question':40s} {'image tok':>9s} "
+    lines = [f"{'arm':14s} {'held-out':>9s} {'per question':32s} {'image tok':>9s} "
              f"{'steps':>6s} {'tokens/s':>9s} {'train s':>8s}  target"]
     for r in results.values():
         per = ", ".join(f"{_short(q)} {a:.3f}" for q, a in r["by_question"].items())
-        lines.append(f"{r['arm']:14s} {r['accuracy']:9.3f} {per:40s} {r['image_tokens']:9.1f} "
+        lines.append(f"{r['arm']:14s} {r['accuracy']:9.3f} {per:32s} {r['image_tokens']:9.1f} "
                      f"{r['steps']:6d} "
                      f"{r['tokens_per_s']:9.0f} {r['train_s']:8.0f}  {r['target']}")
     return "\n".join(lines)
 
 
 def _short(question: str) -> str:
-    words = question.rstrip("?").split()
-    return " ".join(words[-3:])
+    """The table's name for a held-out question."""
+    from llava_tune.demo import scenes, shapes
+
+    names = {shapes.COLOR_QUESTION: "color", shapes.SHAPE_QUESTION: "shape",
+             scenes.PAIR_COLOR_QUESTION: "2nd color", scenes.PAIR_SAME_QUESTION: "same shape",
+             scenes.CLIP_END_QUESTION: "end color", scenes.CLIP_START_QUESTION: "start color"}
+    return names.get(question, question)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=2000, help="training images (pairs, clips)")
     parser.add_argument("--test", type=int, default=200, help="held-out images (pairs, clips)")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--text", type=int, default=4000,
+                        help="text records the demo's LM first learns the language from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", default=",".join(ARMS), help=f"some of {','.join(ARMS)}")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_anyres",
@@ -214,15 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         parser.error(f"--arms {args.arms!r}: choose from {','.join(ARMS)}")
-    if min(args.train, args.test, args.epochs) < 1:
-        parser.error("--train, --test and --epochs must be at least 1")
+    if min(args.train, args.test, args.epochs, args.text) < 1:
+        parser.error("--train, --test, --epochs and --text must be at least 1")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     work = args.work.resolve()
     start = time.perf_counter()
-    prepared = prepare(work, args.train, args.test, args.seed, log)
+    prepared = prepare(work, args.train, args.test, args.seed, log, args.text)
     results = {name: run_arm(ARMS[name], prepared, work, args.epochs, args.seed, log)
                for name in arms}
     met = verdicts(results)

@@ -11,11 +11,12 @@ from pathlib import Path
 import bench_train
 import pytest
 import torch
-from benchlib.data import Setup, prepare_start
+from benchlib.data import ANYRES_GRIDS, Setup, data_overrides, prepare_start
 from benchlib.runs import benchmark, check_identity
 
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.demo import mix as make_mix
+from llava_tune.demo import scenes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,37 @@ def tiny_setup(tmp_path_factory, tiny_lm, tiny_vision) -> Setup:
 def test_check_gives_both_systems_the_same_first_loss(tiny_setup):
     result = check_identity(tiny_setup, batch_size=4, in_process=True)
     assert abs(result["ours"] - math.log(512)) < 0.5  # a random LM over 512 tokens
+    assert result["abs_diff"] < 1e-4, result
+    assert result["trainable"]["ours"] == result["trainable"]["peer"]
+
+
+@pytest.fixture(scope="module")
+def tiny_anyres_setup(tmp_path_factory, tiny_lm, tiny_vision) -> Setup:
+    """--data anyres on the tiny fixtures: detail scenes of exactly the grids' shapes at the
+    32-px tower, exported as LlavaNext for the peer."""
+    work = tmp_path_factory.mktemp("bench-anyres")
+    sizes = [(cols * 32, rows * 32) for rows, cols in ANYRES_GRIDS]
+    # Seed 3: the first three images are tall, square and wide, one of each grid.
+    paths = scenes.write_detail(work / "detail", 6, 0, seed=3, sizes=sizes, shape_size=(8, 14))
+    setup = Setup(
+        config=REPO / "configs/demo/finetune.yaml", llm=tiny_lm, vision_name="tiny-vit",
+        vision_config=tiny_vision[0], vision_weights=tiny_vision[1], data=paths["train"],
+        image_folder=paths["image_folder"], max_length=160, work=work,
+        extra=tuple(data_overrides("anyres")))
+    prepare_start(setup)
+    return setup
+
+
+def test_anyres_check_gives_llava_next_the_same_first_loss(tiny_anyres_setup):
+    """The peer's LlavaNext reads the same tiles, sizes and tokens: equal first-step loss and
+    trainable parameters (image_newline included) on a batch of wide, tall and square images."""
+    assert tiny_anyres_setup.export.name == "hf-llava-next"
+    from PIL import Image
+
+    records = json.loads(tiny_anyres_setup.data.read_text())[:6]
+    sizes = {Image.open(tiny_anyres_setup.image_folder / r["image"]).size for r in records}
+    assert sizes == {(128, 32), (32, 128), (64, 64)}
+    result = check_identity(tiny_anyres_setup, batch_size=6, in_process=True)
     assert result["abs_diff"] < 1e-4, result
     assert result["trainable"]["ours"] == result["trainable"]["peer"]
 

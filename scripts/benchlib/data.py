@@ -128,11 +128,10 @@ def prepare_data(kind: str, size: str, work: Path, records: int,
         # into 4 tiles plus its overview (5 tower inputs, 5 x the tokens of pad).
         sizes = [(cols * image_size, rows * image_size) for rows, cols in ANYRES_GRIDS]
         if not (out / ".complete").is_file():
-            written = scenes.write_detail(out, math.ceil(records / 2), 1, seed, sizes=sizes)
+            scenes.write_detail(out, math.ceil(records / 2), 0, seed, sizes=sizes)
             (out / ".complete").touch()
-        else:
-            written = {"train": out / "train.json", "image_folder": out / "images"}
-        return Path(written["train"]), Path(written["image_folder"]), [Path(written["train"])]
+        data = out / "detail_train.json"  # two records per image, images under out/
+        return data, out, [data]
     if kind == "mix":
         from llava_tune.demo import mix
 
