@@ -51,6 +51,8 @@ class _Window:
     loss_sum: float = 0.0
     label_tokens: int = 0
     tokens: int = 0
+    data_seconds: float = 0.0
+    """Time spent waiting for the loader's batches (reading, decoding, collating)."""
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -66,7 +68,8 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
     skipped: list[tuple[str, str]] = []
     window, last_loss = _Window(), float("nan")
     with _stop_requests() as stop:
-        for step_batches in _optimizer_steps(run):
+        for step_batches, data_seconds in _optimizer_steps(run):
+            window.data_seconds += data_seconds
             for batch in step_batches:
                 for sample_id, reason in batch.skipped:
                     emit(SampleSkipped(sample_id, reason))
@@ -98,9 +101,10 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
     return TrainResult(run.run_dir, run.position.step, last_loss, run.data, skipped)
 
 
-def _optimizer_steps(run: Run) -> Iterator[list[Batch]]:
+def _optimizer_steps(run: Run) -> Iterator[tuple[list[Batch], float]]:
     """Micro-batches grouped per optimizer step (train.grad_accum of them; the last group of
-    an epoch may be shorter), from the run's position until total_steps."""
+    an epoch may be shorter), from the run's position until total_steps, each group with the
+    seconds spent waiting for its batches."""
     k = run.config.train.grad_accum
     position = run.position
     while position.step < run.total_steps:
@@ -109,17 +113,24 @@ def _optimizer_steps(run: Run) -> Iterator[list[Batch]]:
         if position.batch_in_epoch:
             loader = run.accelerator.skip_first_batches(run.loader, position.batch_in_epoch)
         group: list[Batch] = []
-        for batch in loader:
+        waited = 0.0
+        batches = iter(loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - start
+            if batch is None:
+                break
             group.append(batch)
             if len(group) == k:
                 position.batch_in_epoch += len(group)
-                yield group
-                group = []
+                yield group, waited
+                group, waited = [], 0.0
                 if position.step >= run.total_steps:
                     return
         if group:
             position.batch_in_epoch += len(group)
-            yield group
+            yield group, waited
         position.epoch, position.batch_in_epoch = position.epoch + 1, 0
 
 
@@ -167,7 +178,9 @@ def _log(run: Run, window: _Window, emit: OnEvent) -> float:
     record = {"step": event.step, "epoch": event.epoch, "loss": event.loss, "lr": event.lr,
               "tokens_per_s": event.tokens_per_s, "memory_mb": event.memory_mb,
               # the window's raw numbers, so that windows can be added up (benchmarks)
-              "tokens": int(totals[2].item()), "seconds": round(elapsed, 6)}
+              "tokens": int(totals[2].item()), "seconds": round(elapsed, 6),
+              # this process's wait for batches in the window (data loading, not compute)
+              "data_seconds": round(window.data_seconds, 6)}
     reserved = peak_reserved_mb()
     if reserved is not None:  # CUDA: memory_mb is torch's peak allocated, this its peak reserved
         record["memory_reserved_mb"] = round(reserved, 1)
