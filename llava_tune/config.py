@@ -96,8 +96,12 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     """Bad records up to this fraction are skipped and counted; more is an error."""
     num_workers: int = 0
+    num_proc: int | None = None
+    """Processes that check and tokenize the records when a data file is prepared (once:
+    data/prepare.py); None: one per 20,000 records, up to the cores."""
     cache_dir: str | None = None
-    """Where tokenized datasets are cached; None: no cache."""
+    """Where prepared (checked, tokenized) data files are kept, shared by the processes of a
+    launch and reused by the next run; None: prepared again at every start."""
     pack: bool = False
     """Pack several short samples into each max_length row (no attention across them)."""
     group_by_length: bool = False
@@ -385,6 +389,9 @@ def validate(config: Config) -> list[str]:
                       "pooling)")
     if config.data.num_workers < 0:
         errors.append(f"data.num_workers={config.data.num_workers} must be 0 or more")
+    if config.data.num_proc is not None and config.data.num_proc < 1:
+        errors.append(f"data.num_proc={config.data.num_proc} must be at least 1 (or null: "
+                      "one per 20,000 records, up to the cores)")
     if config.data.pack and config.data.group_by_length:
         errors.append("data.pack and data.group_by_length both set; packing already fills rows, "
                       "pick one")

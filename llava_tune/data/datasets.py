@@ -1,71 +1,31 @@
-"""Conversation datasets: records checked up front, tokenized once (cached), images on demand."""
+"""Conversation datasets: records prepared once (data/prepare.py: checked, tokenized, shared
+by the processes), images on demand."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
+import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from llava_tune.constants import IMAGE_TOKEN
-from llava_tune.data.formats import Problem, read_conversations
-from llava_tune.data.image import ImageProcessor, image_size, load_image
-from llava_tune.data.segments import ENCODING_VERSION
+from llava_tune.data.image import ImageProcessor, load_image
+from llava_tune.data.prepare import (
+    DataReport,
+    Recipe,
+    prepare,
+    tokenizer_fingerprint,
+    usable_records,
+)
 from llava_tune.data.template import ChatTemplate, expand_image_slots
-from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, TRUNCATED, USABLE, tokenize_record
+from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, tokenize_record
 from llava_tune.data.video import load_video
 from llava_tune.errors import UserError
 from llava_tune.models.anyres import ImageLayout, Media
 
-
-@dataclass
-class DataReport:
-    """What was left out of a dataset and why; shown to the user before and after training."""
-
-    total: int = 0
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-    truncated: int = 0
-    scaled_down: int = 0
-    """Images larger than the largest anyres grid, scaled down to fit it."""
-    largest: tuple[int, int] | None = None
-    """That grid's canvas (height, width) in pixels."""
-
-    def skip(self, reason: str, example: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples) < 5:
-            self.examples.append(example)
-
-    def summary(self) -> str:
-        lines = [f"{self.kept} of {self.total} samples kept"]
-        if self.truncated:
-            lines.append(f"{self.truncated} truncated to max_length")
-        if self.scaled_down:
-            lines.append(f"{self.scaled_down} images larger than every anyres grid, scaled "
-                         f"down to fit one (the largest: {self.largest[1]} x {self.largest[0]} "
-                         "px; model.anyres.grid_pinpoints)")
-        lines += [f"{count} skipped: {reason}" for reason, count in self.skipped.items()]
-        lines += [f"  e.g. {example}" for example in self.examples]
-        return "\n".join(lines)
-
-
-def _digest(value: object) -> str:
-    return hashlib.sha256(repr(value).encode()).hexdigest()[:24]
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A digest of everything that decides a tokenizer's ids: its whole serialized form.
-
-    Serializing InternLM2's 92,544-piece tokenizer takes a fraction of a second, once per
-    dataset; anything cheaper (a path, a vocab size) would miss an edited tokenizer.
-    """
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:24]
+__all__ = ["ConversationDataset", "DataReport", "PackedDataset", "pack_groups",
+           "tokenizer_fingerprint"]
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -94,6 +54,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         layout: ImageLayout | None = None,
         max_bad_fraction: float = 0.01,
         cache_dir: str | Path | None = None,
+        num_proc: int | None = None,
     ) -> None:
         self.file = Path(file)
         self.image_folder = Path(image_folder) if image_folder is not None else None
@@ -101,77 +62,37 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.layout = layout
         self.feature_cache = None
         """Set by the trainer when the vision tower is frozen: a features.FeatureCache."""
-        self.report = DataReport()
-        records = self._usable_records(max_bad_fraction)
         self.image_id = tokenizer.get_vocab().get(IMAGE_TOKEN)
-        if self.image_id is None and any(r["images"] for r in records):
-            raise ValueError("the tokenizer has no <image> token; call add_image_token first")
-
-        def tokenize(record: dict) -> dict:
-            out = tokenize_record(record, tokenizer, template, max_length, self.image_id,
-                                  record["image_tokens"])
-            return {"input_ids": out.input_ids, "labels": out.labels, "status": out.status}
-
-        cache_file = None
-        if cache_dir is not None:
-            stat = self.file.stat()
-            key = hashlib.sha256(repr((
-                str(self.file.resolve()), stat.st_size, stat.st_mtime_ns, template, max_length,
-                _digest([r["image_tokens"] for r in records]), self.image_id, tokenizer_fingerprint(tokenizer), len(records),
-                ENCODING_VERSION,
-            )).encode()).hexdigest()[:24]
-            os.makedirs(cache_dir, exist_ok=True)
-            cache_file = str(Path(cache_dir) / f"tokenized-{key}.arrow")
-        table = datasets.Dataset.from_list(records).map(
-            tokenize, cache_file_name=cache_file, load_from_cache_file=cache_file is not None,
-            desc=f"tokenizing {self.file.name}")
-        keep_rows = []
-        for row, (status, record_id) in enumerate(zip(table["status"], table["id"], strict=True)):
-            if status in USABLE:
-                keep_rows.append(row)
-                self.report.truncated += status == TRUNCATED
-            else:
-                self.report.skip(status, f"{self.file} id {record_id!r}: {status}")
-        self.table = table.select(keep_rows).remove_columns(["messages", "status"])
-        self.table.set_format(columns=["id", "images", "kinds", "image_sizes", "image_tokens",
-                                       "input_ids", "labels"])
-        self.report.kept = len(self.table)
-        if self.report.kept == 0:
-            hint = "(raise data.max_length if samples were cut, or fix the records)"
-            if self.report.skipped.keys() & {IMAGE_CUT, NO_ANSWER}:
-                hint = self._length_hint(records, tokenizer, template, max_length)
-            raise UserError(f"no usable samples in {self.file}:\n{self.report.summary()}\n{hint}")
-
-    def _usable_records(self, max_bad_fraction: float) -> list[dict]:
-        """The file's records that pass every check; the rest are counted in the report."""
-        result = read_conversations(self.file)
-        self.report.total = len(result.records) + len(result.problems)
-        problems = list(result.problems)
-        records = []
-        for index, record in zip(result.indices, result.records, strict=True):
-            problem = self._image_problem(record)
-            if problem:
-                problems.append(Problem(self.file, index, record["id"], problem))
-            else:
-                records.append(record)
-        if self.layout is not None and self.layout.anyres:
-            self.report.largest = self.layout.largest
-        for problem in problems:
-            self.report.skip("bad record", str(problem))
-        if problems and len(problems) > max_bad_fraction * self.report.total:
-            listed = "\n  ".join(str(p) for p in problems[:5])
+        vision = image_processor is not None and layout is not None
+        recipe = Recipe(self.file, self.image_folder, template, max_length, self.image_id,
+                        layout if vision else None, tokenizer_fingerprint(tokenizer))
+        prepared = prepare(recipe, tokenizer, cache_dir, num_proc)
+        self.report = prepared.report
+        if prepared.bad and prepared.bad > max_bad_fraction * self.report.total:
+            listed = "\n  ".join(prepared.problems)
             raise UserError(
-                f"{len(problems)} of {self.report.total} records in {self.file} cannot be used:\n"
+                f"{prepared.bad} of {self.report.total} records in {self.file} cannot be used:\n"
                 f"  {listed}\n(fix these records; up to {max_bad_fraction:.0%} bad records "
                 "are skipped automatically: data.max_bad_fraction)"
             )
-        return records
+        self.table = prepared.table
+        if self.image_id is None and any(pc.list_value_length(self.table.data.column("images"))
+                                         .to_numpy(zero_copy_only=False)):
+            raise ValueError("the tokenizer has no <image> token; call add_image_token first")
+        self.table.set_format(columns=["id", "images", "kinds", "image_sizes", "image_tokens",
+                                       "input_ids", "labels"])
+        if self.report.kept == 0:
+            hint = "(raise data.max_length if samples were cut, or fix the records)"
+            if self.report.skipped.keys() & {IMAGE_CUT, NO_ANSWER}:
+                hint = self._length_hint(recipe, tokenizer, template, max_length)
+            raise UserError(f"no usable samples in {self.file}:\n{self.report.summary()}\n{hint}")
 
-    def _length_hint(self, records: list[dict], tokenizer, template: ChatTemplate,
+    def _length_hint(self, recipe: Recipe, tokenizer, template: ChatTemplate,
                      max_length: int) -> str:
         """Which data.max_length would fit, from the whole lengths of (up to 1000) samples."""
+        records = usable_records(recipe, 1000)
         lengths = []
-        for record in records[:1000]:
+        for record in records:
             ids = tokenize_record(record, tokenizer, template, 2**62, self.image_id,
                                   record["image_tokens"]).input_ids
             lengths.append(len(ids) + sum(record["image_tokens"]) - len(record["image_tokens"]))
@@ -187,63 +108,26 @@ class ConversationDataset(torch.utils.data.Dataset):
             fix += f", or at least {lengths[0]}"
         return f"data.max_length={max_length} is too small: the samples take {span} tokens{images}. {fix}"
 
-    def _image_problem(self, record: dict) -> str | None:
-        """Why the record's images (or videos) cannot be used, or None; sets its
-        "image_sizes" (anyres images: (height, width) from each header, else (0, 0)) and
-        "image_tokens" (slots per item)."""
-        record["image_sizes"], record["image_tokens"] = [], []
-        if not record["images"]:
-            return None
-        if self.image_folder is None or self.image_processor is None or self.layout is None:
-            return "has an image, but this stage has no vision tower (or no image folder is set)"
-        # OneVision reads each of several images as one square (model.anyres.multi_image).
-        square = self.layout.kind_of_images(record["kinds"].count("image")) == "square"
-        record["kinds"] = ["square" if square and k == "image" else k for k in record["kinds"]]
-        for image, kind in zip(record["images"], record["kinds"], strict=True):
-            path = self.image_folder / image
-            if kind == "video":
-                if not path.exists():
-                    return (f"video {image!r} not found under image folder "
-                            f"{self.image_folder}; check data.image_folder / --image-folder")
-                record["image_sizes"].append([0, 0])
-                record["image_tokens"].append(self.layout.video_tokens())
-                continue
-            if not path.is_file():
-                return (f"image {image!r} not found under image folder {self.image_folder}; "
-                        "check data.image_folder / --image-folder")
-            size = (0, 0)
-            if kind == "square":
-                record["image_sizes"].append([0, 0])
-                record["image_tokens"].append(self.layout.tokens(Media("square")))
-                continue
-            if self.layout.anyres:
-                try:
-                    size = image_size(path)
-                except UserError as err:
-                    return str(err)
-                self.report.scaled_down += self.layout.scales_down(size)
-            record["image_sizes"].append(list(size))
-            record["image_tokens"].append(self.layout.num_tokens(size))
-        return None
-
     def __len__(self) -> int:
         return len(self.table)
 
     def lengths(self) -> list[int]:
-        """Token counts with images expanded, for batching by length."""
-        return [len(ids) + sum(tokens) - len(tokens)
-                for ids, tokens in zip(self.table["input_ids"], self.table["image_tokens"],
-                                       strict=True)]
+        """Token counts with images expanded, for batching by length (read from the table's
+        column: no sample is decoded)."""
+        return self.table.data.column("length").to_pylist()
 
     def has_images(self) -> list[bool]:
         """Whether each sample has an image (for batching by modality)."""
-        return [bool(images) for images in self.table["images"]]
+        counts = pc.list_value_length(self.table.data.column("images"))
+        return [bool(n) for n in counts.to_pylist()]
 
     def image_paths(self) -> list[tuple[Path, str]]:
         """Every distinct (image or video, kind) the kept samples use, in first-use order."""
-        seen = dict.fromkeys((self.image_folder / image, kind) for images, kinds in
-                             zip(self.table["images"], self.table["kinds"], strict=True)
-                             for image, kind in zip(images, kinds, strict=True))
+        images = self.table.data.column("images").to_pylist()
+        kinds = self.table.data.column("kinds").to_pylist()
+        seen = dict.fromkeys((self.image_folder / image, kind) for row_images, row_kinds in
+                             zip(images, kinds, strict=True)
+                             for image, kind in zip(row_images, row_kinds, strict=True))
         return list(seen)
 
     def tower_inputs(self, path: Path, kind: str) -> torch.Tensor:

@@ -10,8 +10,10 @@ a bad record can be skipped and counted, or the whole file refused with the fix.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,9 +266,24 @@ def check_record(record: dict, videos: list[str] = ()) -> None:
         )
 
 
+def record_from_raw(raw: object, index: int, read_messages) -> dict:
+    """One raw JSON record -> the record form (module docstring), or ValueError saying what is
+    wrong with it. `read_messages` is the file's format reader (FORMATS)."""
+    if not isinstance(raw, dict):
+        raise ValueError("is not a JSON object")
+    record = {"id": str(raw.get("id", index)), "images": _images(raw),
+              "messages": read_messages(raw)}
+    videos = _videos(raw)
+    check_record(record, videos)
+    record["messages"], record["images"], record["kinds"] = merge_media(
+        record["messages"], record["images"], videos)
+    return record
+
+
 def read_conversations(path: str | Path) -> ReadResult:
     """Read a JSON or JSONL file of conversations in any of FORMATS (detected per file);
-    images come from an `image` (or `images`) key, relative to an image folder."""
+    images come from an `image` (or `images`) key, relative to an image folder. Holds the
+    whole file: data/prepare.py streams large ones."""
     path = Path(path)
     raws, problems = read_json_records(path)
     read_messages = FORMATS[detect_format(path, raws)][1]
@@ -276,17 +293,205 @@ def read_conversations(path: str | Path) -> ReadResult:
             continue
         record_id = str(raw.get("id")) if isinstance(raw, dict) and "id" in raw else None
         try:
-            if not isinstance(raw, dict):
-                raise ValueError("is not a JSON object")
-            record = {"id": str(raw.get("id", index)), "images": _images(raw),
-                      "messages": read_messages(raw)}
-            videos = _videos(raw)
-            check_record(record, videos)
-            record["messages"], record["images"], record["kinds"] = merge_media(
-                record["messages"], record["images"], videos)
+            record = record_from_raw(raw, index, read_messages)
         except ValueError as err:
             result.problems.append(Problem(path, index, record_id, str(err)))
             continue
         result.records.append(record)
         result.indices.append(index)
     return result
+
+
+# --------------------------------------------------------------------------- streaming
+
+CHUNK_BYTES = 8 << 20
+"""Bytes read at a time when streaming a file's records."""
+
+
+@dataclass
+class RawRecord:
+    """One record of a file as its text, before parsing (streamed: see iter_raw_records)."""
+
+    index: int
+    text: str | None
+    """The record's JSON text; None when it did not parse (then `problem` says why)."""
+    problem: str | None = None
+
+
+def iter_raw_records(path: Path) -> Iterator[RawRecord]:
+    """A JSON list or JSONL file's records one at a time, as text, holding one chunk of the
+    file (and one record) at a time: a 1 GB LLaVA-665K file never sits in memory whole, nor
+    do its parsed objects. Errors for the whole file (not UTF-8, not JSON, empty) are
+    UserErrors with the same wording as read_json_records; a JSONL line that does not parse
+    is a problem of its record. A file holding one multi-line object is read whole (it is one
+    record, or a wrapper read_json_records refuses)."""
+    if not path.is_file():
+        raise UserError(f"data file {path} not found; check data.train / --data")
+    stream = _Chars(path)
+    first = stream.first_char()
+    if first is None:
+        raise UserError(f"data file {path} is empty")
+    if first == "[":
+        yield from _array_records(path, stream)
+        return
+    if first == "{" and not stream.first_line_is_an_object():
+        raws, problems = read_json_records(path)
+        bad = {problem.index: problem.message for problem in problems}
+        for index, raw in enumerate(raws):
+            yield RawRecord(index, None if raw is None else json.dumps(raw), bad.get(index))
+        return
+    index = 0
+    stream.pos = 0  # back to the first line: line numbers count from the file's start
+    for number, line in stream.lines():
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as err:
+            yield RawRecord(index, None, f"line {number} is not valid JSON ({err.msg})")
+        else:
+            yield RawRecord(index, line)
+        index += 1
+
+
+def _array_records(path: Path, stream: _Chars) -> Iterator[RawRecord]:
+    decoder = json.JSONDecoder()
+    stream.expect("[")
+    index = 0
+    while True:
+        char = stream.next_char()
+        if char == "]":
+            stream.pos += 1
+            if stream.next_char() is not None:
+                stream.fail("Extra data", stream.pos)
+            return
+        if index:
+            if char != ",":
+                stream.fail("Expecting ',' delimiter", stream.pos)
+            stream.pos += 1
+            stream.next_char()
+        elif char is None:
+            stream.fail("Expecting value", stream.pos)
+        while True:
+            try:
+                _, end = decoder.raw_decode(stream.buf, stream.pos)
+            except json.JSONDecodeError as err:
+                if stream.refill():  # the record may run on in the next chunk
+                    continue
+                stream.fail(err.msg, err.pos)
+            # A value that ends exactly at the chunk's end may be a number cut short.
+            if end == len(stream.buf) and stream.refill():
+                continue
+            break
+        yield RawRecord(index, stream.buf[stream.pos:end])
+        stream.pos = end
+        stream.trim()
+        index += 1
+
+
+class _Chars:
+    """A UTF-8 file's text a chunk at a time, with the absolute line of the buffer's start,
+    for error messages that point into the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "rb")  # noqa: SIM115 (closed at the end of the text)
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf = ""
+        self.pos = 0
+        self.bytes_read = 0
+        self.newlines_read = 0
+        self.line = 1
+        """Line number (1-based) of buf[0]."""
+        self.column = 1
+        """Column (1-based) of buf[0] on its line."""
+        self.eof = False
+
+    def refill(self) -> bool:
+        """Append the next chunk to the buffer; False at the end of the file."""
+        if self.eof:
+            return False
+        chunk = self.file.read(CHUNK_BYTES)
+        try:
+            text = self.decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as err:
+            offset = self.bytes_read + err.start
+            line = self.newlines_read + chunk[:err.start].count(b"\n") + 1
+            raise UserError(
+                f"data file {self.path} is not UTF-8 text (byte {offset}, line {line}: "
+                f"{chunk[err.start:err.start + 1]!r}); save it as UTF-8, e.g. "
+                f"`iconv -f latin1 -t utf-8 {self.path.name} > fixed.json`") from None
+        self.bytes_read += len(chunk)
+        self.newlines_read += chunk.count(b"\n")
+        if not chunk:
+            self.eof = True
+            self.file.close()
+        self.buf += text
+        return bool(chunk) or bool(text)
+
+    def next_char(self) -> str | None:
+        """The next non-space character (not consumed), None at the end of the file."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.refill():
+                return None
+
+    def first_char(self) -> str | None:
+        return self.next_char()
+
+    def first_line_is_an_object(self) -> bool:
+        """Whether the text is JSONL: its first line parses alone and more lines follow (read
+        ahead without consuming). Otherwise the caller reads the file whole, as before."""
+        while "\n" not in self.buf[self.pos:] and self.refill():
+            pass
+        head, newline, rest = self.buf[self.pos:].partition("\n")
+        if not newline or not rest.strip():
+            return False
+        try:
+            json.loads(head)
+        except json.JSONDecodeError:
+            return False
+        return True
+
+    def expect(self, char: str) -> None:
+        if self.next_char() != char:
+            self.fail(f"Expecting {char!r}", self.pos)
+        self.pos += 1
+
+    def trim(self) -> None:
+        """Drop what was read, keeping the line and column of the buffer's new start."""
+        if self.pos < CHUNK_BYTES:
+            return
+        gone = self.buf[:self.pos]
+        newlines = gone.count("\n")
+        self.line += newlines
+        self.column = (self.column + len(gone)) if not newlines else len(gone) - gone.rfind("\n")
+        self.buf, self.pos = self.buf[self.pos:], 0
+
+    def lines(self) -> Iterator[tuple[int, str]]:
+        """(line number, text) of every line from the start (JSONL)."""
+        number = self.line
+        while True:
+            end = self.buf.find("\n", self.pos)
+            while end < 0 and self.refill():
+                end = self.buf.find("\n", self.pos)
+            if end < 0:
+                if self.pos < len(self.buf):
+                    yield number, self.buf[self.pos:]
+                return
+            yield number, self.buf[self.pos:end]
+            number += 1
+            self.pos = end + 1
+            if self.pos >= CHUNK_BYTES:
+                self.buf, self.pos = self.buf[self.pos:], 0
+
+    def fail(self, message: str, pos: int) -> None:
+        before = self.buf[:pos]
+        newlines = before.count("\n")
+        line = self.line + newlines
+        column = pos - before.rfind("\n") if newlines else self.column + pos
+        raise UserError(f"{self.path} is not valid JSON (line {line}, column {column}: "
+                        f"{message}); fix the file or write it as JSONL, one record per line")

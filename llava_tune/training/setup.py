@@ -158,6 +158,7 @@ def build_dataset(config: Config, bundle: ModelBundle,
         image_folder=config.data.image_folder, image_processor=bundle.image_processor,
         layout=bundle.model.layout,
         max_bad_fraction=config.data.max_bad_fraction, cache_dir=config.data.cache_dir,
+        num_proc=config.data.num_proc,
     )
     if config.data.pack:
         return PackedDataset(dataset, config.data.max_length, seed=config.train.seed)

@@ -1,0 +1,423 @@
+"""A conversation file made ready to train, once: its records streamed from the file,
+checked, their images looked up and tokenized by several processes, into Arrow files that
+every training process memory-maps.
+
+LLaVA-665K is a 1 GB JSON list. Read whole, it holds the text and millions of Python objects
+at once (~8 GB), and each of 8 processes would do so and tokenize the same records again. Here
+the file is read a chunk at a time (formats.iter_raw_records) into an Arrow file of record
+texts; `datasets.map` with `num_proc` workers parses, checks (formats.record_from_raw, the
+images: present, their sizes for anyres) and tokenizes them; the usable rows are saved under
+
+    CACHE/prepared-<key>/table/      (Arrow, memory-mapped by every process)
+    CACHE/prepared-<key>/report.json (what was kept, skipped and why)
+
+The key digests the data file (path, size, modification time), the image folder, the chat
+template, max_length, the tokenizer, the image layout and this module's version: a change to
+any of them prepares again. Images are looked up once, when preparing: one that was missing
+then is looked up again at the next start (and the file prepared again if it has appeared);
+an image replaced in place by one of another size is not seen (touch the data file). The
+processes of a launch take turns on a lock: the first prepares, the others wait and map its
+files. Without a cache folder the table goes to a temporary folder removed at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from llava_tune.data.formats import (
+    FORMATS,
+    Problem,
+    detect_format,
+    iter_raw_records,
+    record_from_raw,
+)
+from llava_tune.data.image import image_size
+from llava_tune.data.segments import ENCODING_VERSION
+from llava_tune.data.template import ChatTemplate
+from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, OK, TRUNCATED, tokenize_record
+from llava_tune.errors import UserError
+from llava_tune.files import atomic_dir, exclusive
+from llava_tune.models.anyres import ImageLayout, Media
+
+PREPARE_VERSION = 1
+"""Bumped when the prepared table's columns or checks change; part of the key."""
+
+BAD_RECORD = "bad record"
+CODES = (OK, TRUNCATED, BAD_RECORD, IMAGE_CUT, NO_ANSWER)
+"""A row's fate, stored as its index in this tuple: the first two train."""
+
+ROWS_PER_WORKER = 20_000
+"""With data.num_proc unset, a worker per this many records (up to the cores): starting
+workers costs seconds, which a small file does not repay."""
+
+MISSING_KEPT = 1000
+"""Missing image paths remembered to look up again at the next start."""
+
+
+@dataclass
+class DataReport:
+    """What was left out of a dataset and why; shown to the user before and after training."""
+
+    total: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    truncated: int = 0
+    scaled_down: int = 0
+    """Images larger than the largest anyres grid, scaled down to fit it."""
+    largest: tuple[int, int] | None = None
+    """That grid's canvas (height, width) in pixels."""
+
+    def skip(self, reason: str, example: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(example)
+
+    def summary(self) -> str:
+        lines = [f"{self.kept} of {self.total} samples kept"]
+        if self.truncated:
+            lines.append(f"{self.truncated} truncated to max_length")
+        if self.scaled_down:
+            lines.append(f"{self.scaled_down} images larger than every anyres grid, scaled "
+                         f"down to fit one (the largest: {self.largest[1]} x {self.largest[0]} "
+                         "px; model.anyres.grid_pinpoints)")
+        lines += [f"{count} skipped: {reason}" for reason, count in self.skipped.items()]
+        lines += [f"  e.g. {example}" for example in self.examples]
+        return "\n".join(lines)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of everything that decides a tokenizer's ids: its whole serialized form.
+
+    Serializing InternLM2's 92,544-piece tokenizer takes a fraction of a second, once per
+    dataset; anything cheaper (a path, a vocab size) would miss an edited tokenizer.
+    """
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides a file's prepared table."""
+
+    file: Path
+    image_folder: Path | None
+    template: ChatTemplate
+    max_length: int
+    image_id: int | None
+    layout: ImageLayout | None
+    """None: a stage without a vision tower (a record with an image is a bad record)."""
+    tokenizer_digest: str
+
+    def key(self) -> str:
+        stat = self.file.stat()
+        folder = str(self.image_folder.resolve()) if self.image_folder is not None else None
+        parts = (str(self.file.resolve()), stat.st_size, stat.st_mtime_ns, folder,
+                 self.template, self.max_length, self.image_id, self.layout,
+                 self.tokenizer_digest, ENCODING_VERSION, PREPARE_VERSION)
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+@dataclass
+class Prepared:
+    table: datasets.Dataset
+    """The usable rows: id, images, kinds, image_sizes, image_tokens, input_ids, labels,
+    length (tokens with the images expanded)."""
+    report: DataReport
+    bad: int
+    """Records that failed the checks (max_bad_fraction counts these)."""
+    problems: list[str]
+    """The first five of them, where and what."""
+
+
+# --------------------------------------------------------------------------- one record
+
+
+def media_problem(record: dict, recipe: Recipe) -> tuple[str | None, str | None, int]:
+    """Check a record's images and videos, setting its "image_sizes" (anyres: (height,
+    width) from each header, else (0, 0)), "image_tokens" (slots per item) and kinds
+    ("square" for OneVision's several images). Returns (why it cannot be used or None, the
+    path of a missing image or None, images scaled down to the largest grid)."""
+    record["image_sizes"], record["image_tokens"] = [], []
+    if not record["images"]:
+        return None, None, 0
+    layout, folder = recipe.layout, recipe.image_folder
+    if folder is None or layout is None:
+        return "has an image, but this stage has no vision tower (or no image folder is set)", None, 0
+    square = layout.kind_of_images(record["kinds"].count("image")) == "square"
+    record["kinds"] = ["square" if square and k == "image" else k for k in record["kinds"]]
+    scaled = 0
+    for image, kind in zip(record["images"], record["kinds"], strict=True):
+        path = folder / image
+        if kind == "video":
+            if not path.exists():
+                return (f"video {image!r} not found under image folder {folder}; check "
+                        "data.image_folder / --image-folder", str(path), 0)
+            record["image_sizes"].append([0, 0])
+            record["image_tokens"].append(layout.video_tokens())
+            continue
+        if not path.is_file():
+            return (f"image {image!r} not found under image folder {folder}; check "
+                    "data.image_folder / --image-folder", str(path), 0)
+        size = (0, 0)
+        if kind == "square":
+            record["image_sizes"].append([0, 0])
+            record["image_tokens"].append(layout.tokens(Media("square")))
+            continue
+        if layout.anyres:
+            try:
+                size = image_size(path)
+            except UserError as err:
+                return str(err), None, 0
+            scaled += layout.scales_down(size)
+        record["image_sizes"].append(list(size))
+        record["image_tokens"].append(layout.num_tokens(size))
+    return None, None, scaled
+
+
+def usable_record(raw_text: str, index: int, recipe: Recipe, read_messages) -> tuple[dict | None, str | None, str | None, int]:
+    """(record, problem, missing image, images scaled down) of one record's JSON text."""
+    raw = json.loads(raw_text)
+    record_id = str(raw["id"]) if isinstance(raw, dict) and "id" in raw else None
+    try:
+        record = record_from_raw(raw, index, read_messages)
+    except ValueError as err:
+        return None, str(Problem(recipe.file, index, record_id, str(err))), None, 0
+    problem, missing, scaled = media_problem(record, recipe)
+    if problem:
+        return None, str(Problem(recipe.file, index, record["id"], problem)), missing, 0
+    return record, None, None, scaled
+
+
+OUT_FEATURES = datasets.Features({
+    "id": datasets.Value("string"),
+    "images": datasets.Sequence(datasets.Value("string")),
+    "kinds": datasets.Sequence(datasets.Value("string")),
+    "image_sizes": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+    "image_tokens": datasets.Sequence(datasets.Value("int32")),
+    "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "labels": datasets.Sequence(datasets.Value("int32")),
+    "length": datasets.Value("int32"),
+    "code": datasets.Value("int8"),
+    "problem": datasets.Value("string"),
+    "missing": datasets.Value("string"),
+    "scaled": datasets.Value("int32"),
+})
+
+
+def _process(batch: dict[str, list], recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
+             format_name: str) -> dict[str, list]:
+    """datasets.map's batched function: record texts -> the prepared columns."""
+    read_messages = FORMATS[format_name][1]
+    out: dict[str, list] = {name: [] for name in OUT_FEATURES}
+    for index, text, read_problem in zip(batch["index"], batch["text"], batch["problem"],
+                                         strict=True):
+        record, missing, scaled = None, None, 0
+        if read_problem is not None:
+            problem = str(Problem(recipe.file, index, None, read_problem))
+        else:
+            record, problem, missing, scaled = usable_record(text, index, recipe, read_messages)
+        ids: list[int] = []
+        labels: list[int] = []
+        if record is None:
+            code, record_id = CODES.index(BAD_RECORD), None
+        else:
+            tokenized = tokenize_record(record, tokenizer, recipe.template, recipe.max_length,
+                                        recipe.image_id, record["image_tokens"])
+            code, record_id = CODES.index(tokenized.status), record["id"]
+            ids, labels = tokenized.input_ids, tokenized.labels
+        tokens = record["image_tokens"] if record else []
+        out["id"].append(record_id)
+        out["images"].append(record["images"] if record else [])
+        out["kinds"].append(record["kinds"] if record else [])
+        out["image_sizes"].append(record["image_sizes"] if record else [])
+        out["image_tokens"].append(tokens)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids) + sum(tokens) - len(tokens))
+        out["code"].append(code)
+        out["problem"].append(problem)
+        out["missing"].append(missing)
+        out["scaled"].append(scaled)
+    return out
+
+
+# --------------------------------------------------------------------------- the file
+
+
+TABLE_COLUMNS = ("id", "images", "kinds", "image_sizes", "image_tokens", "input_ids", "labels",
+                 "length")
+"""The prepared table's columns (OUT_FEATURES without the row's fate)."""
+
+RAW_FEATURES = datasets.Features({"index": datasets.Value("int64"), "text": datasets.Value("string"),
+                                  "problem": datasets.Value("string")})
+
+
+def _write_raw(recipe: Recipe, path: Path) -> tuple[int, str]:
+    """The file's records as texts in an Arrow file at `path`; (records, format name)."""
+    from datasets.arrow_writer import ArrowWriter
+
+    first: object = None
+    seen_kinds: dict[str, object] = {}
+    count = 0
+    with ArrowWriter(features=RAW_FEATURES, path=str(path), writer_batch_size=10_000) as writer:
+        for raw in iter_raw_records(recipe.file):
+            writer.write({"index": raw.index, "text": raw.text, "problem": raw.problem})
+            count += 1
+            if raw.text is not None and first is None:
+                value = json.loads(raw.text)
+                if isinstance(value, dict):
+                    first = value
+                else:
+                    seen_kinds.setdefault(type(value).__name__, value)
+        writer.finalize()
+    # The format is the first object record's; with none, detect_format names what there is.
+    examples = [first] if first is not None else list(seen_kinds.values())
+    return count, detect_format(recipe.file, examples)
+
+
+def _workers(records: int, num_proc: int | None) -> int:
+    if num_proc is not None:
+        return max(1, min(num_proc, records))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, records // ROWS_PER_WORKER))
+
+
+def _build(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, folder: Path,
+           num_proc: int | None) -> None:
+    """Prepare the file into `folder` (table/ and report.json)."""
+    work = folder / "work"
+    work.mkdir(parents=True)
+    total, format_name = _write_raw(recipe, work / "raw.arrow")
+    raw = datasets.Dataset.from_file(str(work / "raw.arrow"))
+    processed = raw.map(
+        _process, batched=True, batch_size=1000, num_proc=_workers(total, num_proc),
+        fn_kwargs={"recipe": recipe, "tokenizer": tokenizer, "format_name": format_name},
+        remove_columns=raw.column_names, features=OUT_FEATURES,
+        cache_file_name=str(work / "processed.arrow"), new_fingerprint=recipe.key(),
+        desc=f"checking and tokenizing {recipe.file.name}")
+    codes = processed.data.column("code").to_numpy()
+    keep = np.flatnonzero(codes <= CODES.index(TRUNCATED))
+    anyres = recipe.layout is not None and recipe.layout.anyres
+    report = DataReport(total=total, kept=len(keep),
+                        truncated=int((codes == CODES.index(TRUNCATED)).sum()),
+                        scaled_down=int(processed.data.column("scaled").to_numpy()[keep].sum()),
+                        largest=recipe.layout.largest if anyres else None)
+    # Counted as before the table existed: the bad records first, then what cannot train;
+    # the examples are the first five of them in that order.
+    bad_rows = np.flatnonzero(codes == CODES.index(BAD_RECORD))
+    bad = processed.select(bad_rows).select_columns(["problem", "missing"])
+    problems = list(bad.select(range(min(5, len(bad))))["problem"])
+    report.skipped[BAD_RECORD] = len(bad_rows)
+    report.examples = list(problems)
+    for code in range(CODES.index(IMAGE_CUT), len(CODES)):
+        rows = np.flatnonzero(codes == code)
+        report.skipped[CODES[code]] = len(rows)
+        for record_id in list(processed.select(rows[:5 - len(report.examples)])["id"]):
+            report.examples.append(f"{recipe.file} id {record_id!r}: {CODES[code]}")
+    report.skipped = Counter({reason: n for reason, n in report.skipped.items() if n})
+    missing = [path for path in list(bad["missing"]) if path][:MISSING_KEPT] if len(bad) else []
+    if len(keep):  # (save_to_disk cannot write no rows: _load makes the empty table)
+        table = processed.select(keep).remove_columns(["code", "problem", "missing", "scaled"])
+        with _no_progress_bars():  # a second bar for a copy would only puzzle
+            table.save_to_disk(str(folder / "table"))
+    meta = {"report": {**asdict(report), "skipped": dict(report.skipped)}, "bad": len(bad_rows),
+            "problems": problems, "missing": missing}
+    (folder / "report.json").write_text(json.dumps(meta, indent=1))
+    del raw, processed
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _empty_table() -> datasets.Dataset:
+    features = datasets.Features({name: OUT_FEATURES[name] for name in TABLE_COLUMNS})
+    return datasets.Dataset.from_dict({name: [] for name in TABLE_COLUMNS}, features=features)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    was_enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _load(folder: Path) -> Prepared | None:
+    """The prepared table in `folder`, or None when there is none (or an image that was
+    missing has appeared since: prepare again)."""
+    meta_file = folder / "report.json"
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    kept = meta["report"]["kept"]
+    if kept and not (folder / "table").is_dir():
+        return None
+    if any(os.path.exists(path) for path in meta["missing"]):
+        return None
+    fields = meta["report"]
+    report = DataReport(**{**fields, "skipped": Counter(fields["skipped"]),
+                           "largest": tuple(fields["largest"]) if fields["largest"] else None})
+    table = datasets.load_from_disk(str(folder / "table")) if kept else _empty_table()
+    return Prepared(table, report, meta["bad"], meta["problems"])
+
+
+def prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, cache_dir: str | Path | None,
+            num_proc: int | None = None) -> Prepared:
+    """The recipe's prepared table: from the cache when it is there, else prepared now (by
+    one process at a time; the others then read it)."""
+    if cache_dir is None:
+        folder = Path(tempfile.mkdtemp(prefix="llava-tune-data-"))
+        atexit.register(shutil.rmtree, folder, True)
+        _build(recipe, tokenizer, folder / "prepared", num_proc)
+        prepared = _load(folder / "prepared")
+        assert prepared is not None
+        return prepared
+    folder = Path(cache_dir) / f"prepared-{recipe.key()}"
+    prepared = _load(folder)
+    if prepared is not None:
+        return prepared
+    with exclusive(folder):
+        prepared = _load(folder)  # another process may have prepared it meanwhile
+        if prepared is None:
+            with atomic_dir(folder) as tmp:
+                _build(recipe, tokenizer, tmp, num_proc)
+            prepared = _load(folder)
+    if prepared is None:
+        raise UserError(f"the prepared data in {folder} did not read back; remove the folder "
+                        "and start again")
+    return prepared
+
+
+def usable_records(recipe: Recipe, limit: int) -> list[dict]:
+    """Up to `limit` records of the file that pass the checks (for error hints), streamed."""
+    records: list[dict] = []
+    read_messages = None
+    for raw in iter_raw_records(recipe.file):
+        if raw.text is None:
+            continue
+        if read_messages is None:
+            value = json.loads(raw.text)
+            if not isinstance(value, dict):
+                continue
+            read_messages = FORMATS[detect_format(recipe.file, [value])][1]
+        record, _, _, _ = usable_record(raw.text, raw.index, recipe, read_messages)
+        if record is not None:
+            records.append(record)
+            if len(records) >= limit:
+                break
+    return records
