@@ -67,6 +67,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         recipe = Recipe(self.file, self.image_folder, template, max_length, self.image_id,
                         layout if vision else None, tokenizer_fingerprint(tokenizer))
         prepared = prepare(recipe, tokenizer, cache_dir, num_proc)
+        self.prepared_here = prepared.built
+        """Whether this process prepared the file (else it read the cache)."""
         self.report = prepared.report
         if prepared.bad and prepared.bad > max_bad_fraction * self.report.total:
             listed = "\n  ".join(prepared.problems)

@@ -141,6 +141,8 @@ class Prepared:
     """Records that failed the checks (max_bad_fraction counts these)."""
     problems: list[str]
     """The first five of them, where and what."""
+    built: bool = False
+    """Whether this process prepared it (else it read another's)."""
 
 
 # --------------------------------------------------------------------------- one record
@@ -386,6 +388,7 @@ def prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, cache_dir: str |
         _build(recipe, tokenizer, folder / "prepared", num_proc)
         prepared = _load(folder / "prepared")
         assert prepared is not None
+        prepared.built = True
         return prepared
     folder = Path(cache_dir) / f"prepared-{recipe.key()}"
     prepared = _load(folder)
@@ -397,6 +400,8 @@ def prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, cache_dir: str |
             with atomic_dir(folder) as tmp:
                 _build(recipe, tokenizer, tmp, num_proc)
             prepared = _load(folder)
+            if prepared is not None:
+                prepared.built = True
     if prepared is None:
         raise UserError(f"the prepared data in {folder} did not read back; remove the folder "
                         "and start again")
