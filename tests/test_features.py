@@ -97,6 +97,37 @@ def test_cached_training_equals_plain_training(tmp_path, stage_overrides):
     assert batch.pixel_values is None and batch.image_features.shape == (2, 4, 64)
 
 
+def test_a_truncated_entry_is_recomputed_without_reading_the_others(tmp_path,
+                                                                    tower_and_processor,
+                                                                    shapes_data):
+    tower, processor = tower_and_processor
+    images = sorted((shapes_data / "images" / "train").glob("*.png"))[:3]
+    cache = FeatureCache(tmp_path, tower_key(tower, processor), (tower.num_patches, tower.hidden_size))
+    cache.fill(images, tower, processor)
+    whole = cache.entry(images[0]).read_bytes()
+    cache.entry(images[0]).write_bytes(whole[:-2])  # cut short, as by a full disk
+    assert cache.missing(images) == [(images[0], "image")]
+    assert cache.bytes_for(1) == 4096  # 4 x 64 fp16 values and a header: one block
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused(tmp_path, stage_overrides, monkeypatch):
+    """Before any feature is computed: the size it needs, the disk's room, the ways out."""
+    import shutil
+
+    import llava_tune.training.setup as setup_module
+
+    monkeypatch.setattr(setup_module.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
+    config = load_config(DEMO / "pretrain.yaml", [
+        *stage_overrides("pretrain"), *QUICK, f"data.feature_cache={tmp_path / 'f'}"])
+    bundle, _ = build_for_training(config, device="cpu")
+    dataset = build_dataset(config, bundle, config.data.train)
+    with pytest.raises(UserError, match=r"would take \d+\.\d MB more for \d+ images .* which has "
+                       r"0\.0 MB free\): set data.feature_cache=null .* or train on a subset"):
+        use_feature_cache(config, bundle, _single_process(), [dataset])
+    assert not list((tmp_path / "f").rglob("*.safetensors"))
+
+
 def test_cache_is_off_while_the_tower_trains(tmp_path, stage_overrides):
     config = load_config(DEMO / "finetune.yaml", [
         *stage_overrides("finetune"), *QUICK, f"data.feature_cache={tmp_path / 'f'}",

@@ -123,14 +123,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         counts = pc.list_value_length(self.table.data.column("images"))
         return [bool(n) for n in counts.to_pylist()]
 
-    def image_paths(self) -> list[tuple[Path, str]]:
-        """Every distinct (image or video, kind) the kept samples use, in first-use order."""
-        images = self.table.data.column("images").to_pylist()
-        kinds = self.table.data.column("kinds").to_pylist()
-        seen = dict.fromkeys((self.image_folder / image, kind) for row_images, row_kinds in
-                             zip(images, kinds, strict=True)
-                             for image, kind in zip(row_images, row_kinds, strict=True))
-        return list(seen)
+    def image_paths(self) -> dict[tuple[Path, str], int]:
+        """Every distinct (image or video, kind) the kept samples use, in first-use order,
+        with its tower inputs (tiles, frames; 1 for a padded square): from the table's
+        columns, no image is opened."""
+        columns = [self.table.data.column(name).to_pylist()
+                   for name in ("images", "kinds", "image_sizes")]
+        seen: dict[tuple[Path, str], int] = {}
+        for row in zip(*columns, strict=True):
+            for image, kind, size in zip(*row, strict=True):
+                item = (self.image_folder / image, kind)
+                if item not in seen:
+                    frames = self.layout.video_frames if kind == "video" else 0
+                    seen[item] = self.layout.inputs(Media(kind, tuple(size), frames))
+        return seen
 
     def tower_inputs(self, path: Path, kind: str) -> torch.Tensor:
         """[P, 3, S, S]: an image's square or tiles, a "square" (one padded square), or a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,16 +256,49 @@ def use_feature_cache(config: Config, bundle: ModelBundle, accelerator: Accelera
     inner = [d.dataset if isinstance(d, PackedDataset) else d for d in datasets if d is not None]
     cache = FeatureCache(config.data.feature_cache, tower_key(tower, bundle.image_processor),
                          (tower.num_patches, tower.hidden_size))
-    computed = 0
-    if accelerator.is_main_process:
-        images = list(dict.fromkeys(p for d in inner for p in d.image_paths()))
-        bar = progress.Bar(len(images), desc="caching image features", unit="image")
-        computed = cache.fill(images, tower, inner[0].tower_inputs, on_progress=bar.reached)
+    items: dict = {}
+    for dataset in inner:
+        items.update(dataset.image_paths())
+    # Each process computes its own share (the same order in every process, so the shares
+    # are disjoint and cover every image), after all of them agree that the disk holds it.
+    share = list(items)[accelerator.process_index::accelerator.num_processes]
+    todo = cache.missing(share)
+    need = sum(cache.bytes_for(items[item]) for item in todo)
+    free = shutil.disk_usage(_existing(cache.folder)).free
+    totals = accelerator.reduce(torch.tensor([need, float(need > free)], dtype=torch.float64,
+                                             device=accelerator.device), reduction="sum")
+    if totals[1].item() > 0:
+        raise UserError(
+            f"the feature cache {cache.folder} would take {_gb(totals[0].item())} more for "
+            f"{len(todo)} images here ({_gb(need)} on this machine's disk, which has "
+            f"{_gb(free)} free): set data.feature_cache=null (the frozen tower then runs "
+            "every step), point data.feature_cache at a disk with the room, or train on a "
+            "subset of the data")
+    bar = progress.Bar(len(todo), desc="caching image features", unit="image") \
+        if accelerator.is_main_process else None
+    computed = cache.fill(todo, tower, inner[0].tower_inputs,
+                          on_progress=bar.reached if bar else lambda done, total: None)
+    if bar:
         bar.close()
     accelerator.wait_for_everyone()
+    computed = int(accelerator.reduce(torch.tensor(float(computed), device=accelerator.device),
+                                      reduction="sum").item())
     for dataset in inner:
         dataset.feature_cache = cache
-    return [f"image features from {cache.folder} ({computed} computed now)"]
+    size = f", {_gb(totals[0].item())}" if computed else ""
+    return [f"image features from {cache.folder} ({computed} computed now{size})"]
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest existing parent (for the free space of the disk it goes on)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
