@@ -505,6 +505,60 @@ def print_targets(checks: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- command line
 
 
+SHARE_WORKER = """
+import json, sys
+from llava_tune.assembly.llm import load_tokenizer
+from llava_tune.data.datasets import ConversationDataset
+from llava_tune.data.image import ImageProcessor
+from llava_tune.data.template import INTERNLM2_CHAT, add_image_token
+from llava_tune.models.anyres import ImageLayout
+
+def memory():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile")}
+
+llm, data, images, cache = sys.argv[1:5]
+tokenizer = load_tokenizer(llm)
+add_image_token(tokenizer)
+before = memory()
+dataset = ConversationDataset(data, tokenizer, INTERNLM2_CHAT, int(sys.argv[5]),
+                              image_folder=images, image_processor=ImageProcessor(64, [0.5] * 3,
+                              [0.5] * 3), layout=ImageLayout(64, 4), cache_dir=cache)
+lengths = dataset.lengths()  # what a length-grouped sampler reads
+after = memory()
+print(json.dumps({"prepared_here": dataset.prepared_here, "samples": len(dataset),
+                  **{key + "_mb": round(after[key] - before[key], 1) for key in after}}))
+"""
+"""Builds one data set as a process of a launch does (`--share`), and reports the memory the
+data set added to it: RssAnon (its own heap) and RssFile (mapped files, shared)."""
+
+
+def share_probe(n: int, work: Path, images: Path, models: Models, seed: int, pool: int,
+                log) -> list[dict[str, Any]]:
+    """Two processes start on the same cold cache at once, as two ranks of a launch: one
+    prepares the data, the other waits and maps its files. Their data's memory, each."""
+    data, _ = ensure_data(work, n, seed, pool)
+    cache = work / f"cache-share-{n}"
+    shutil.rmtree(cache, ignore_errors=True)
+    log(f"[N={n} share] two processes on one cold cache ...")
+    env = {**run_env(models), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", SHARE_WORKER, str(models.llm), str(data),
+                               str(images), str(cache), str(MAX_LENGTH)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"share probe failed (exit {proc.returncode}):\n{err[-3000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    results.sort(key=lambda r: not r["prepared_here"])
+    for name, r in zip(("first (prepared)", "second (mapped)"), results, strict=True):
+        log(f"[N={n} share] {name}: data RssAnon +{r['RssAnon_mb']} MB, "
+            f"RssFile +{r['RssFile_mb']} MB, {r['samples']} samples")
+    return results
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -517,6 +571,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-proc", type=int, metavar="K",
                         help="pass data.num_proc=K to every run (only when given)")
     parser.add_argument("--out", type=Path, help="write every number and the settings as JSON")
+    parser.add_argument("--share", action="store_true",
+                        help="also start two processes on one cold cache of the largest N: "
+                        "the data memory of the one that prepares and of the one that maps")
     args = parser.parse_args(argv)
     if min(args.n) < 1 or args.pool < 1 or args.steps < 1:
         parser.error("N, --pool and --steps must be >= 1")
@@ -539,6 +596,12 @@ def main(argv: list[str] | None = None) -> int:
     baseline = rows[0]
     add_rss(rows, baseline)
     checks = check_targets(rows)
+    share = share_probe(max(args.n), work, images, models, args.seed, args.pool, log) \
+        if args.share else None
+    if share is not None:
+        first, second = share
+        ratio = second["RssAnon_mb"] / max(first["RssAnon_mb"], 1.0)
+        checks.append({**_check("second process's data RssAnon / the first's", ratio, 0.10)})
     print(f"\nbench_data: {args.steps} steps of batch {BATCH_SIZE}, max_length {MAX_LENGTH}, "
           f"pool of {args.pool} images, {os.cpu_count()} CPUs"
           f"{f', data.num_proc={args.num_proc}' if args.num_proc else ''}; "
@@ -547,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     print_targets(checks)
     if args.out is not None:
         result = {"settings": settings(args, work), "baseline_n": BASELINE,
-                  "rows": [asdict(row) for row in rows], "targets": checks,
+                  "rows": [asdict(row) for row in rows], "targets": checks, "share": share,
                   "seconds": round(time.perf_counter() - started, 1)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -125,7 +125,7 @@ def test_bad_arguments_are_refused(capsys):
 def test_cold_and_warm_runs_are_measured(tmp_path, capsys):
     out = tmp_path / "results.json"
     assert bench_data.main(["300", "--work", str(tmp_path / "work"), "--steps", "2",
-                            "--pool", "20", "--out", str(out)]) == 0
+                            "--pool", "20", "--share", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [row["n"] for row in result["rows"]] == [1000, 300]  # the baseline first
     assert result["settings"]["cpu_count"] >= 1 and result["settings"]["date"]
@@ -141,7 +141,11 @@ def test_cold_and_warm_runs_are_measured(tmp_path, capsys):
             assert "rss_added_mb" in run and "setup_rss_added_mb" in run
     base = result["rows"][0]
     assert base["cold"]["rss_added_mb"] == base["warm"]["setup_rss_added_mb"] == 0
-    # The warm run found the cold run's tokenized cache.
-    assert list((tmp_path / "work" / "cache-300").glob("tokenized-*.arrow"))
+    # The warm run found the cold run's prepared data.
+    assert list((tmp_path / "work" / "cache-300").glob("prepared-*/table/*.arrow"))
+    # --share: of two processes on one cold cache, one prepared and the other mapped it.
+    first, second = result["share"]
+    assert (first["prepared_here"], second["prepared_here"]) == (True, False)
+    assert first["samples"] == second["samples"] > 0
     printed = capsys.readouterr().out
     assert "(baseline)" in printed and "data s/step at N=1000" in printed

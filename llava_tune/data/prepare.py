@@ -29,13 +29,10 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from llava_tune.data.formats import (
@@ -57,9 +54,6 @@ PREPARE_VERSION = 1
 """Bumped when the prepared table's columns or checks change; part of the key."""
 
 BAD_RECORD = "bad record"
-CODES = (OK, TRUNCATED, BAD_RECORD, IMAGE_CUT, NO_ANSWER)
-"""A row's fate, stored as its index in this tuple: the first two train."""
-
 ROWS_PER_WORKER = 20_000
 """With data.num_proc unset, a worker per this many records (up to the cores): starting
 workers costs seconds, which a small file does not repay."""
@@ -204,7 +198,7 @@ def usable_record(raw_text: str, index: int, recipe: Recipe, read_messages) -> t
     return record, None, None, scaled
 
 
-OUT_FEATURES = datasets.Features({
+TABLE_FEATURES = datasets.Features({
     "id": datasets.Value("string"),
     "images": datasets.Sequence(datasets.Value("string")),
     "kinds": datasets.Sequence(datasets.Value("string")),
@@ -212,19 +206,21 @@ OUT_FEATURES = datasets.Features({
     "image_tokens": datasets.Sequence(datasets.Value("int32")),
     "input_ids": datasets.Sequence(datasets.Value("int32")),
     "labels": datasets.Sequence(datasets.Value("int32")),
-    "length": datasets.Value("int32"),
-    "code": datasets.Value("int8"),
-    "problem": datasets.Value("string"),
-    "missing": datasets.Value("string"),
-    "scaled": datasets.Value("int32"),
+    "length": datasets.Value("int32"),  # tokens with the images expanded
+    "truncated": datasets.Value("bool"),
+    "scaled": datasets.Value("int32"),  # images scaled down to the largest anyres grid
 })
+"""The prepared table: usable rows only, so it is map's output itself, never copied."""
 
 
 def _process(batch: dict[str, list], recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
-             format_name: str) -> dict[str, list]:
-    """datasets.map's batched function: record texts -> the prepared columns."""
+             format_name: str, fates: str) -> dict[str, list]:
+    """datasets.map's batched function: record texts -> the usable rows. What cannot train
+    is written, one JSON line each, to a file of this worker's under `fates` (the report is
+    built from those: a few lines, where the table would hold a row per record)."""
     read_messages = FORMATS[format_name][1]
-    out: dict[str, list] = {name: [] for name in OUT_FEATURES}
+    out: dict[str, list] = {name: [] for name in TABLE_FEATURES}
+    left_out = []
     for index, text, read_problem in zip(batch["index"], batch["text"], batch["problem"],
                                          strict=True):
         record, missing, scaled = None, None, 0
@@ -232,37 +228,31 @@ def _process(batch: dict[str, list], recipe: Recipe, tokenizer: PreTrainedTokeni
             problem = str(Problem(recipe.file, index, None, read_problem))
         else:
             record, problem, missing, scaled = usable_record(text, index, recipe, read_messages)
-        ids: list[int] = []
-        labels: list[int] = []
         if record is None:
-            code, record_id = CODES.index(BAD_RECORD), None
-        else:
-            tokenized = tokenize_record(record, tokenizer, recipe.template, recipe.max_length,
-                                        recipe.image_id, record["image_tokens"])
-            code, record_id = CODES.index(tokenized.status), record["id"]
-            ids, labels = tokenized.input_ids, tokenized.labels
-        tokens = record["image_tokens"] if record else []
-        out["id"].append(record_id)
-        out["images"].append(record["images"] if record else [])
-        out["kinds"].append(record["kinds"] if record else [])
-        out["image_sizes"].append(record["image_sizes"] if record else [])
-        out["image_tokens"].append(tokens)
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["length"].append(len(ids) + sum(tokens) - len(tokens))
-        out["code"].append(code)
-        out["problem"].append(problem)
-        out["missing"].append(missing)
+            left_out.append({"index": index, "code": BAD_RECORD, "problem": problem,
+                             "missing": missing})
+            continue
+        tokenized = tokenize_record(record, tokenizer, recipe.template, recipe.max_length,
+                                    recipe.image_id, record["image_tokens"])
+        if tokenized.status not in (OK, TRUNCATED):
+            left_out.append({"index": index, "code": tokenized.status, "id": record["id"]})
+            continue
+        tokens = record["image_tokens"]
+        for name in ("id", "images", "kinds", "image_sizes", "image_tokens"):
+            out[name].append(record[name])
+        out["input_ids"].append(tokenized.input_ids)
+        out["labels"].append(tokenized.labels)
+        out["length"].append(len(tokenized.input_ids) + sum(tokens) - len(tokens))
+        out["truncated"].append(tokenized.status == TRUNCATED)
         out["scaled"].append(scaled)
+    if left_out:
+        with open(Path(fates) / f"{os.getpid()}.jsonl", "a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(fate) + "\n" for fate in left_out)
     return out
 
 
 # --------------------------------------------------------------------------- the file
 
-
-TABLE_COLUMNS = ("id", "images", "kinds", "image_sizes", "image_tokens", "input_ids", "labels",
-                 "length")
-"""The prepared table's columns (OUT_FEATURES without the row's fate)."""
 
 RAW_FEATURES = datasets.Features({"index": datasets.Value("int64"), "text": datasets.Value("string"),
                                   "problem": datasets.Value("string")})
@@ -300,63 +290,51 @@ def _workers(records: int, num_proc: int | None) -> int:
 
 def _build(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, folder: Path,
            num_proc: int | None) -> None:
-    """Prepare the file into `folder` (table/ and report.json)."""
-    work = folder / "work"
-    work.mkdir(parents=True)
+    """Prepare the file into `folder`: table/ (map's Arrow files) and report.json."""
+    work, fates, table_dir = folder / "work", folder / "work" / "fates", folder / "table"
+    fates.mkdir(parents=True)
+    table_dir.mkdir()
     total, format_name = _write_raw(recipe, work / "raw.arrow")
     raw = datasets.Dataset.from_file(str(work / "raw.arrow"))
     processed = raw.map(
         _process, batched=True, batch_size=1000, num_proc=_workers(total, num_proc),
-        fn_kwargs={"recipe": recipe, "tokenizer": tokenizer, "format_name": format_name},
-        remove_columns=raw.column_names, features=OUT_FEATURES,
-        cache_file_name=str(work / "processed.arrow"), new_fingerprint=recipe.key(),
+        fn_kwargs={"recipe": recipe, "tokenizer": tokenizer, "format_name": format_name,
+                   "fates": str(fates)},
+        remove_columns=raw.column_names, features=TABLE_FEATURES,
+        cache_file_name=str(table_dir / "part.arrow"), new_fingerprint=recipe.key(),
         desc=f"checking and tokenizing {recipe.file.name}")
-    codes = processed.data.column("code").to_numpy()
-    keep = np.flatnonzero(codes <= CODES.index(TRUNCATED))
+    files = [Path(f["filename"]).name for f in processed.cache_files]
     anyres = recipe.layout is not None and recipe.layout.anyres
-    report = DataReport(total=total, kept=len(keep),
-                        truncated=int((codes == CODES.index(TRUNCATED)).sum()),
-                        scaled_down=int(processed.data.column("scaled").to_numpy()[keep].sum()),
+    report = DataReport(total=total, kept=len(processed),
+                        truncated=int(processed.data.column("truncated").to_numpy().sum()),
+                        scaled_down=int(processed.data.column("scaled").to_numpy().sum()),
                         largest=recipe.layout.largest if anyres else None)
+    left_out = sorted((json.loads(line) for file in fates.iterdir()
+                       for line in file.read_text(encoding="utf-8").splitlines()),
+                      key=lambda fate: fate["index"])
     # Counted as before the table existed: the bad records first, then what cannot train;
     # the examples are the first five of them in that order.
-    bad_rows = np.flatnonzero(codes == CODES.index(BAD_RECORD))
-    bad = processed.select(bad_rows).select_columns(["problem", "missing"])
-    problems = list(bad.select(range(min(5, len(bad))))["problem"])
-    report.skipped[BAD_RECORD] = len(bad_rows)
+    bad = [fate for fate in left_out if fate["code"] == BAD_RECORD]
+    problems = [fate["problem"] for fate in bad[:5]]
+    report.skipped[BAD_RECORD] = len(bad)
     report.examples = list(problems)
-    for code in range(CODES.index(IMAGE_CUT), len(CODES)):
-        rows = np.flatnonzero(codes == code)
-        report.skipped[CODES[code]] = len(rows)
-        for record_id in list(processed.select(rows[:5 - len(report.examples)])["id"]):
-            report.examples.append(f"{recipe.file} id {record_id!r}: {CODES[code]}")
+    for code in (IMAGE_CUT, NO_ANSWER):
+        cut = [fate for fate in left_out if fate["code"] == code]
+        report.skipped[code] = len(cut)
+        report.examples += [f"{recipe.file} id {fate['id']!r}: {code}"
+                            for fate in cut[:5 - len(report.examples)]]
     report.skipped = Counter({reason: n for reason, n in report.skipped.items() if n})
-    missing = [path for path in list(bad["missing"]) if path][:MISSING_KEPT] if len(bad) else []
-    if len(keep):  # (save_to_disk cannot write no rows: _load makes the empty table)
-        table = processed.select(keep).remove_columns(["code", "problem", "missing", "scaled"])
-        with _no_progress_bars():  # a second bar for a copy would only puzzle
-            table.save_to_disk(str(folder / "table"))
-    meta = {"report": {**asdict(report), "skipped": dict(report.skipped)}, "bad": len(bad_rows),
-            "problems": problems, "missing": missing}
+    missing = [fate["missing"] for fate in bad if fate["missing"]][:MISSING_KEPT]
+    meta = {"report": {**asdict(report), "skipped": dict(report.skipped)}, "bad": len(bad),
+            "problems": problems, "missing": missing, "files": files}
     (folder / "report.json").write_text(json.dumps(meta, indent=1))
     del raw, processed
     shutil.rmtree(work, ignore_errors=True)
 
 
 def _empty_table() -> datasets.Dataset:
-    features = datasets.Features({name: OUT_FEATURES[name] for name in TABLE_COLUMNS})
-    return datasets.Dataset.from_dict({name: [] for name in TABLE_COLUMNS}, features=features)
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    was_enabled = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+    return datasets.Dataset.from_dict({name: [] for name in TABLE_FEATURES},
+                                      features=TABLE_FEATURES)
 
 
 def _load(folder: Path) -> Prepared | None:
@@ -367,14 +345,17 @@ def _load(folder: Path) -> Prepared | None:
         return None
     meta = json.loads(meta_file.read_text())
     kept = meta["report"]["kept"]
-    if kept and not (folder / "table").is_dir():
+    files = [folder / "table" / name for name in meta["files"]]
+    if kept and not all(file.is_file() for file in files):
         return None
     if any(os.path.exists(path) for path in meta["missing"]):
         return None
     fields = meta["report"]
     report = DataReport(**{**fields, "skipped": Counter(fields["skipped"]),
                            "largest": tuple(fields["largest"]) if fields["largest"] else None})
-    table = datasets.load_from_disk(str(folder / "table")) if kept else _empty_table()
+    table = _empty_table()
+    if kept:  # map's Arrow files, memory-mapped (a shard per worker)
+        table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
     return Prepared(table, report, meta["bad"], meta["problems"])
 
 
