@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -87,10 +88,60 @@ class LoraConfig:
     transformers' CLIP names fc1 and fc2 are accepted for the MLP)."""
 
 
+SAMPLES_FORMS = "all, first:N or random:N (N a count, or a percentage such as 10%)"
+
+
+@dataclass
+class SourceConfig:
+    """One source of a data mixture: an item of data.train (or data.eval) given as a mapping.
+    How the sources combine is data/sources.py's (README: "Several files and mixtures")."""
+
+    path: str = ""
+    """A JSON/JSONL file, or a glob of them (sorted matches, one source together)."""
+    image_folder: str | None = None
+    """The folder this source's image paths are relative to; None: data.image_folder."""
+    weight: float | None = None
+    """This source's share of the weighted sources' samples, relative to their weights."""
+    samples: str | None = None
+    """all (the default), first:N or random:N; N a count or a percentage (random:10%)."""
+
+
+def parse_samples(value: str) -> tuple[str, int | None, float | None]:
+    """A source's `samples` as (rule, count, percent): ("all", None, None),
+    ("first", 1000, None), ("random", None, 10.0). ValueError, saying what is wrong, for
+    anything else."""
+    text = value.strip()
+    if text == "all":
+        return "all", None, None
+    rule, colon, amount = text.partition(":")
+    if not colon or rule not in ("first", "random"):
+        raise ValueError(f"use {SAMPLES_FORMS}")
+    amount = amount.strip()
+    percent = amount.endswith("%")
+    try:
+        number = float(amount[:-1]) if percent else int(amount)
+    except ValueError:
+        raise ValueError(f"{amount!r} is not a count or a percentage; use {SAMPLES_FORMS}") \
+            from None
+    if percent:
+        if not 0 < number <= 100:
+            raise ValueError(f"the percentage {amount} must be above 0% and at most 100%")
+        return rule, None, number
+    if number < 1:
+        raise ValueError(f"the count {number} must be at least 1")
+    return rule, number, None
+
+
+DataSpec = str | list[str | SourceConfig]
+"""What data.train and data.eval take: a file or a glob, a list of them, or a mixture (a
+list whose items are files, globs or SourceConfig mappings)."""
+
+
 @dataclass
 class DataConfig:
-    train: str = ""
-    """LLaVA-format JSON or JSONL."""
+    train: DataSpec = ""
+    """LLaVA-format JSON or JSONL: a file, a glob, a list of files and globs, or a mixture
+    of {path, image_folder, weight | samples} (data/sources.py)."""
     image_folder: str | None = None
     max_length: int = 2048
     max_bad_fraction: float = 0.01
@@ -107,8 +158,8 @@ class DataConfig:
     group_by_length: bool = False
     """Batch samples of similar length (image and text-only samples apart), as LLaVA's
     group_by_modality_length does: less padding without packing."""
-    eval: str | None = None
-    """Held-out data (same formats as `train`) for the validation loss."""
+    eval: DataSpec | None = None
+    """Held-out data (same formats and forms as `train`) for the validation loss."""
     video_frames: int = 8
     """Frames sampled uniformly from each video (`video` in a record: a file or a folder
     of frames); chat and eval use the run's value."""
@@ -194,7 +245,35 @@ def _accepts_str(hint: object) -> bool:
 
 
 def _type_name(hint: object) -> str:
-    return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace(f"{__name__}.", "")
+
+
+def _list_items(hint: object) -> tuple[object, type] | None:
+    """(item hint, dataclass) when `hint` accepts a list whose items may be mappings of a
+    dataclass's keys (data.train's `list[str | SourceConfig]`); else None."""
+    for arg in (hint, *typing.get_args(hint)):
+        if typing.get_origin(arg) is list:
+            (item,) = typing.get_args(arg)
+            classes = [a for a in (item, *typing.get_args(item)) if dataclasses.is_dataclass(a)]
+            if classes:
+                return item, classes[0]
+    return None
+
+
+def _build_list(value: list, item: object, cls: type, name: str, errors: list[str]) -> list:
+    """The items of a list field: mappings built as `cls` (their own problems named
+    `name[i].key`), the others checked against `item`."""
+    built = []
+    for index, entry in enumerate(value):
+        if isinstance(entry, dict):
+            built.append(_build(cls, entry, f"{name}[{index}].", errors))
+        elif isinstance(entry, cls) or _check_type(entry, item):
+            built.append(entry)
+        else:
+            errors.append(f"{name}[{index}]={entry!r} is not of type {_type_name(item)}")
+    return built
 
 
 def _build(cls: type, data: dict, prefix: str, errors: list[str]):
@@ -215,6 +294,8 @@ def _build(cls: type, data: dict, prefix: str, errors: list[str]):
                 errors.append(f"{prefix}{f.name} must be a mapping of its own keys")
                 continue
             values[f.name] = _build(hint, value, f"{prefix}{f.name}.", errors)
+        elif isinstance(value, list) and (items := _list_items(hint)) is not None:
+            values[f.name] = _build_list(value, *items, f"{prefix}{f.name}", errors)
         elif _check_type(value, hint):
             values[f.name] = float(value) if hint is float else value
         elif _accepts_str(hint) and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -349,6 +430,11 @@ def validate(config: Config) -> list[str]:
         errors.append("model.llm is not set: give the base LLM's local folder")
     if not config.data.train:
         errors.append("data.train is not set: give a JSON/JSONL data file")
+    errors += data_spec_problems("data.train", config.data.train)
+    if config.data.eval is not None:
+        if not config.data.eval:
+            errors.append("data.eval is empty: give a JSON/JSONL data file (or null)")
+        errors += data_spec_problems("data.eval", config.data.eval)
     if not config.run_dir:
         errors.append("run_dir is not set: give the output folder")
     if config.model.projector_depth < 1:
@@ -398,6 +484,37 @@ def validate(config: Config) -> list[str]:
     return errors
 
 
+def data_spec_problems(key: str, spec: DataSpec) -> list[str]:
+    """Problems with the values of a data.train / data.eval list or mixture (its files are
+    checked when a run starts: data/sources.py), each naming the source."""
+    if isinstance(spec, str):
+        return []
+    errors = []
+    for index, entry in enumerate(spec):
+        where = f"{key}[{index}]"
+        if isinstance(entry, str):
+            if not entry.strip():
+                errors.append(f"{where} is an empty path: give a JSON/JSONL file or a glob")
+            continue
+        if not entry.path.strip():
+            errors.append(f"{where}.path is not set: give a JSON/JSONL file or a glob")
+        else:
+            where += f" ({entry.path})"
+        if entry.weight is not None and entry.samples is not None:
+            errors.append(f"{where}: weight and samples are both set; give one (weight: a "
+                          "share of the weighted sources' samples; samples: "
+                          f"{SAMPLES_FORMS})")
+        if entry.weight is not None and not (0 < entry.weight < math.inf):
+            errors.append(f"{where}: weight={entry.weight} must be above 0 (a relative share: "
+                          "weight 2 draws twice the samples of weight 1)")
+        if entry.samples is not None:
+            try:
+                parse_samples(entry.samples)
+            except ValueError as err:
+                errors.append(f"{where}: samples={entry.samples!r}: {err}")
+    return errors
+
+
 def _anyres_problems(model: ModelConfig) -> list[str]:
     if model.image_aspect not in IMAGE_ASPECTS:
         return [f"model.image_aspect={model.image_aspect!r}; use one of {_one_of(IMAGE_ASPECTS)}"]
@@ -428,14 +545,11 @@ def _one_of(values) -> str:
 
 
 def check_paths(config: Config, needs_images: bool) -> list[str]:
-    """Problems with files a run reads, checked before anything loads."""
+    """Problems with files a run reads, checked before anything loads; the data files'
+    (data.train, data.eval: files, globs, mixtures) are data/sources.py's."""
     errors = []
     if config.model.llm and not Path(config.model.llm).is_dir():
         errors.append(f"model.llm folder {config.model.llm} not found")
-    if config.data.train and not Path(config.data.train).is_file():
-        errors.append(f"data.train file {config.data.train} not found")
-    if config.data.eval and not Path(config.data.eval).is_file():
-        errors.append(f"data.eval file {config.data.eval} not found")
     if needs_images and config.data.image_folder and not Path(config.data.image_folder).is_dir():
         errors.append(f"data.image_folder {config.data.image_folder} not found")
     vision = config.model.vision
@@ -455,13 +569,21 @@ def absolute_paths(config: Config) -> Config:
     def absolute(path: str | None) -> str | None:
         return str(Path(path).resolve()) if path else path
 
+    def absolute_spec(spec: DataSpec | None) -> DataSpec | None:
+        if isinstance(spec, list):
+            return [absolute(entry) if isinstance(entry, str) else dataclasses.replace(
+                entry, path=absolute(entry.path), image_folder=absolute(entry.image_folder))
+                for entry in spec]
+        return absolute(spec)
+
     config = dataclasses.replace(config)
     config.model = dataclasses.replace(config.model, llm=absolute(config.model.llm))
     config.model.vision = dataclasses.replace(
         config.model.vision, pretrained=absolute(config.model.vision.pretrained),
         config_file=absolute(config.model.vision.config_file))
     config.data = dataclasses.replace(
-        config.data, train=absolute(config.data.train), eval=absolute(config.data.eval),
+        config.data, train=absolute_spec(config.data.train),
+        eval=absolute_spec(config.data.eval),
         image_folder=absolute(config.data.image_folder),
         cache_dir=absolute(config.data.cache_dir),
         feature_cache=absolute(config.data.feature_cache))

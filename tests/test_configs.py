@@ -13,6 +13,7 @@ from transformers import LlamaForCausalLM
 from llava_tune.config import check_paths, load_config
 from llava_tune.constants import STAGES
 from llava_tune.convert.internlm2 import internlm2_to_llama_config
+from llava_tune.data.sources import source_problems
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
 
@@ -78,7 +79,8 @@ def test_real_sft_config_is_text_only_qlora(path):
     assert sum(p.numel() for p in llm.parameters()) == pytest.approx(expected_params, rel=0.01)
 
 
-# The message of check_paths for each path setting, as its first word (up to "=").
+# The message of check_paths (data.train and data.eval: sources.source_problems) for each
+# path setting, as its first word (up to "=").
 PATH_KEYS = ("model.llm", "data.train", "data.eval", "data.image_folder",
              "model.vision.pretrained", "model.vision.config_file", "init_from")
 
@@ -104,7 +106,7 @@ def test_config_loads_and_validates(path, tmp_path):
     used = [k for k in PATH_KEYS if value(k) and (stage.vision or not k.startswith(
         ("data.image_folder", "model.vision.")))]
     absent = load_config(path, [f"{k}={tmp_path / 'absent' / k}" for k in used])
-    problems = check_paths(absent, stage.vision)
+    problems = check_paths(absent, stage.vision) + source_problems(absent.data, stage.vision)
     assert sorted(p.split()[0].split("=")[0] for p in problems) == sorted(used), problems
     # ... and none is once they exist.
     present = tmp_path / "present"
@@ -118,7 +120,8 @@ def test_config_loads_and_validates(path, tmp_path):
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text("{}")
-    assert check_paths(load_config(path, [f"{k}={present / k}" for k in used]), stage.vision) == []
+    config = load_config(path, [f"{k}={present / k}" for k in used])
+    assert check_paths(config, stage.vision) + source_problems(config.data, stage.vision) == []
 
 
 @pytest.mark.parametrize("folder", sorted({c.parent for c in CONFIGS}), ids=rel)

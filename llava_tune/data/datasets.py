@@ -3,21 +3,21 @@ by the processes), images on demand."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.image import ImageProcessor, load_image
-from llava_tune.data.prepare import (
-    DataReport,
-    Recipe,
-    prepare,
-    tokenizer_fingerprint,
-    usable_records,
-)
+from llava_tune.data.prepare import Recipe, prepare, tokenizer_fingerprint, usable_records
+from llava_tune.data.report import DataReport, SourceReport, combine
+from llava_tune.data.sources import Source, draw
 from llava_tune.data.template import ChatTemplate, expand_image_slots
 from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, tokenize_record
 from llava_tune.data.video import load_video
@@ -28,24 +28,40 @@ __all__ = ["ConversationDataset", "DataReport", "PackedDataset", "pack_groups",
            "tokenizer_fingerprint"]
 
 
+@dataclass
+class _Part:
+    """One prepared file of a dataset."""
+
+    table: datasets.Dataset
+    image_folder: Path | None
+    report: DataReport
+    built: bool
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Items are {"id", "input_ids" [T], "labels" [T], and "pixel_values" [P, 3, S, S] or
     "image_features" [P, N, Dv] (from a feature cache; P: every item's tiles or frames in
     turn, one per pad image) with "media" [models.anyres.Media] per item, or no image keys}.
 
+    `data` is one file (its images under `image_folder`), or sources (data/sources.py: files,
+    their image folders and how many samples each gives). Every file is prepared on its own
+    (data/prepare.py: checked and tokenized once, cached under `cache_dir` when given, a file
+    that two sources share once); the samples are then an index array into the files' rows
+    ([n] int64, drawn by sources.draw, seeded by `seed`), so nothing is copied.
+
     Each `<image>` becomes as many IMAGE_TOKEN_INDEX slots as `layout` gives that image (the
     tokenizer must know `<image>`: see template.add_image_token); anyres counts them from each
     image's size, read from its header when the records are checked. Records are tokenized once by
-    `tokenize.tokenize_record` (cached under `cache_dir` when given); what cannot train is
-    dropped and counted in `report`. Records that fail the checks of `formats.check_record`,
-    or whose images are missing, are skipped and counted too; more than `max_bad_fraction` of
-    them is an error, since that means a wrong path or format. An image that fails to decode
-    later yields {"id", "error"} and the collator leaves that sample out.
+    `tokenize.tokenize_record`; what cannot train is dropped and counted in `report` (with a
+    line per source for several). Records that fail the checks of `formats.check_record`, or
+    whose images are missing, are skipped and counted too; more than `max_bad_fraction` of a
+    file's records is an error, since that means a wrong path or format. An image that fails
+    to decode later yields {"id", "error"} and the collator leaves that sample out.
     """
 
     def __init__(
         self,
-        file: str | Path,
+        data: str | Path | Sequence[Source],
         tokenizer: PreTrainedTokenizerBase,
         template: ChatTemplate,
         max_length: int,
@@ -55,39 +71,91 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_bad_fraction: float = 0.01,
         cache_dir: str | Path | None = None,
         num_proc: int | None = None,
+        seed: int = 0,
     ) -> None:
-        self.file = Path(file)
-        self.image_folder = Path(image_folder) if image_folder is not None else None
+        if isinstance(data, (str, Path)):
+            folder = Path(image_folder) if image_folder is not None else None
+            sources = [Source(str(data), (Path(data),), folder)]
+        else:
+            sources = list(data)
         self.image_processor = image_processor
         self.layout = layout
         self.feature_cache = None
         """Set by the trainer when the vision tower is frozen: a features.FeatureCache."""
         self.image_id = tokenizer.get_vocab().get(IMAGE_TOKEN)
         vision = image_processor is not None and layout is not None
-        recipe = Recipe(self.file, self.image_folder, template, max_length, self.image_id,
-                        layout if vision else None, tokenizer_fingerprint(tokenizer))
-        prepared = prepare(recipe, tokenizer, cache_dir, num_proc)
-        self.prepared_here = prepared.built
-        """Whether this process prepared the file (else it read the cache)."""
-        self.report = prepared.report
-        if prepared.bad and prepared.bad > max_bad_fraction * self.report.total:
-            listed = "\n  ".join(prepared.problems)
-            raise UserError(
-                f"{prepared.bad} of {self.report.total} records in {self.file} cannot be used:\n"
-                f"  {listed}\n(fix these records; up to {max_bad_fraction:.0%} bad records "
-                "are skipped automatically: data.max_bad_fraction)"
-            )
-        self.table = prepared.table
+        # Each distinct (file, image folder) prepared once, whichever sources name it.
+        parts: dict[str, _Part] = {}
+        source_parts: list[list[str]] = []
+        for source in sources:
+            keys = []
+            for file in source.files:
+                if not Path(file).is_file():
+                    raise UserError(f"data file {file} not found; check data.train / --data")
+                recipe = Recipe(Path(file), source.image_folder, template, max_length,
+                                self.image_id, layout if vision else None,
+                                tokenizer_fingerprint(tokenizer))
+                key = recipe.key()
+                if key not in parts:
+                    parts[key] = self._prepare(recipe, tokenizer, max_bad_fraction,
+                                               cache_dir, num_proc)
+                keys.append(key)
+            source_parts.append(keys)
+        self.parts = list(parts.values())
+        self.prepared_here = any(part.built for part in self.parts)
+        """Whether this process prepared a file (else it read the cache)."""
+        tables = [part.table for part in self.parts]
+        self.table = tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+        """Every file's usable rows, one after the other (memory-mapped); `indices` picks."""
+        sizes = [len(table) for table in tables]
+        self.starts = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+        """Each file's first row in `table`."""
         if self.image_id is None and any(pc.list_value_length(self.table.data.column("images"))
                                          .to_numpy(zero_copy_only=False)):
             raise ValueError("the tokenizer has no <image> token; call add_image_token first")
         self.table.set_format(columns=["id", "images", "kinds", "image_sizes", "image_tokens",
                                        "input_ids", "labels"])
-        if self.report.kept == 0:
+        where = {key: index for index, key in enumerate(parts)}
+        rows = [np.concatenate([np.arange(self.starts[where[k]], self.starts[where[k]]
+                                          + sizes[where[k]]) for k in keys])
+                for keys in source_parts]
+        drawn = draw(sources, [len(r) for r in rows], seed)
+        self.indices = np.concatenate([r[picked] for r, (picked, _) in zip(rows, drawn,
+                                                                            strict=True)])
+        """[n] int64: the row of `table` each sample reads (a row may come more than once)."""
+        self.report = combine([part.report for part in self.parts])
+        if len(sources) > 1 or any(s.rule.kind != "all" or len(s.files) > 1 for s in sources):
+            self.report.sources = [
+                SourceReport(source.name, len(source.files),
+                             sum(parts[k].report.total for k in keys),
+                             sum(parts[k].report.kept for k in keys), str(source.rule),
+                             len(picked), note)
+                for source, keys, (picked, note) in zip(sources, source_parts, drawn,
+                                                        strict=True)]
+        if not len(self.indices):
+            raise UserError("no samples drawn from the data's sources (their weights' shares "
+                            f"all round to none):\n{self.report.summary()}")
+
+    def _prepare(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
+                 max_bad_fraction: float, cache_dir: str | Path | None,
+                 num_proc: int | None) -> _Part:
+        """One file prepared (or read from the cache) and checked: too many bad records or no
+        usable sample is an error naming the file."""
+        prepared = prepare(recipe, tokenizer, cache_dir, num_proc)
+        report = prepared.report
+        if prepared.bad and prepared.bad > max_bad_fraction * report.total:
+            listed = "\n  ".join(prepared.problems)
+            raise UserError(
+                f"{prepared.bad} of {report.total} records in {recipe.file} cannot be used:\n"
+                f"  {listed}\n(fix these records; up to {max_bad_fraction:.0%} bad records "
+                "are skipped automatically: data.max_bad_fraction)"
+            )
+        if report.kept == 0:
             hint = "(raise data.max_length if samples were cut, or fix the records)"
-            if self.report.skipped.keys() & {IMAGE_CUT, NO_ANSWER}:
-                hint = self._length_hint(recipe, tokenizer, template, max_length)
-            raise UserError(f"no usable samples in {self.file}:\n{self.report.summary()}\n{hint}")
+            if report.skipped.keys() & {IMAGE_CUT, NO_ANSWER}:
+                hint = self._length_hint(recipe, tokenizer, recipe.template, recipe.max_length)
+            raise UserError(f"no usable samples in {recipe.file}:\n{report.summary()}\n{hint}")
+        return _Part(prepared.table, recipe.image_folder, report, prepared.built)
 
     def _length_hint(self, recipe: Recipe, tokenizer, template: ChatTemplate,
                      max_length: int) -> str:
@@ -111,28 +179,47 @@ class ConversationDataset(torch.utils.data.Dataset):
         return f"data.max_length={max_length} is too small: the samples take {span} tokens{images}. {fix}"
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.indices)
+
+    def _identity(self) -> bool:
+        """Whether the samples are the table's rows, each once, in order (one file, all)."""
+        return len(self.indices) == len(self.table) and bool(
+            (self.indices == np.arange(len(self.table))).all())
+
+    def folder_of(self, row: int) -> Path | None:
+        """The image folder of `table` row `row` (its file's)."""
+        part = 0 if len(self.parts) == 1 else int(np.searchsorted(self.starts, row, "right")) - 1
+        return self.parts[part].image_folder
 
     def lengths(self) -> list[int]:
         """Token counts with images expanded, for batching by length (read from the table's
         column: no sample is decoded)."""
-        return self.table.data.column("length").to_pylist()
+        return self.table.data.column("length").to_numpy()[self.indices].tolist()
 
     def has_images(self) -> list[bool]:
         """Whether each sample has an image (for batching by modality)."""
         counts = pc.list_value_length(self.table.data.column("images"))
-        return [bool(n) for n in counts.to_pylist()]
+        return (counts.to_numpy(zero_copy_only=False) > 0)[self.indices].tolist()
 
     def image_paths(self) -> dict[tuple[Path, str], int]:
-        """Every distinct (image or video, kind) the kept samples use, in first-use order,
-        with its tower inputs (tiles, frames; 1 for a padded square): from the table's
-        columns, no image is opened."""
-        columns = [self.table.data.column(name).to_pylist()
-                   for name in ("images", "kinds", "image_sizes")]
+        """Every distinct (image or video, kind) the samples use, in first-use order, with its
+        tower inputs (tiles, frames; 1 for a padded square): from the table's columns, no
+        image is opened."""
+        if self._identity():
+            rows = np.arange(len(self.table))
+            columns = [self.table.data.column(name).to_pylist()
+                       for name in ("images", "kinds", "image_sizes")]
+        else:  # each row once, in the order the samples first use it
+            unique, first = np.unique(self.indices, return_index=True)
+            rows = unique[np.argsort(first, kind="stable")]
+            columns = [self.table.data.column(name).take(rows).to_pylist()
+                       for name in ("images", "kinds", "image_sizes")]
+        parts = np.searchsorted(self.starts, rows, "right") - 1
         seen: dict[tuple[Path, str], int] = {}
-        for row in zip(*columns, strict=True):
+        for part, *row in zip(parts.tolist(), *columns, strict=True):
+            folder = self.parts[part].image_folder
             for image, kind, size in zip(*row, strict=True):
-                item = (self.image_folder / image, kind)
+                item = (folder / image, kind)
                 if item not in seen:
                     frames = self.layout.video_frames if kind == "video" else 0
                     seen[item] = self.layout.inputs(Media(kind, tuple(size), frames))
@@ -148,12 +235,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         return self.image_processor(load_image(path))
 
     def __getitem__(self, index: int) -> dict:
-        row = self.table[index]
+        position = int(self.indices[index])
+        row = self.table[position]
         ids, labels = expand_image_slots(row["input_ids"], row["labels"], self.image_id,
                                          row["image_tokens"])
         item = {"id": row["id"], "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if row["images"]:
-            paths = [self.image_folder / image for image in row["images"]]
+            folder = self.folder_of(position)
+            paths = [folder / image for image in row["images"]]
             pairs = list(zip(paths, row["kinds"], strict=True))
             try:
                 if self.feature_cache is not None:

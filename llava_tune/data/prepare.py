@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -43,6 +43,7 @@ from llava_tune.data.formats import (
     record_from_raw,
 )
 from llava_tune.data.image import image_size
+from llava_tune.data.report import DataReport
 from llava_tune.data.segments import ENCODING_VERSION
 from llava_tune.data.template import ChatTemplate
 from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, OK, TRUNCATED, tokenize_record
@@ -60,38 +61,6 @@ workers costs seconds, which a small file does not repay."""
 
 MISSING_KEPT = 1000
 """Missing image paths remembered to look up again at the next start."""
-
-
-@dataclass
-class DataReport:
-    """What was left out of a dataset and why; shown to the user before and after training."""
-
-    total: int = 0
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-    truncated: int = 0
-    scaled_down: int = 0
-    """Images larger than the largest anyres grid, scaled down to fit it."""
-    largest: tuple[int, int] | None = None
-    """That grid's canvas (height, width) in pixels."""
-
-    def skip(self, reason: str, example: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples) < 5:
-            self.examples.append(example)
-
-    def summary(self) -> str:
-        lines = [f"{self.kept} of {self.total} samples kept"]
-        if self.truncated:
-            lines.append(f"{self.truncated} truncated to max_length")
-        if self.scaled_down:
-            lines.append(f"{self.scaled_down} images larger than every anyres grid, scaled "
-                         f"down to fit one (the largest: {self.largest[1]} x {self.largest[0]} "
-                         "px; model.anyres.grid_pinpoints)")
-        lines += [f"{count} skipped: {reason}" for reason, count in self.skipped.items()]
-        lines += [f"  e.g. {example}" for example in self.examples]
-        return "\n".join(lines)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

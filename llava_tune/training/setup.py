@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader, Subset
 from llava_tune import rundir
 from llava_tune.assembly.model import ModelBundle, build_model, carry_over
 from llava_tune.assembly.trainable import parameter_counts, set_trainable
-from llava_tune.config import Config, absolute_paths, check_paths
+from llava_tune.config import Config, DataSpec, absolute_paths, check_paths
 from llava_tune.constants import STAGES
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset, DataReport, PackedDataset
 from llava_tune.data.sampler import LengthGroupedSampler
+from llava_tune.data.sources import resolve_sources, source_problems
 from llava_tune.errors import UserError
 from llava_tune.launch import check_launch, mixed_precision
 from llava_tune.stages import llm_mode, vision_mode
@@ -73,7 +74,8 @@ def setup(config: Config, overwrite: bool = False) -> Run:
     """Check the config's files and the launch, take the run dir, build the model and data,
     restore a checkpoint when resuming. Raises UserError before touching anything when the
     run cannot start."""
-    problems = check_paths(config, needs_images=STAGES[config.stage].vision)
+    needs_images = STAGES[config.stage].vision
+    problems = check_paths(config, needs_images) + source_problems(config.data, needs_images)
     if problems:
         raise UserError("cannot start training:\n  " + "\n  ".join(problems))
     config = with_init_from_base(absolute_paths(config))
@@ -152,14 +154,17 @@ def build_for_training(config: Config, device=None) -> tuple[ModelBundle, list[s
     return bundle, carried
 
 
-def build_dataset(config: Config, bundle: ModelBundle,
-                  file: str) -> ConversationDataset | PackedDataset:
+def build_dataset(config: Config, bundle: ModelBundle, spec: DataSpec,
+                  key: str = "data.train") -> ConversationDataset | PackedDataset:
+    """The dataset of `spec` (config.data.train or .eval, named `key` in errors: a file, a
+    glob, a list or a mixture; data/sources.py), packed when data.pack is set."""
+    sources = resolve_sources(spec, config.data.image_folder, key,
+                              needs_images=bundle.model.layout is not None)
     dataset = ConversationDataset(
-        file, bundle.tokenizer, bundle.template, config.data.max_length,
-        image_folder=config.data.image_folder, image_processor=bundle.image_processor,
-        layout=bundle.model.layout,
+        sources, bundle.tokenizer, bundle.template, config.data.max_length,
+        image_processor=bundle.image_processor, layout=bundle.model.layout,
         max_bad_fraction=config.data.max_bad_fraction, cache_dir=config.data.cache_dir,
-        num_proc=config.data.num_proc,
+        num_proc=config.data.num_proc, seed=config.train.seed,
     )
     if config.data.pack:
         return PackedDataset(dataset, config.data.max_length, seed=config.train.seed)
@@ -194,7 +199,8 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
     set_seed(tc.seed)
     bundle, carried = build_for_training(config, device=accelerator.device)
     train_set = build_dataset(config, bundle, config.data.train)
-    eval_set = build_dataset(config, bundle, config.data.eval) if config.data.eval else None
+    eval_set = (build_dataset(config, bundle, config.data.eval, "data.eval")
+                if config.data.eval else None)
     notes = use_feature_cache(config, bundle, accelerator, [train_set, eval_set])
     loader, eval_loader = make_loaders(config, bundle, accelerator, train_set, eval_set)
     params = [p for p in bundle.model.parameters() if p.requires_grad]
