@@ -47,7 +47,9 @@ class TrainPrinter:
                 self.write(f"  skipped {event.sample_id}: {event.reason}")
         elif isinstance(event, Interrupted):
             self.close()
-            where = (f"checkpoint {event.checkpoint} written; continue with:\n  "
+            machines = (f" (on each of the {event.machines} machines, MAIN_HOST the main "
+                        "one's address)" if event.machines > 1 else "")
+            where = (f"checkpoint {event.checkpoint} written; continue with{machines}:\n  "
                      f"{event.resume_command}" if event.checkpoint else
                      "no checkpoint was written (train.save_every is not set), so the run "
                      "cannot be resumed and its final weights were not saved; start it again "
@@ -65,6 +67,7 @@ class TrainPrinter:
     def started(self, event: Started) -> None:
         vision = f", vision tower {event.vision}" if event.vision else ""
         procs = f" x {event.processes} processes" if event.processes > 1 else ""
+        procs += f" on {event.machines} machines" if event.machines > 1 else ""
         print(f"[{event.stage}] run dir {event.run_dir} on {event.device}{procs}, "
               f"LLM {event.llm}{vision}", file=sys.stderr)
         if event.carried:

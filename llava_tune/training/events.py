@@ -24,6 +24,8 @@ class Started:
     """Where the run starts (above 0 when resumed)."""
     device: str
     processes: int
+    machines: int = 1
+    """Machines (nodes) the processes run on."""
     carried: list[str] = field(default_factory=list)
     """Parts loaded from init_from."""
     notes: list[str] = field(default_factory=list)
@@ -69,6 +71,8 @@ class Interrupted:
     step: int
     checkpoint: Path | None
     resume_command: str | None
+    machines: int = 1
+    """Machines the run ran on: the resume command runs on each of them."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from llava_tune import rundir
 from llava_tune.data.collate import Batch
 from llava_tune.data.datasets import DataReport
+from llava_tune.launch import machines, relaunch_command
 from llava_tune.training.checkpoint import save_checkpoint, save_weights
 from llava_tune.training.events import (
     CheckpointSaved,
@@ -227,26 +228,18 @@ def _interrupted(run: Run, emit: OnEvent, skipped, last_loss) -> TrainResult:
     checkpoint = None
     if run.config.train.save_every:
         checkpoint = run.run_dir / rundir.CHECKPOINTS / f"step-{step:07d}"
-        if not checkpoint.is_dir():
+        # fit wrote this step's checkpoint when the step is a multiple of save_every. Known by
+        # arithmetic, not by looking at the disk: on machines that do not see the run dir the
+        # look would differ, and _checkpoint waits for every process.
+        if step % run.config.train.save_every:
             checkpoint = _checkpoint(run, emit)
-    resume = (rundir.resume_command(run.run_dir, _launcher(run.accelerator.num_processes))
+    processes = run.accelerator.num_processes
+    resume = (rundir.resume_command(run.run_dir, relaunch_command(processes))
               if checkpoint is not None else None)
     if run.plotter is not None:
         run.plotter.wait()  # no child left drawing into the run dir after this process exits
-    emit(Interrupted(step, checkpoint, resume))
+    emit(Interrupted(step, checkpoint, resume, machines(processes)))
     return TrainResult(run.run_dir, step, last_loss, run.data, skipped, interrupted=True)
-
-
-def _launcher(processes: int) -> str:
-    """How to start the resumed run: as this one was, with as many processes."""
-    if processes == 1:
-        return "llava-tune"
-    from llava_tune.launch import launched_with
-
-    if launched_with() in ("deepspeed", "fsdp"):
-        return (f"accelerate launch --config_file YOUR_ACCELERATE_CONFIG --num_processes "
-                f"{processes} -m llava_tune")
-    return f"torchrun --standalone --nproc_per_node {processes} -m llava_tune"
 
 
 class _StopFlag:
