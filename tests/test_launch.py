@@ -26,7 +26,8 @@ from llava_tune.launch import (
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
-EXPECTED = {"multi_gpu.yaml": ("MULTI_GPU", None), "deepspeed_zero2.yaml": ("DEEPSPEED", 2),
+EXPECTED = {"multi_gpu.yaml": ("MULTI_GPU", None), "multi_node.yaml": ("MULTI_GPU", None),
+            "deepspeed_zero2.yaml": ("DEEPSPEED", 2),
             "deepspeed_zero3.yaml": ("DEEPSPEED", 3), "fsdp.yaml": ("FSDP", None)}
 
 
@@ -129,3 +130,21 @@ def test_machines_and_the_command_that_launches_a_run_again(monkeypatch):
         "accelerate launch --config_file YOUR_ACCELERATE_CONFIG --num_processes 8 "
         "--num_machines 4 --machine_rank THIS_MACHINE --main_process_ip MAIN_HOST "
         "--main_process_port 29500 -m llava_tune")
+
+
+def test_the_multi_node_config_starts_one_agent_per_machine():
+    """What `accelerate launch` itself makes of configs/accelerate/multi_node.yaml on the
+    second machine: torchrun for 2 machines x 8 processes, this machine's rank, the main
+    machine's address (accelerate's own argument handling, as its launcher runs it)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args([
+        "--config_file", str(REPO / "configs" / "accelerate" / "multi_node.yaml"),
+        "--machine_rank", "1", "--main_process_ip", "10.1.2.3",
+        "-m", "llava_tune", "train", "configs/internlm2_chat_7b/finetune.yaml"])
+    _validate_launch_command(args)
+    prepare_multi_gpu_env(args)
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
+    assert args.rdzv_endpoint == "10.1.2.3:29500" or (args.master_addr, args.master_port) == (
+        "10.1.2.3", "29500")
