@@ -34,8 +34,16 @@ class TrainPrinter:
         elif isinstance(event, Logged):
             self.postfix.update(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
                                 tok_s=f"{event.tokens_per_s:.0f}")
+            # MFU where the GPU's peak is known, else the model TFLOP/s per process.
+            if event.mfu is not None:
+                self.postfix["mfu"] = f"{event.mfu:.1%}"
+                use = f"{event.mfu:.1%} MFU"
+            else:
+                self.postfix["tflops"] = f"{event.tflops:.3g}"
+                use = f"{event.tflops:.3g} TFLOP/s"
             self.advance(event.step, f"step {event.step}/{event.total_steps} loss "
-                          f"{event.loss:.4f} lr {event.lr:.2e} {event.tokens_per_s:.0f} tok/s")
+                          f"{event.loss:.4f} lr {event.lr:.2e} {event.tokens_per_s:.0f} tok/s "
+                          f"{use}")
         elif isinstance(event, Evaluated):
             self.postfix["eval"] = f"{event.eval_loss:.4f}"
             self.advance(event.step, f"step {event.step} eval_loss {event.eval_loss:.4f}")

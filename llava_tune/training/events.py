@@ -41,6 +41,10 @@ class Logged:
     lr: float
     tokens_per_s: float
     memory_mb: float
+    tflops: float = 0.0
+    """Model TFLOP/s per process (training/flops.py), over the log window."""
+    mfu: float | None = None
+    """tflops over the GPU's peak; None when the peak is not known."""
 
 
 @dataclass

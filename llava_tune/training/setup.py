@@ -29,8 +29,10 @@ from llava_tune.launch import check_launch, machines, mixed_precision
 from llava_tune.stages import llm_mode, vision_mode
 from llava_tune.training.checkpoint import latest_checkpoint, load_checkpoint
 from llava_tune.training.events import Started
+from llava_tune.training.flops import StepCost, step_cost
 from llava_tune.training.machines import machine_index, per_disk, seen_by_all, share
 from llava_tune.training.metrics import MetricsLog
+from llava_tune.training.peaks import Peak, find_peak
 from llava_tune.training.plot import LossPlotter
 
 
@@ -65,6 +67,10 @@ class Run:
     data: DataReport
     close: Callable[[], None]
     """Closes the metrics log and releases the run dir's lock."""
+    cost: StepCost
+    """Counts the model FLOPs of each micro-batch."""
+    peak: Peak | None = None
+    """One process's peak TFLOP/s, for MFU; None when not known."""
     plotter: LossPlotter | None = None
     """Draws RUN/loss.png (main process; set by `fit`)."""
 
@@ -222,6 +228,12 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
                      "machine's copy alone gets the checkpoints and weights, and "
                      "train.resume=true needs its checkpoints/ on every machine (same path)")
     metrics = MetricsLog(run_dir / rundir.METRICS, position.step, accelerator.is_main_process)
+    peak = find_peak(tc.peak_tflops, accelerator.device, computes_in_half(config, bundle))
+    if peak is not None:
+        notes.append(f"MFU against {peak.tflops:g} TFLOP/s per process ({peak.source})")
+    elif accelerator.device.type == "cuda":
+        notes.append(f"no MFU: the peak of {torch.cuda.get_device_name(accelerator.device)} in "
+                     "this run's precision is not known; give it as train.peak_tflops")
     started = Started(
         run_dir=run_dir, stage=config.stage, llm=llm_mode(config), vision=vision_mode(config),
         parameters=parameter_counts(bundle.model), data=train_set.report,
@@ -237,7 +249,19 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
     return Run(config=config, run_dir=run_dir, accelerator=accelerator, bundle=bundle, model=model,
                optimizer=optimizer, scheduler=scheduler, loader=loader, eval_loader=eval_loader,
                params=params, total_steps=total_steps, position=position, started=started,
-               metrics=metrics, data=train_set.report, close=close)
+               metrics=metrics, data=train_set.report, close=close,
+               cost=step_cost(bundle.model, config), peak=peak)
+
+
+def computes_in_half(config: Config, bundle: ModelBundle) -> bool:
+    """Whether the matrix products run in bf16 or fp16: mixed precision, or the LLM's own
+    dtype (bf16 on GPUs by default; a 4-bit LLM keeps its other weights in its compute
+    dtype)."""
+    if mixed_precision(config.train.mixed_precision) in ("bf16", "fp16"):
+        return True
+    dtype = next((p.dtype for p in bundle.model.llm.parameters() if p.is_floating_point()),
+                 torch.float32)
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def agreed_checkpoint(run_dir: Path, accelerator: Accelerator) -> Path:
