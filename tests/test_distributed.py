@@ -65,9 +65,14 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def losses(run_dir: Path) -> list[float]:
+def column(run_dir: Path, key: str) -> list:
+    """`key` of every line of the run's metrics.jsonl."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return [json.loads(line)[key] for line in lines]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return column(run_dir, "loss")
 
 
 def assert_same_weights(a: Path, b: Path, atol: float | None = None,
@@ -256,6 +261,8 @@ def test_two_nodes_equal_one_node(tmp_path, tiny_lm, multi_turn, env):
         assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] \
             == [1, 2, 3]
         assert losses(run) == losses(tmp_path / "one")
+        # Model FLOPs are counted over all processes, whichever machine they are on.
+        assert column(run, "flops_per_token_llm") == column(tmp_path / "one", "flops_per_token_llm")
         wa, wb = weights(tmp_path / "one"), weights(run)
         assert wa.keys() == wb.keys() and wa
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
