@@ -198,6 +198,10 @@ class TrainConfig:
     save_total_limit: int = 2
     resume: bool = False
     """Continue from the newest checkpoint in run_dir/checkpoints."""
+    peak_tflops: float | None = None
+    """The peak dense TFLOP/s of one GPU (or whatever a process runs on), for the MFU that
+    metrics.jsonl and the progress bar report; None: from the table of known GPUs
+    (training/peaks.py), or no MFU."""
 
 
 @dataclass
@@ -455,6 +459,9 @@ def validate(config: Config) -> list[str]:
         errors.append(f"train.warmup_ratio={tc.warmup_ratio} must be in [0, 1)")
     if tc.weight_decay < 0:
         errors.append(f"train.weight_decay={tc.weight_decay} must be 0 or more")
+    if tc.peak_tflops is not None and tc.peak_tflops <= 0:
+        errors.append(f"train.peak_tflops={tc.peak_tflops} must be above 0 (one GPU's peak "
+                      "dense TFLOP/s, e.g. 989 for an H100 SXM in bf16), or null")
     if tc.max_grad_norm < 0:
         errors.append(f"train.max_grad_norm={tc.max_grad_norm} must be 0 (off) or more")
     for prefix, lora in (("train.lora", tc.lora), ("train.vision_lora", tc.vision_lora)):

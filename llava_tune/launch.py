@@ -46,6 +46,38 @@ def shards_parameters() -> bool:
     return launched_with() == "fsdp" or deepspeed_zero_stage() == 3
 
 
+def processes_per_machine(processes: int) -> int:
+    """How many of a launch's `processes` run on this machine: torchrun's LOCAL_WORLD_SIZE
+    (`accelerate launch` runs torchrun too), else all of them (one machine)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(local) if local and int(local) > 0 else processes
+
+
+def machines(processes: int) -> int:
+    """How many machines (nodes) a launch of `processes` processes spans. torchrun gives every
+    machine the same --nproc_per_node, so this is a division, not a count of host names."""
+    return max(1, processes // processes_per_machine(processes))
+
+
+def relaunch_command(processes: int) -> str:
+    """The launcher part of a command that starts a run again as this one was started, with
+    as many processes (and machines): `... train CONFIG` follows it. On several machines it
+    runs on each of them, with the main machine's address in place of MAIN_HOST (and, for
+    accelerate, each machine's own rank in place of THIS_MACHINE)."""
+    if processes == 1:
+        return "llava-tune"
+    per_machine, nodes = processes_per_machine(processes), machines(processes)
+    if launched_with() in ("deepspeed", "fsdp"):
+        several = (f" --num_machines {nodes} --machine_rank THIS_MACHINE --main_process_ip "
+                   "MAIN_HOST --main_process_port 29500" if nodes > 1 else "")
+        return (f"accelerate launch --config_file YOUR_ACCELERATE_CONFIG --num_processes "
+                f"{processes}{several} -m llava_tune")
+    if nodes > 1:
+        return (f"torchrun --nnodes {nodes} --nproc_per_node {per_machine} --rdzv-backend c10d "
+                "--rdzv-endpoint MAIN_HOST:29500 -m llava_tune")
+    return f"torchrun --standalone --nproc_per_node {processes} -m llava_tune"
+
+
 def check_launch(config: Config) -> None:
     """Refuse, before loading anything, a launch that cannot work on this machine, naming the
     setting and the fix."""

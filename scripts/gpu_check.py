@@ -3,7 +3,8 @@ with the shipped configs (bf16, 4-bit NF4, gradient checkpointing, up to 2048 to
 random InternLM2-chat-1.8B and a random CLIP ViT-L/14-336 (nothing is downloaded). Prints and
 writes to REPORT/gpu_check.json, per stage: peak GPU memory (torch's allocated and reserved),
 steady tokens/s and seconds per step (first log window excluded), wall time (imports, data,
-loading and 4-bit quantization included) and an MFU estimate.
+loading and 4-bit quantization included), model TFLOP/s and MFU (the trainer's own, from
+metrics.jsonl: README, "Reading MFU").
 
     python scripts/gpu_check.py [OUT]             (scripts/gpu_check.sh is the same)
     python scripts/gpu_check.py --dry-run [OUT]   # any machine: tiny models, 2 steps, 64 tokens
@@ -32,11 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "internlm2-tokenizer"
 CONFIG_DIRS = {"internlm2-chat-1_8b": "internlm2_chat_1_8b", "internlm2-chat-7b": "internlm2_chat_7b"}
 STAGES = ("pretrain", "finetune", "sft")
-PEAK_BF16_FLOPS = 989e12
-"""H200 (and H100) SXM dense bf16 peak, NVIDIA's datasheet; a large bf16 matmul measured
-769-798 TFLOP/s on this workplace's H200 (see the device notes), so MFU tops out near 0.8."""
-
-
 def prepare(out: Path, like: str, dry_run: bool, tokenizer: Path | None) -> dict[str, Path]:
     """The random LLM, the vision tower (weights file or None), the data; made once."""
     from llava_tune.demo import make, mix
@@ -103,17 +99,7 @@ def stage_overrides(stage: str, paths: dict[str, Path], out: Path, dry_run: bool
     return items
 
 
-def llm_matmul_params(like: str) -> int:
-    """Parameters of the LLM's matrix products: every weight but the embedding table (a
-    lookup) and the norms; the LM head is counted."""
-    from llava_tune.demo.random_checkpoint import internlm2_config, tensor_shapes
-
-    return sum(shape[0] * shape[1] for key, shape, is_norm in tensor_shapes(internlm2_config(like))
-               if not is_norm and "tok_embeddings" not in key)
-
-
-def run_stage(stage: str, config: Path, overrides: list[str], out: Path, report: Path,
-              like: str, cuda: bool) -> dict:
+def run_stage(stage: str, config: Path, overrides: list[str], out: Path, report: Path) -> dict:
     env = {**os.environ, "LLAVA_TUNE_CACHE": str(out / "cache"), "TOKENIZERS_PARALLELISM": "false"}
     log = report / f"{stage}.log"
     start = time.time()
@@ -132,14 +118,12 @@ def run_stage(stage: str, config: Path, overrides: list[str], out: Path, report:
     tokens, seconds = sum(r["tokens"] for r in steady), sum(r["seconds"] for r in steady)
     tokens_per_s = tokens / max(seconds, 1e-9)
     reserved = [r["memory_reserved_mb"] for r in rows if "memory_reserved_mb" in r]  # CUDA only
-    # MFU estimate, the LLM only: a forward pass costs 2*N FLOPs per token (N = its matmul
-    # parameters), the backward 4*N when the weights get gradients (full training: 6*N in
-    # all) and 2*N when only activations need them (frozen or 4-bit LLM with LoRA: 4*N).
-    # Not counted: attention's own products (~10% more at 2048 tokens), the LoRA matrices,
-    # the vision tower (0.3B x 577 tokens per image), and gradient checkpointing's second
-    # forward (hardware FLOPs, not model FLOPs). Divided by PEAK_BF16_FLOPS.
-    llm_mode = (read_yaml(out / stage / "config.yaml").get("train") or {}).get("llm")
-    per_token = (6 if llm_mode == "full" else 4) * llm_matmul_params(like)
+    # The trainer's model TFLOP/s and MFU (absent where the GPU's peak is not known) over the
+    # steady windows: each window's weighs by its seconds, so the mean is their FLOPs over
+    # their time.
+    tflops = sum(r["tflops"] * r["seconds"] for r in steady) / max(seconds, 1e-9)
+    mfu = (sum(r["mfu"] * r["seconds"] for r in steady) / max(seconds, 1e-9)
+           if all("mfu" in r for r in steady) else None)
     return {"stage": stage, "steps": rows[-1]["step"], "wall_s": round(wall, 1),
             "train_s": round(sum(r["seconds"] for r in rows), 1),  # wall - train: load, save
             "peak_memory_mb": max(r["memory_mb"] for r in rows),  # CUDA: torch's allocated
@@ -147,14 +131,8 @@ def run_stage(stage: str, config: Path, overrides: list[str], out: Path, report:
             "tokens_per_s": round(tokens_per_s, 1),
             "tokens_per_step": round(tokens / max(steps, 1)),
             "s_per_step": round(seconds / max(steps, 1), 3),
-            "mfu_est": round(per_token * tokens_per_s / PEAK_BF16_FLOPS, 4) if cuda else None,
+            "tflops": round(tflops, 3), "mfu": round(mfu, 4) if mfu is not None else None,
             "last_loss": rows[-1]["loss"]}
-
-
-def read_yaml(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def print_table(report: dict) -> None:
@@ -162,14 +140,16 @@ def print_table(report: dict) -> None:
           f"{report['device']}; setup {report['prepare_s']} s (data, random checkpoint)")
     print(f"{'':15s} {'peak memory MB':^19s}")
     print(f"{'stage':9s} {'steps':>5s} {'alloc MB':>9s} {'reserv MB':>9s} {'tokens/s':>9s} "
-          f"{'tok/step':>8s} {'s/step':>7s} {'wall s':>7s} {'train s':>7s} {'MFU~':>6s} "
+          f"{'tok/step':>8s} {'s/step':>7s} {'wall s':>7s} {'train s':>7s} {'TFLOP/s':>8s} "
+          f"{'MFU':>6s} "
           f"{'last loss':>9s}")
     for r in report["stages"]:
         reserved = f"{r['peak_reserved_mb']:9.0f}" if r["peak_reserved_mb"] else f"{'-':>9s}"
-        mfu = f"{r['mfu_est']:6.1%}" if r["mfu_est"] is not None else f"{'-':>6s}"
+        mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else f"{'-':>6s}"
         print(f"{r['stage']:9s} {r['steps']:5d} {r['peak_memory_mb']:9.0f} {reserved} "
               f"{r['tokens_per_s']:9.1f} {r['tokens_per_step']:8d} {r['s_per_step']:7.2f} "
-              f"{r['wall_s']:7.1f} {r['train_s']:7.1f} {mfu} {r['last_loss']:9.4f}", flush=True)
+              f"{r['wall_s']:7.1f} {r['train_s']:7.1f} {r['tflops']:8.3g} {mfu} "
+              f"{r['last_loss']:9.4f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,13 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if cuda else "cpu"
     report = {"like": args.like, "dry_run": args.dry_run, "device": device,
               "torch": torch.__version__, "steps": steps, "prepare_s": round(time.time() - start, 1),
-              "peak_bf16_flops": PEAK_BF16_FLOPS, "stages": []}
+              "stages": []}
     print(f"prepared in {report['prepare_s']} s; stages: {', '.join(stages)}", flush=True)
     for stage in stages:
         report["stages"].append(run_stage(
             stage, configs / f"{stage}.yaml",
-            stage_overrides(stage, paths, out, args.dry_run, steps, stages), out, report_dir,
-            args.like, cuda))
+            stage_overrides(stage, paths, out, args.dry_run, steps, stages), out, report_dir))
         (report_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"{stage} done: {json.dumps(report['stages'][-1])}", flush=True)
     print_table(report)

@@ -13,7 +13,7 @@ LAUNCH="${LAUNCH:-}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$(bash "$ROOT/scripts/setup_env.sh")"
-if [ -n "$LAUNCH" ]; then CMD=($LAUNCH -m llava_tune.cli); else CMD=("$BIN/llava-tune"); fi
+if [ -n "$LAUNCH" ]; then CMD=($LAUNCH -m llava_tune); else CMD=("$BIN/llava-tune"); fi
 PATH="$BIN:$PATH" "${CMD[@]}" train "$ROOT/configs/internlm2_chat_${SIZE}/pretrain.yaml" \
   model.llm="$LLM" model.vision.pretrained="$VISION" \
   data.train="$DATA" data.image_folder="$IMAGES" run_dir="$RUN" "$@"

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,9 +65,14 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def losses(run_dir: Path) -> list[float]:
+def column(run_dir: Path, key: str) -> list:
+    """`key` of every line of the run's metrics.jsonl."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return [json.loads(line)[key] for line in lines]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return column(run_dir, "loss")
 
 
 def assert_same_weights(a: Path, b: Path, atol: float | None = None,
@@ -119,12 +125,50 @@ def test_accumulation_with_images_and_4bit(tmp_path, stage_overrides):
     assert losses(small.run_dir) == pytest.approx(losses(big.run_dir), abs=1e-5)
 
 
-def torchrun(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
-    """`torchrun --standalone --nproc_per_node 2 -m llava_tune ...` on the CPU (gloo)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "llava_tune", "--quiet", *args]
+ONE_NODE = ["--standalone", "--nproc_per_node", "2"]
+"""torchrun's arguments for one machine with two processes."""
+
+
+def torchrun(args: list[str], env: dict, launch: list[str] = ONE_NODE,
+             **kwargs) -> subprocess.Popen:
+    """`torchrun LAUNCH -m llava_tune ...` on the CPU (gloo), in a process group of its own."""
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "llava_tune",
+               "--quiet", *args]
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(args_per_node: list[list[str]], env: dict) -> list[subprocess.Popen]:
+    """Two torchrun agents, one process each, meeting as two machines would: c10d rendezvous
+    at an endpoint (here the loopback), not --standalone. `args_per_node[i]`: agent i's
+    `llava-tune` arguments (two real machines may differ in their local paths)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+              "--rdzv-conf", "join_timeout=120", "--max-restarts", "0"]
+    return [torchrun(args, env, launch) for args in args_per_node]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+    """Wait for every launch (all killed if one outlives `timeout`); their stderr. Each must
+    have succeeded."""
+    errs = []
+    try:
+        for proc in procs:
+            errs.append(proc.communicate(timeout=timeout)[1])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), "\n---\n".join(e[-3000:] for e in errs)
+    return errs
 
 
 @pytest.fixture
@@ -188,3 +232,76 @@ def test_two_processes_resume_after_kill(tmp_path, tiny_lm, multi_turn, env):
     # The log rounds losses to 5 decimals: values a hair apart can round 1e-5 apart.
     assert losses(run) == pytest.approx(losses(straight.run_dir), abs=2e-5)
     assert_same_weights(straight.run_dir, run, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_node(tmp_path, tiny_lm, multi_turn, env):
+    """2 machines x 1 process train as 1 machine x 2 processes, to the bit: the same ranks
+    see the same batches and the same sums. The machines here are two torchrun agents on
+    this one, meeting by c10d rendezvous on the loopback: first sharing a filesystem (one
+    data.cache_dir, where the preparation's lock decides who prepares, and one run dir),
+    then sharing none (each its own cache and run dir, at paths of its own here)."""
+    config = str(DEMO / "sft.yaml")
+
+    def args(run: str, cache: str, *extra: str) -> list[str]:
+        return ["train", config, *sft_args(tiny_lm, multi_turn, tmp_path / run, "train.batch_size=2",
+                                           f"data.cache_dir={tmp_path / cache}",
+                                           "train.save_every=1", *extra)]
+
+    (err,) = finish([torchrun(args("one", "cache"), env)])
+    assert "x 2 processes" in err and "machines" not in err
+    for name, runs, caches in (("shared", ["shared"] * 2, ["shared"] * 2),
+                               ("own", ["own-a", "own-b"], ["cache-a", "cache-b"])):
+        errs = finish(two_nodes([args(run, cache) for run, cache in zip(runs, caches, strict=True)], env))
+        (run,) = [tmp_path / r for r in set(runs) if (tmp_path / r / "COMPLETE").is_file()]
+        # One run dir, written once, by the main process of the main machine.
+        assert sum(err.count(f"[sft] run dir {run} on cpu") for err in errs) == 1, errs
+        assert sum(err.count("x 2 processes on 2 machines,") for err in errs) == 1
+        assert sum(err.count("[done]") for err in errs) == 1
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] \
+            == [1, 2, 3]
+        assert losses(run) == losses(tmp_path / "one")
+        # Model FLOPs are counted over all processes, whichever machine they are on.
+        assert column(run, "flops_per_token_llm") == column(tmp_path / "one", "flops_per_token_llm")
+        wa, wb = weights(tmp_path / "one"), weights(run)
+        assert wa.keys() == wb.keys() and wa
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+        assert not (run / ".lock").exists()
+        for cache in set(caches):  # prepared once per cache folder
+            assert len(list((tmp_path / cache).glob("prepared-*"))) == 1, cache
+        alone = "is not on a filesystem every machine sees"
+        assert (name == "own") == any(alone in err for err in errs)
+    # Resuming needs the checkpoints on every machine: refused, naming the fix, not a crash
+    # (the other machine found none) or a resume from two different states.
+    procs = two_nodes([args(run, cache, "train.resume=true")
+                       for run, cache in zip(runs, caches, strict=True)], env)
+    errs = [proc.communicate(timeout=600)[1] for proc in procs]
+    assert all(proc.returncode != 0 for proc in procs)
+    # Process 0, the main one, wrote the checkpoints; process 1 finds none.
+    assert all("see different newest checkpoints" in err and "(by process: step 3, none)" in err
+               for err in errs), errs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("caches", [["f-a", "f-b"], ["f-ab", "f-ab"]], ids=["own", "shared"])
+def test_two_nodes_fill_the_feature_cache(tmp_path, stage_overrides, shapes_data, env, caches):
+    """Machines without a shared filesystem each have their own data.feature_cache: each
+    must hold every image's features (a machine's processes train on any sample), not a
+    share of them. Machines that share one compute each image once between them. Same
+    weights as one process with one cache."""
+    config = DEMO / "pretrain.yaml"
+    base = ["data.max_length=64", "train.max_steps=3", "train.warmup_ratio=0"]
+    one = train(load_config(config, [*stage_overrides("pretrain", "one"), *base,
+                                     "train.batch_size=4", f"data.feature_cache={tmp_path / 'f'}"]))
+    run = tmp_path / "two"
+    errs = finish(two_nodes([["train", str(config), *stage_overrides("pretrain", "two"), *base,
+                              "train.batch_size=2", f"data.feature_cache={tmp_path / cache}"]
+                             for cache in caches], env))
+    assert not any("skipped" in err for err in errs), errs
+    images = {record["image"] for record in json.loads((shapes_data / "pretrain.json").read_text())}
+    for cache in ["f", *caches]:
+        assert len(list((tmp_path / cache).rglob("*.safetensors"))) == len(images), cache
+    computed = len(images) * len(set(caches))  # over both machines
+    assert sum(err.count(f"({computed} computed now") for err in errs) == 1, errs
+    assert losses(run) == pytest.approx(losses(one.run_dir), abs=1e-5)
+    assert_same_weights(one.run_dir, run, atol=1e-5)

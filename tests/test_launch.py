@@ -15,11 +15,19 @@ from accelerate.commands.config.config_args import load_config_from_file
 from llava_tune.assembly.llm import quantization_config
 from llava_tune.config import load_config
 from llava_tune.errors import UserError
-from llava_tune.launch import check_launch, launched_with, shards_parameters
+from llava_tune.launch import (
+    check_launch,
+    launched_with,
+    machines,
+    processes_per_machine,
+    relaunch_command,
+    shards_parameters,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
-EXPECTED = {"multi_gpu.yaml": ("MULTI_GPU", None), "deepspeed_zero2.yaml": ("DEEPSPEED", 2),
+EXPECTED = {"multi_gpu.yaml": ("MULTI_GPU", None), "multi_node.yaml": ("MULTI_GPU", None),
+            "deepspeed_zero2.yaml": ("DEEPSPEED", 2),
             "deepspeed_zero3.yaml": ("DEEPSPEED", 3), "fsdp.yaml": ("FSDP", None)}
 
 
@@ -101,3 +109,42 @@ def test_fsdp_launch_on_the_cpu_fails_before_loading(tmp_path, tiny_lm, shapes_d
     assert "error: this launch cannot work" in result.stderr
     assert "fsdp, which needs CUDA GPUs" in result.stderr and "torchrun" in result.stderr
     assert not run.exists()  # refused before the run dir or the model
+
+
+def test_machines_and_the_command_that_launches_a_run_again(monkeypatch):
+    """torchrun tells each process how many of the launch's processes share its machine
+    (LOCAL_WORLD_SIZE); a resumed run is launched again as it was, on as many machines."""
+    for name in ("LOCAL_WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    assert relaunch_command(1) == "llava-tune"
+    assert machines(4) == 1 and processes_per_machine(4) == 4  # no launcher: one machine
+    assert relaunch_command(4) == "torchrun --standalone --nproc_per_node 4 -m llava_tune"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert machines(4) == 1 and relaunch_command(4).startswith("torchrun --standalone")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert processes_per_machine(8) == 2 and machines(8) == 4
+    assert relaunch_command(8) == ("torchrun --nnodes 4 --nproc_per_node 2 --rdzv-backend c10d "
+                                   "--rdzv-endpoint MAIN_HOST:29500 -m llava_tune")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert relaunch_command(8) == (
+        "accelerate launch --config_file YOUR_ACCELERATE_CONFIG --num_processes 8 "
+        "--num_machines 4 --machine_rank THIS_MACHINE --main_process_ip MAIN_HOST "
+        "--main_process_port 29500 -m llava_tune")
+
+
+def test_the_multi_node_config_starts_one_agent_per_machine():
+    """What `accelerate launch` itself makes of configs/accelerate/multi_node.yaml on the
+    second machine: torchrun for 2 machines x 8 processes, this machine's rank, the main
+    machine's address (accelerate's own argument handling, as its launcher runs it)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args([
+        "--config_file", str(REPO / "configs" / "accelerate" / "multi_node.yaml"),
+        "--machine_rank", "1", "--main_process_ip", "10.1.2.3",
+        "-m", "llava_tune", "train", "configs/internlm2_chat_7b/finetune.yaml"])
+    _validate_launch_command(args)
+    prepare_multi_gpu_env(args)
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
+    assert args.rdzv_endpoint == "10.1.2.3:29500" or (args.master_addr, args.master_port) == (
+        "10.1.2.3", "29500")

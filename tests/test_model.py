@@ -172,6 +172,14 @@ def test_vision_tower_features(tower, tiny_vision):
                                rtol=0, atol=0)
     # Each image is encoded on its own.
     torch.testing.assert_close(tower(pixels[1:2]), out[1:2], rtol=1e-5, atol=1e-5)
+    # The blocks after the feature layer do not run (their output would go unread).
+    ran = []
+    hooks = [block.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+             for k, block in enumerate(tower.base.transformer.resblocks)]
+    tower(pixels)
+    for hook in hooks:
+        hook.remove()
+    assert ran == [0, 1] and tower.blocks_run == 2  # of 3 blocks, features from block -2
 
 
 def test_vision_tower_is_frozen_and_stays_in_eval(tower):

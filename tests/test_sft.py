@@ -119,6 +119,10 @@ def test_packed_loss_equals_unpacked_loss(text_dataset, row_length):
     assert packed.input_ids.shape[0] == (1 if row_length == 4096 else len(packed_set)) < 6
     assert packed.attention_mask is None and packed.num_tokens == unpacked.num_tokens
     assert packed.num_label_tokens == unpacked.num_label_tokens > 0
+    # Each sample's own length, packed or not (for attention's FLOPs, training/flops.py).
+    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    assert unpacked.sample_lengths == lengths
+    assert sorted(packed.sample_lengths) == sorted(lengths)
     llava = LlavaModel(model)  # the training forward: summed loss over the label tokens
     with torch.no_grad():
         out_unpacked = llava(**unpacked.model_inputs())

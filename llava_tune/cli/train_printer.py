@@ -34,8 +34,16 @@ class TrainPrinter:
         elif isinstance(event, Logged):
             self.postfix.update(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
                                 tok_s=f"{event.tokens_per_s:.0f}")
+            # MFU where the GPU's peak is known, else the model TFLOP/s per process.
+            if event.mfu is not None:
+                self.postfix["mfu"] = f"{event.mfu:.1%}"
+                use = f"{event.mfu:.1%} MFU"
+            else:
+                self.postfix["tflops"] = f"{event.tflops:.3g}"
+                use = f"{event.tflops:.3g} TFLOP/s"
             self.advance(event.step, f"step {event.step}/{event.total_steps} loss "
-                          f"{event.loss:.4f} lr {event.lr:.2e} {event.tokens_per_s:.0f} tok/s")
+                          f"{event.loss:.4f} lr {event.lr:.2e} {event.tokens_per_s:.0f} tok/s "
+                          f"{use}")
         elif isinstance(event, Evaluated):
             self.postfix["eval"] = f"{event.eval_loss:.4f}"
             self.advance(event.step, f"step {event.step} eval_loss {event.eval_loss:.4f}")
@@ -47,7 +55,9 @@ class TrainPrinter:
                 self.write(f"  skipped {event.sample_id}: {event.reason}")
         elif isinstance(event, Interrupted):
             self.close()
-            where = (f"checkpoint {event.checkpoint} written; continue with:\n  "
+            machines = (f" (on each of the {event.machines} machines, MAIN_HOST the main "
+                        "one's address)" if event.machines > 1 else "")
+            where = (f"checkpoint {event.checkpoint} written; continue with{machines}:\n  "
                      f"{event.resume_command}" if event.checkpoint else
                      "no checkpoint was written (train.save_every is not set), so the run "
                      "cannot be resumed and its final weights were not saved; start it again "
@@ -65,6 +75,7 @@ class TrainPrinter:
     def started(self, event: Started) -> None:
         vision = f", vision tower {event.vision}" if event.vision else ""
         procs = f" x {event.processes} processes" if event.processes > 1 else ""
+        procs += f" on {event.machines} machines" if event.machines > 1 else ""
         print(f"[{event.stage}] run dir {event.run_dir} on {event.device}{procs}, "
               f"LLM {event.llm}{vision}", file=sys.stderr)
         if event.carried:

@@ -38,6 +38,9 @@ class Batch:
     """Real (unpadded) tokens."""
     num_label_tokens: int = 0
     """Tokens that carry a loss (labels after the one-position shift of a causal LM)."""
+    sample_lengths: list[int] = field(default_factory=list)
+    """Real tokens of each sample, the samples of a packed row apart: attention's cost grows
+    with each sample's own length, as packed samples never attend to each other."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(sample id, why) of samples left out because they failed to load."""
 
@@ -82,17 +85,21 @@ class Collator:
         mask = torch.zeros((len(items), length), dtype=torch.long)
         positions = torch.zeros((len(items), length), dtype=torch.long)
         real = 0
+        lengths: list[int] = []
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             mask[row, :n] = 1
-            real += 0 if item.get("stand_in") else n
+            if not item.get("stand_in"):
+                real += n
+                lengths += _sample_lengths(item["position_ids"]) if packed else [n]
             if packed:
                 positions[row, :n] = item["position_ids"]
                 positions[row, n:] = torch.arange(length - n)
         batch = Batch(input_ids=ids, labels=labels, skipped=skipped, num_tokens=real,
-                      num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()))
+                      num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+                      sample_lengths=lengths)
         for key in ("pixel_values", "image_features"):
             images = [item[key] for item in items if key in item]
             if images:
@@ -109,3 +116,9 @@ class Collator:
     def _stand_in(self) -> dict:
         return {"id": "", "input_ids": torch.tensor([self.pad_token_id]),
                 "labels": torch.tensor([IGNORE_INDEX]), "stand_in": True}
+
+
+def _sample_lengths(position_ids: torch.Tensor) -> list[int]:
+    """The lengths of a packed row's samples: its positions restart at 0 with each one."""
+    starts = (position_ids == 0).nonzero().flatten().tolist() + [len(position_ids)]
+    return [end - start for start, end in zip(starts[:-1], starts[1:], strict=True)]

@@ -114,11 +114,19 @@ class VisionTower(nn.Module):
         # A frozen tower keeps dropout and friends off even when the composed model trains.
         return super().train(mode and self.trains)
 
+    @property
+    def blocks_run(self) -> int:
+        """Transformer blocks an image goes through: those up to the feature layer."""
+        layers = len(self.base.transformer.resblocks)
+        return self.feature_layer + 1 if self.feature_layer >= 0 else layers + self.feature_layer + 1
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.visual.parameters()).dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains):
+            # stop_early: the blocks after the feature layer (the last one, for layer -2) would
+            # run for an output nobody reads.
             out = self.base.forward_intermediates(
                 pixel_values.to(dtype), indices=[self.feature_layer], output_fmt="NLC",
-                intermediates_only=True,
+                intermediates_only=True, stop_early=True,
             )
         return out["image_intermediates"][0]

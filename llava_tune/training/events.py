@@ -24,6 +24,8 @@ class Started:
     """Where the run starts (above 0 when resumed)."""
     device: str
     processes: int
+    machines: int = 1
+    """Machines (nodes) the processes run on."""
     carried: list[str] = field(default_factory=list)
     """Parts loaded from init_from."""
     notes: list[str] = field(default_factory=list)
@@ -39,6 +41,10 @@ class Logged:
     lr: float
     tokens_per_s: float
     memory_mb: float
+    tflops: float = 0.0
+    """Model TFLOP/s per process (training/flops.py), over the log window."""
+    mfu: float | None = None
+    """tflops over the GPU's peak; None when the peak is not known."""
 
 
 @dataclass
@@ -69,6 +75,8 @@ class Interrupted:
     step: int
     checkpoint: Path | None
     resume_command: str | None
+    machines: int = 1
+    """Machines the run ran on: the resume command runs on each of them."""
 
 
 @dataclass

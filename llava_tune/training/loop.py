@@ -19,6 +19,7 @@ import torch
 from llava_tune import rundir
 from llava_tune.data.collate import Batch
 from llava_tune.data.datasets import DataReport
+from llava_tune.launch import machines, relaunch_command
 from llava_tune.training.checkpoint import save_checkpoint, save_weights
 from llava_tune.training.events import (
     CheckpointSaved,
@@ -51,6 +52,9 @@ class _Window:
     loss_sum: float = 0.0
     label_tokens: int = 0
     tokens: int = 0
+    llm_flops: float = 0.0
+    vision_flops: float = 0.0
+    """Model FLOPs of the window's micro-batches (training/flops.py)."""
     data_seconds: float = 0.0
     """Time spent waiting for the loader's batches (reading, decoding, collating)."""
     start: float = field(default_factory=time.perf_counter)
@@ -156,6 +160,9 @@ def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool)
         window.loss_sum += out.loss_sum.item()
         window.label_tokens += batch.num_label_tokens
         window.tokens += batch.num_tokens
+        llm_flops, vision_flops = run.cost.of_batch(batch)
+        window.llm_flops += llm_flops
+        window.vision_flops += vision_flops
     if run.config.train.max_grad_norm:
         acc.clip_grad_norm_(run.params, run.config.train.max_grad_norm)
     run.optimizer.step()
@@ -165,22 +172,35 @@ def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool)
 
 
 def _log(run: Run, window: _Window, emit: OnEvent) -> float:
-    """One metrics line: the token-weighted mean loss and tokens/s of all processes."""
+    """One metrics line: the token-weighted mean loss, tokens/s and model FLOPs of all
+    processes."""
     acc = run.accelerator
     elapsed = time.perf_counter() - window.start
-    totals = acc.reduce(torch.tensor([window.loss_sum, window.label_tokens, window.tokens],
+    totals = acc.reduce(torch.tensor([window.loss_sum, window.label_tokens, window.tokens,
+                                      window.llm_flops, window.vision_flops],
                                      device=acc.device, dtype=torch.float64), reduction="sum")
-    loss = totals[0].item() / max(totals[1].item(), 1.0)
+    loss_sum, label_tokens, tokens, llm_flops, vision_flops = totals.tolist()
+    loss = loss_sum / max(label_tokens, 1.0)
+    # Per process: what one GPU achieved, on average, the figure its peak compares with.
+    tflops = (llm_flops + vision_flops) / max(elapsed, 1e-9) / acc.num_processes / 1e12
+    mfu = round(tflops / run.peak.tflops, 4) if run.peak is not None else None
     event = Logged(step=run.position.step, total_steps=run.total_steps, epoch=run.position.epoch,
                    loss=round(loss, 5), lr=run.scheduler.get_last_lr()[0],
-                   tokens_per_s=round(totals[2].item() / max(elapsed, 1e-9), 1),
-                   memory_mb=round(peak_memory_mb(), 1))
+                   tokens_per_s=round(tokens / max(elapsed, 1e-9), 1),
+                   memory_mb=round(peak_memory_mb(), 1), tflops=round(tflops, 6), mfu=mfu)
     record = {"step": event.step, "epoch": event.epoch, "loss": event.loss, "lr": event.lr,
               "tokens_per_s": event.tokens_per_s, "memory_mb": event.memory_mb,
               # the window's raw numbers, so that windows can be added up (benchmarks)
-              "tokens": int(totals[2].item()), "seconds": round(elapsed, 6),
+              "tokens": int(tokens), "seconds": round(elapsed, 6),
               # this process's wait for batches in the window (data loading, not compute)
-              "data_seconds": round(window.data_seconds, 6)}
+              "data_seconds": round(window.data_seconds, 6),
+              # model FLOPs per token of the window (the vision side's spread over all its
+              # tokens), and model TFLOP/s per process
+              "flops_per_token_llm": round(llm_flops / max(tokens, 1.0)),
+              "flops_per_token_vision": round(vision_flops / max(tokens, 1.0)),
+              "tflops": event.tflops}
+    if mfu is not None:  # absent, not 0, where the peak is not known (the CPU, unknown GPUs)
+        record["mfu"] = mfu
     reserved = peak_reserved_mb()
     if reserved is not None:  # CUDA: memory_mb is torch's peak allocated, this its peak reserved
         record["memory_reserved_mb"] = round(reserved, 1)
@@ -227,26 +247,18 @@ def _interrupted(run: Run, emit: OnEvent, skipped, last_loss) -> TrainResult:
     checkpoint = None
     if run.config.train.save_every:
         checkpoint = run.run_dir / rundir.CHECKPOINTS / f"step-{step:07d}"
-        if not checkpoint.is_dir():
+        # fit wrote this step's checkpoint when the step is a multiple of save_every. Known by
+        # arithmetic, not by looking at the disk: on machines that do not see the run dir the
+        # look would differ, and _checkpoint waits for every process.
+        if step % run.config.train.save_every:
             checkpoint = _checkpoint(run, emit)
-    resume = (rundir.resume_command(run.run_dir, _launcher(run.accelerator.num_processes))
+    processes = run.accelerator.num_processes
+    resume = (rundir.resume_command(run.run_dir, relaunch_command(processes))
               if checkpoint is not None else None)
     if run.plotter is not None:
         run.plotter.wait()  # no child left drawing into the run dir after this process exits
-    emit(Interrupted(step, checkpoint, resume))
+    emit(Interrupted(step, checkpoint, resume, machines(processes)))
     return TrainResult(run.run_dir, step, last_loss, run.data, skipped, interrupted=True)
-
-
-def _launcher(processes: int) -> str:
-    """How to start the resumed run: as this one was, with as many processes."""
-    if processes == 1:
-        return "llava-tune"
-    from llava_tune.launch import launched_with
-
-    if launched_with() in ("deepspeed", "fsdp"):
-        return (f"accelerate launch --config_file YOUR_ACCELERATE_CONFIG --num_processes "
-                f"{processes} -m llava_tune")
-    return f"torchrun --standalone --nproc_per_node {processes} -m llava_tune"
 
 
 class _StopFlag:

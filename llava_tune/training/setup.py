@@ -26,11 +26,14 @@ from llava_tune.data.datasets import ConversationDataset, DataReport, PackedData
 from llava_tune.data.sampler import LengthGroupedSampler
 from llava_tune.data.sources import resolve_sources, source_problems
 from llava_tune.errors import UserError
-from llava_tune.launch import check_launch, mixed_precision
+from llava_tune.launch import check_launch, machines, mixed_precision
 from llava_tune.stages import llm_mode, vision_mode
 from llava_tune.training.checkpoint import latest_checkpoint, load_checkpoint
 from llava_tune.training.events import Started
+from llava_tune.training.flops import StepCost, step_cost
+from llava_tune.training.machines import machine_index, per_disk, seen_by_all, share
 from llava_tune.training.metrics import MetricsLog
+from llava_tune.training.peaks import Peak, find_peak
 from llava_tune.training.plot import LossPlotter
 
 
@@ -65,6 +68,10 @@ class Run:
     data: DataReport
     close: Callable[[], None]
     """Closes the metrics log and releases the run dir's lock."""
+    cost: StepCost
+    """Counts the model FLOPs of each micro-batch."""
+    peak: Peak | None = None
+    """One process's peak TFLOP/s, for MFU; None when not known."""
     plotter: LossPlotter | None = None
     """Draws RUN/loss.png (main process; set by `fit`)."""
 
@@ -217,17 +224,28 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
     scheduler = cosine_with_warmup(optimizer, round(tc.warmup_ratio * total_steps), total_steps)
     position = Position()
     if tc.resume:
-        state = load_checkpoint(latest_checkpoint(run_dir), accelerator.unwrap_model(model),
-                                optimizer, scheduler)
+        state = load_checkpoint(agreed_checkpoint(run_dir, accelerator),
+                                accelerator.unwrap_model(model), optimizer, scheduler)
         position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
     if accelerator.is_main_process:
         rundir.save_config(run_dir, config)
+    if not seen_by_all(run_dir, accelerator):
+        notes.append(f"run dir {run_dir} is not on a filesystem every machine sees: the main "
+                     "machine's copy alone gets the checkpoints and weights, and "
+                     "train.resume=true needs its checkpoints/ on every machine (same path)")
     metrics = MetricsLog(run_dir / rundir.METRICS, position.step, accelerator.is_main_process)
+    peak = find_peak(tc.peak_tflops, accelerator.device, computes_in_half(config, bundle))
+    if peak is not None:
+        notes.append(f"MFU against {peak.tflops:g} TFLOP/s per process ({peak.source})")
+    elif accelerator.device.type == "cuda":
+        notes.append(f"no MFU: the peak of {torch.cuda.get_device_name(accelerator.device)} in "
+                     "this run's precision is not known; give it as train.peak_tflops")
     started = Started(
         run_dir=run_dir, stage=config.stage, llm=llm_mode(config), vision=vision_mode(config),
         parameters=parameter_counts(bundle.model), data=train_set.report,
         eval_data=eval_set.report if eval_set is not None else None, total_steps=total_steps,
         step=position.step, device=str(accelerator.device), processes=accelerator.num_processes,
+        machines=machines(accelerator.num_processes),
         carried=carried, notes=notes)
 
     def close() -> None:
@@ -237,7 +255,37 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
     return Run(config=config, run_dir=run_dir, accelerator=accelerator, bundle=bundle, model=model,
                optimizer=optimizer, scheduler=scheduler, loader=loader, eval_loader=eval_loader,
                params=params, total_steps=total_steps, position=position, started=started,
-               metrics=metrics, data=train_set.report, close=close)
+               metrics=metrics, data=train_set.report, close=close,
+               cost=step_cost(bundle.model, config), peak=peak)
+
+
+def computes_in_half(config: Config, bundle: ModelBundle) -> bool:
+    """Whether the matrix products run in bf16 or fp16: mixed precision, or the LLM's own
+    dtype (bf16 on GPUs by default; a 4-bit LLM keeps its other weights in its compute
+    dtype)."""
+    if mixed_precision(config.train.mixed_precision) in ("bf16", "fp16"):
+        return True
+    dtype = next((p.dtype for p in bundle.model.llm.parameters() if p.is_floating_point()),
+                 torch.float32)
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def agreed_checkpoint(run_dir: Path, accelerator: Accelerator) -> Path:
+    """The newest checkpoint in the run dir, the same for every process: processes on machines
+    that do not share the run dir's filesystem would resume from different states, or find
+    none (the main machine alone writes checkpoints)."""
+    latest = latest_checkpoint(run_dir)
+    step = int(latest.name.split("-")[1]) if latest is not None else -1
+    steps = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
+    if min(steps) != max(steps):
+        seen = ", ".join(f"step {s}" if s >= 0 else "none" for s in steps)
+        raise UserError(
+            f"the processes see different newest checkpoints in {run_dir / rundir.CHECKPOINTS} "
+            f"(by process: {seen}): a run on several machines resumes from a run dir that "
+            "every machine sees (a shared filesystem), or from the main machine's "
+            "checkpoints/ copied to the same path on every machine")
+    assert latest is not None  # prepare_for_training refused a resume without checkpoints
+    return latest
 
 
 def steps_for(loader_batches: int, config: Config) -> int:
@@ -249,7 +297,7 @@ def steps_for(loader_batches: int, config: Config) -> int:
 def use_feature_cache(config: Config, bundle: ModelBundle, accelerator: Accelerator,
                       datasets: list) -> list[str]:
     """With data.feature_cache and a frozen tower, the datasets read the tower's features from
-    the cache (filled first by the main process) instead of decoding images."""
+    the cache (filled first, each process computing its share) instead of decoding images."""
     tower = bundle.model.vision
     if not config.data.feature_cache or tower is None:
         return []
@@ -267,19 +315,26 @@ def use_feature_cache(config: Config, bundle: ModelBundle, accelerator: Accelera
         items.update(dataset.image_paths())
     # Each process computes its own share (the same order in every process, so the shares
     # are disjoint and cover every image), after all of them agree that the disk holds it.
-    share = list(items)[accelerator.process_index::accelerator.num_processes]
-    todo = cache.missing(share)
+    # Machines that do not share the cache folder each fill their own copy, split over their
+    # own processes: a machine's processes read any image's features, not just their share's.
+    shared = seen_by_all(cache.folder, accelerator)
+    todo = cache.missing(share(list(items), accelerator, shared))
     need = sum(cache.bytes_for(items[item]) for item in todo)
+    disk = 0 if shared else machine_index(accelerator)
+    needs = per_disk(need, accelerator, shared)
+    disk_need = needs[disk]
+    disk_images = int(per_disk(len(todo), accelerator, shared)[disk])
     free = shutil.disk_usage(_existing(cache.folder)).free
-    totals = accelerator.reduce(torch.tensor([need, float(need > free)], dtype=torch.float64,
-                                             device=accelerator.device), reduction="sum")
-    if totals[1].item() > 0:
+    short = accelerator.reduce(torch.tensor([float(disk_need > free)], device=accelerator.device),
+                               reduction="sum")
+    if short.item() > 0:
+        where = (f"would take {_gb(disk_need)} more for {disk_images} images (on this "
+                 f"machine's disk, which has {_gb(free)} free)" if disk_need > free else
+                 "does not fit on another machine's disk (see its message)")
         raise UserError(
-            f"the feature cache {cache.folder} would take {_gb(totals[0].item())} more for "
-            f"{len(todo)} images here ({_gb(need)} on this machine's disk, which has "
-            f"{_gb(free)} free): set data.feature_cache=null (the frozen tower then runs "
-            "every step), point data.feature_cache at a disk with the room, or train on a "
-            "subset of the data")
+            f"the feature cache {cache.folder} {where}: set data.feature_cache=null (the "
+            "frozen tower then runs every step), point data.feature_cache at a disk with the "
+            "room, or train on a subset of the data")
     bar = progress.Bar(len(todo), desc="caching image features", unit="image") \
         if accelerator.is_main_process else None
     computed = cache.fill(todo, tower, inner[0].tower_inputs,
@@ -291,7 +346,7 @@ def use_feature_cache(config: Config, bundle: ModelBundle, accelerator: Accelera
                                       reduction="sum").item())
     for dataset in inner:
         dataset.feature_cache = cache
-    size = f", {_gb(totals[0].item())}" if computed else ""
+    size = f", {_gb(sum(needs))}" if computed else ""
     return [f"image features from {cache.folder} ({computed} computed now{size})"]
 
 
