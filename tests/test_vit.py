@@ -101,7 +101,7 @@ def test_features_and_weights_equal_open_clips(name, tmp_path):
     assert isinstance(ours, ClipViT) and not ours.training
     assert not any(p.requires_grad for p in ours.parameters())
     assert_same_parameters(ours, model.visual)
-    cfg = ours.config
+    cfg = ours.vit_config
     assert (ours.image_size, ours.grid_size, ours.transformer.width) == (
         size, model.visual.grid_size[0], model.visual.transformer.width)
     assert cfg.quick_gelu == name.endswith("quickgelu-2")

@@ -54,7 +54,7 @@ def build_tower(config: ModelConfig) -> VisionTower:
     built by llava-tune (models/vit.py) without importing open_clip."""
     v = config.vision
     visual = create_open_clip(v.name, v.pretrained, v.config_file)
-    layers = visual.config.layers
+    layers = visual.vit_config.layers
     if not -layers <= v.feature_layer < layers:
         raise UserError(f"model.vision.feature_layer {v.feature_layer} is not a block of the "
                         f"{layers}-block vision tower; use one of {-layers}..{layers - 1} "

@@ -222,7 +222,7 @@ def open_clip_from_hf_dir(path: str | Path, device: torch.device | str | None = 
 
 def _load_hf_weights(visual: ClipViT, path: Path, device: torch.device) -> None:
     """The CLIP folder's vision weights into `visual` (built on meta), checked key by key."""
-    layers = visual.config.layers
+    layers = visual.vit_config.layers
     hf, unknown = _load_vision_weights(path)
     if unknown:
         raise UserError(f"{path} holds keys that are not CLIP's (e.g. {unknown[:3]}); expected "
@@ -272,7 +272,7 @@ def hf_clip_vision_state_dict(
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     assert isinstance(visual, ClipViT), type(visual)  # a PEFT wrapper is merged or unwrapped first
-    cfg = visual.config
+    cfg = visual.vit_config
     config = CLIPVisionConfig(
         hidden_size=cfg.width,
         intermediate_size=cfg.mlp_width,

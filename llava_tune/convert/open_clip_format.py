@@ -224,7 +224,7 @@ def visual_to_ours(visual: dict[str, torch.Tensor], model: ClipViT,
         else:
             state[key] = value
     pos, grid = state.get("positional_embedding"), model.grid_size
-    if pos is not None and pos.ndim == 2 and pos.shape[1] == model.config.width and \
+    if pos is not None and pos.ndim == 2 and pos.shape[1] == model.vit_config.width and \
             pos.shape[0] != grid * grid + 1 and math.isqrt(pos.shape[0] - 1) ** 2 == pos.shape[0] - 1:
         # Weights of another resolution: open_clip resizes the grid, and so do we.
         state["positional_embedding"] = _resized_positions(pos.float(), grid)

@@ -170,7 +170,8 @@ class ClipViT(nn.Module):
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        self.config = config
+        # Not `config`: PEFT (and others) read a module's `config` as a transformers config.
+        self.vit_config = config
         width = config.width
         self.image_size, self.patch_size = config.image_size, config.patch_size
         self.grid_size = config.grid_size
@@ -186,11 +187,11 @@ class ClipViT(nn.Module):
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return self.config.mean
+        return self.vit_config.mean
 
     @property
     def std(self) -> tuple[float, ...]:
-        return self.config.std
+        return self.vit_config.std
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -200,7 +201,7 @@ class ClipViT(nn.Module):
         """Random weights as open_clip initializes its VisionTransformer, in the same order of
         draws from torch's default generator (the embeddings and `proj` are N(0, 1/width)): on
         the CPU, the same seed gives the same weights."""
-        scale = self.config.width ** -0.5
+        scale = self.vit_config.width ** -0.5
         self.conv1.reset_parameters()
         for param in (self.class_embedding, self.positional_embedding):
             param.copy_(scale * torch.randn(param.shape))
@@ -220,7 +221,7 @@ class ClipViT(nn.Module):
 
     def block_index(self, layer: int) -> int:
         """Block `layer` counted from 0, negative from the end (-1 the last), as an index."""
-        layers = self.config.layers
+        layers = self.vit_config.layers
         if not -layers <= layer < layers:
             raise IndexError(f"block {layer} of a {layers}-block ViT")
         return layer % layers
@@ -234,7 +235,7 @@ class ClipViT(nn.Module):
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, S, S] -> CLIP's image embedding: ln_post of the last block's CLS
         token [B, W], times `proj` when the tower has one -> [B, D]."""
-        x = self.transformer(self.embed(pixels), self.config.layers - 1)
+        x = self.transformer(self.embed(pixels), self.vit_config.layers - 1)
         pooled = self.ln_post(x[:, 0])
         return pooled @ self.proj if self.proj is not None else pooled
 
