@@ -18,7 +18,6 @@ on top.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -29,7 +28,9 @@ from llava_tune.assembly.trainable import vision_lora_config
 from llava_tune.config import load_config
 from llava_tune.constants import STAGES
 from llava_tune.convert.internlm2 import internlm2_to_llama_config
+from llava_tune.convert.open_clip_format import open_clip_vit_config
 from llava_tune.models.loss import DEFAULT_CHUNK
+from llava_tune.models.vit import ClipViT, build_vit
 from llava_tune.stages import vision_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,17 +43,15 @@ INTERNLM2 = {  # published config.json values
 }
 
 
-def vision_tower(name: str) -> tuple[int, int, int]:
-    """(parameters, width, image tokens) of an open_clip visual tower, built on meta."""
-    visual = _visual(name)
-    grid = visual.grid_size
-    return sum(p.numel() for p in visual.parameters()), visual.transformer.width, grid[0] * grid[1]
+def vision_tower(config) -> tuple[int, int, int]:
+    """(parameters, width, image tokens) of the config's vision tower, built on meta."""
+    visual = _visual(config)
+    return sum(p.numel() for p in visual.parameters()), visual.transformer.width, visual.grid_size ** 2
 
 
-def _visual(name: str):
-    import open_clip
-
-    return open_clip.create_model(name, device="meta").visual
+def _visual(config) -> ClipViT:
+    vision = config.model.vision
+    return build_vit(open_clip_vit_config(vision.name, vision.config_file), "meta")
 
 
 def vision_training(config, images: int) -> tuple[int, int]:
@@ -60,7 +59,7 @@ def vision_training(config, images: int) -> tuple[int, int]:
     mode = vision_mode(config)
     if mode not in ("lora", "full"):
         return 0, 0
-    visual = _visual(config.model.vision.name)
+    visual = _visual(config)
     blocks = visual.transformer.resblocks
     width, layers = visual.transformer.width, len(blocks)
     mlp = blocks[0].mlp.c_fc.out_features
@@ -71,8 +70,7 @@ def vision_training(config, images: int) -> tuple[int, int]:
         sizes = {"q_proj": (width, width), "k_proj": (width, width), "v_proj": (width, width),
                  "out_proj": (width, width), "c_fc": (width, mlp), "c_proj": (mlp, width)}
         trainable = layers * sum(config.train.vision_lora.r * sum(sizes[t]) for t in targets)
-    grid = visual.grid_size
-    tokens = images * (grid[0] * grid[1] + 1)
+    tokens = images * (visual.grid_size ** 2 + 1)
     activations = tokens * width * 2 * (layers + 8) + tokens * mlp * 2 * 3
     return trainable, activations
 
@@ -98,7 +96,7 @@ def estimate(config_file: Path) -> dict[str, float]:
     bytes_per_linear = 0.53 if config.model.quantization == "4bit" else 2
     weights = linear * bytes_per_linear + embed * 2
     vision = STAGES[config.stage].vision
-    vision_params, vision_width, image_tokens = vision_tower(config.model.vision.name) if vision else (0, 0, 0)
+    vision_params, vision_width, image_tokens = vision_tower(config) if vision else (0, 0, 0)
     trainable = 0
     if vision:
         h = cfg.hidden_size
@@ -128,7 +126,6 @@ def estimate(config_file: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    logging.disable(logging.WARNING)  # open_clip: "no pretrained weights" is the point here
     files = [Path(a) for a in sys.argv[1:]] or sorted(ROOT.glob("configs/internlm2_chat_*/*.yaml"))
     print(f"{'config':50s} {'weights':>8s} {'train':>8s} {'activ.':>8s} {'logits':>8s} {'total':>8s}  (GB, estimates)")
     for file in files:

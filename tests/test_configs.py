@@ -3,7 +3,6 @@ checked on the meta device (shapes only, nothing allocated)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from transformers import LlamaForCausalLM
 from llava_tune.config import check_paths, load_config
 from llava_tune.constants import STAGES
 from llava_tune.convert.internlm2 import internlm2_to_llama_config
+from llava_tune.convert.open_clip import create_open_clip
 from llava_tune.data.sources import source_problems
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
@@ -142,16 +142,7 @@ def test_finetune_continues_its_pretrain(folder):
 
 @pytest.fixture(scope="module")
 def clip_l_336() -> VisionTower:
-    import open_clip
-
-    logging.disable(logging.WARNING)  # "no pretrained weights loaded": meant
-    try:
-        with torch.device("meta"):
-            visual = open_clip.create_model("ViT-L-14-336-quickgelu", pretrained=None,
-                                            device="meta").visual
-    finally:
-        logging.disable(logging.NOTSET)
-    return VisionTower(visual)
+    return VisionTower(create_open_clip("ViT-L-14-336-quickgelu", device="meta"))
 
 
 @pytest.mark.parametrize("path", REAL, ids=rel)

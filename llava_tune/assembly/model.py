@@ -50,9 +50,16 @@ class ModelBundle:
 
 
 def build_tower(config: ModelConfig) -> VisionTower:
-    """The config's vision tower (open_clip name + weights, or a Hugging Face CLIP folder)."""
+    """The config's vision tower (open_clip name + weights, or a Hugging Face CLIP folder),
+    built by llava-tune (models/vit.py) without importing open_clip."""
     v = config.vision
-    return VisionTower(create_open_clip(v.name, v.pretrained, v.config_file), v.feature_layer)
+    visual = create_open_clip(v.name, v.pretrained, v.config_file)
+    layers = visual.vit_config.layers
+    if not -layers <= v.feature_layer < layers:
+        raise UserError(f"model.vision.feature_layer {v.feature_layer} is not a block of the "
+                        f"{layers}-block vision tower; use one of {-layers}..{layers - 1} "
+                        "(LLaVA's is -2, the penultimate)")
+    return VisionTower(visual, v.feature_layer)
 
 
 def image_layout(config: Config, tower: VisionTower | None = None) -> ImageLayout:
@@ -63,7 +70,7 @@ def image_layout(config: Config, tower: VisionTower | None = None) -> ImageLayou
     if model.image_aspect == "anyres":
         limit = model.anyres.max_tiles
         grids = tuple((r, c) for r, c in model.anyres.grid_pinpoints if limit is None or r * c <= limit)
-    tile, patches = (tower.image_size, tower.base.grid_size[0]) if tower is not None else (0, 0)
+    tile, patches = (tower.image_size, tower.base.grid_size) if tower is not None else (0, 0)
     return ImageLayout(tile=tile, patches=patches, grids=grids,
                        pool_max=model.anyres.pool_max if grids else None,
                        video_frames=config.data.video_frames, video_pool=model.video_pool,

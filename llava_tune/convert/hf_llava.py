@@ -167,7 +167,7 @@ def _processor(kind: str, tokenizer, tower: VisionTower, pinpoints: list, anyres
             num_image_tokens=tower.num_patches + 1, video_token=VIDEO_TOKEN,
             vision_aspect_ratio=anyres_max, **text)
     sizes = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **norm)
-    common = dict(patch_size=tower.visual.patch_size[0], num_additional_image_tokens=1, **text)
+    common = dict(patch_size=tower.base.patch_size, num_additional_image_tokens=1, **text)
     if kind == "llava_next":
         return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(
             image_grid_pinpoints=pinpoints, **sizes), **common)

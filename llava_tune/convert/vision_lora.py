@@ -1,10 +1,10 @@
 """LoRA on the vision tower: our run dir's ``vision_adapter/`` <-> XTuner's ``visual_encoder_adapter/``.
 
 XTuner's LLaVA recipe puts a PEFT LoRA on transformers' ``CLIPVisionModel`` (every Linear:
-``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``fc1``, ``fc2``). Our tower is open_clip's
-VisionTransformer with its packed attention unpacked into separate q/k/v/out Linears
-(models/vision.py), so each of those LoRAs has exactly one counterpart and the conversion is a
-rename, tensors untouched:
+``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``fc1``, ``fc2``). Our tower is llava-tune's
+CLIP ViT with open_clip's names and attention as separate q/k/v/out Linears (models/vit.py),
+so each of those LoRAs has exactly one counterpart and the conversion is a rename, tensors
+untouched:
 
     CLIPVisionModel (XTuner)                       our tower
     [vision_model.]encoder.layers.N.self_attn.X    transformer.resblocks.N.attn.X   (X = q/k/v/out_proj)
@@ -36,6 +36,7 @@ from llava_tune.convert.lora import (
     read_lora_adapter,
     target_module_names,
 )
+from llava_tune.convert.open_clip_format import open_clip_vit_config
 from llava_tune.convert.weights import save_safetensors
 from llava_tune.errors import UserError
 
@@ -80,25 +81,9 @@ def tower_shape(name: str, pretrained: str | None, config_file: str | None) -> T
         cfg, _ = _vision_config(Path(pretrained))
         return TowerShape(int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]),
                           int(cfg["intermediate_size"]), f"the CLIP folder {pretrained}")
-    import open_clip
-
-    if config_file is not None:
-        if not Path(config_file).is_file():
-            raise UserError(f"vision config file {config_file} not found")
-        open_clip.add_model_config(config_file)
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise UserError(f"unknown open_clip model {name!r}; use a name from "
-                        "open_clip.list_models() (OpenAI weights need the -quickgelu variant) "
-                        "or pass the Hugging Face CLIP folder with --vision-weights")
-    vision = cfg.get("vision_cfg") or {}
-    layers = vision.get("layers", 12)  # open_clip's VisionCfg defaults
-    if vision.get("timm_model_name") or not isinstance(layers, int):
-        raise UserError(f"open_clip model {name!r} is not a plain ViT (timm or ResNet tower); "
-                        "llava-tune's vision tower is a CLIP ViT")
-    width = int(vision.get("width", 768))
-    return TowerShape(width, layers, int(width * float(vision.get("mlp_ratio", 4.0))),
-                      f"open_clip model {name!r}")
+    config = open_clip_vit_config(
+        name, config_file, fix="or pass the Hugging Face CLIP folder with --vision-weights")
+    return TowerShape(config.width, config.layers, config.mlp_width, f"open_clip model {name!r}")
 
 
 def clip_to_ours(path: str) -> str | None:
@@ -181,7 +166,7 @@ def write_clip_adapter(run_adapter: Path, folder: Path, base: str | None) -> Non
 
 
 def write_clip_tower(visual, folder: Path) -> None:
-    """An open_clip tower (our VisionTower's ``base``, no LoRA on it) as XTuner's
+    """Our ViT (our VisionTower's ``base``, no LoRA on it) as XTuner's
     ``visual_encoder/``: a CLIPVisionModel folder, config.json + model.safetensors with the
     ``vision_model.`` keys transformers 4 writes (transformers 5 reads them too)."""
     from llava_tune.convert.open_clip import hf_clip_vision_state_dict

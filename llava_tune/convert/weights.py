@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,12 +26,14 @@ BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-def load_weights(file: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+def load_weights(file: str | os.PathLike, device: str = "cpu",
+                 nested: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one weights file: safetensors, or a PyTorch .bin read weights-only.
 
     A .bin is a pickle, and unpickling arbitrary objects runs code, so only tensors and plain
     containers are accepted. A truncated or corrupt file, or a pickle that holds anything else,
-    raises UserError naming the file and the fix.
+    raises UserError naming the file and the fix. `nested`: a .bin that is a dict with this key
+    (a training checkpoint: {"epoch": ..., "state_dict": {...}, ...}) gives that entry.
     """
     file = Path(file)
     if not file.is_file():
@@ -50,6 +52,8 @@ def load_weights(file: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     except (RuntimeError, EOFError, OSError) as err:
         raise UserError(f"{file} is not a readable PyTorch weights file ({err}); it is truncated "
                         "or corrupt: copy or export it again") from err
+    if nested is not None and isinstance(state, dict) and isinstance(state.get(nested), dict):
+        state = state[nested]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{file} does not hold a flat dict of tensors (a state dict)")
     return state
@@ -69,6 +73,25 @@ def open_safetensors(file: Path) -> Iterator:
             yield reader
     except (SafetensorError, OSError) as err:
         raise _corrupt(file, err) from err
+
+
+def safetensors_keys(file: Path) -> list[str]:
+    """The tensor names of a safetensors file, in the file's order (its header alone is read)."""
+    with open_safetensors(file) as reader:
+        return list(reader.keys())
+
+
+def read_safetensors(file: Path, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for each of `keys`, each tensor a copy that owns its memory.
+
+    safetensors maps the whole file while it is open, and every page read stays in the
+    process's memory until it closes; so each tensor is read in an opening of its own, and
+    reading a model costs its size once, not twice (~1 ms an opening: 0.3 s for a ViT-L's 296
+    tensors). Copies, not views of the mapping: a file replaced later never changes them.
+    """
+    for key in keys:
+        with open_safetensors(file) as reader:
+            yield key, reader.get_tensor(key).clone()
 
 
 def check_weight_file(file: Path) -> None:

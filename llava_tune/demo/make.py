@@ -10,14 +10,14 @@ OUT_DIR/shapes/       the shapes data (data/SHAPES.md) (images, pretrain.json, f
                       (llava_tune/demo/mmbench.py)
 OUT_DIR/lm-init/      a randomly initialized tiny InternLM2-architecture LM, in InternLM2's own
                       checkpoint layout, with a byte-fallback tokenizer trained on the demo's text
-OUT_DIR/vision/       a tiny open_clip ViT config and its (random, frozen) weights
+OUT_DIR/vision/       a tiny open_clip ViT config and its (random, frozen) weights, in
+                      open_clip's formats (written by llava-tune, without open_clip)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -26,9 +26,11 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llava_tune.convert.internlm2 import save_internlm2_checkpoint
+from llava_tune.convert.open_clip_format import open_clip_state_dict, vit_config
 from llava_tune.demo import mmbench, shapes
 from llava_tune.demo import tokenizer as demo_tokenizer
 from llava_tune.files import honour_umask
+from llava_tune.models.vit import build_vit
 
 LM_SHAPE = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -68,21 +70,18 @@ def make_lm(out_dir: Path, data_files: list[Path], seed: int, shape: dict | None
 
 def make_vision(out_dir: Path, seed: int, config: dict | None = None,
                 name: str = "demo-vit") -> tuple[Path, Path]:
-    """A tiny ViT config (registered by name = file stem) and random weights for it."""
-    import open_clip
-
+    """A ViT config (open_clip's model config JSON; the model's name is its stem) and random
+    weights for it: the `visual.*` part of an open_clip state dict, as open_clip's
+    create_model(name) would draw them after torch.manual_seed(seed) (the text tower, which
+    llava-tune never reads, is left out)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = config or VISION_CONFIG
     config_file = out_dir / f"{name}.json"
-    config_file.write_text(json.dumps(config or VISION_CONFIG, indent=2))
-    open_clip.add_model_config(config_file)
+    config_file.write_text(json.dumps(config, indent=2))
     torch.manual_seed(seed)
-    logging.disable(logging.WARNING)  # open_clip warns that pretrained=None means random init
-    try:
-        model = open_clip.create_model(name, pretrained=None)
-    finally:
-        logging.disable(logging.NOTSET)
+    model = build_vit(vit_config(config, str(config_file)), "cpu")
     weights = out_dir / f"{name}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    save_file(open_clip_state_dict(model), weights)
     honour_umask(weights)  # save_file creates it 0600
     return config_file, weights
 

@@ -156,8 +156,7 @@ def prepare(size: str, kind: str, work: Path, records: int = 2000, seed: int = 0
             make_demo.make_lm(models / "lm", text_files, seed)
             make_demo.make_vision(models / "vision", seed)
         else:
-            import open_clip
-
+            from llava_tune.convert.open_clip_format import read_model_config
             from llava_tune.demo import tokenizer as demo_tokenizer
             from llava_tune.demo.random_checkpoint import write_checkpoint
 
@@ -165,7 +164,7 @@ def prepare(size: str, kind: str, work: Path, records: int = 2000, seed: int = 0
             # tokenizer gives them (measured: 1.15x), so sequence lengths are realistic.
             tok = demo_tokenizer.train_tokenizer(_texts(text_files), models / "tokenizer", 768)
             write_checkpoint("internlm2-chat-1_8b", models / "lm", tokenizer=tok, seed=seed)
-            make_demo.make_vision(models / "vision", seed, config=open_clip.get_model_config(VIT_L_336),
+            make_demo.make_vision(models / "vision", seed, config=read_model_config(VIT_L_336),
                                   name="bench-vit-l-14-336")
         (models / ".complete").touch()
     name = "demo-vit" if size == "demo" else "bench-vit-l-14-336"
