@@ -90,7 +90,8 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     train: str = ""
-    """LLaVA-format JSON or JSONL."""
+    """LLaVA-format JSON or JSONL, or a folder of shards read as a stream (train_is_stream;
+    data/stream.py)."""
     image_folder: str | None = None
     max_length: int = 2048
     max_bad_fraction: float = 0.01
@@ -116,6 +117,9 @@ class DataConfig:
     """Folder for the frozen vision tower's features, computed once per image and reused
     across epochs and stages (data/features.py; off while the tower trains). ~1.2 MB per image
     for CLIP ViT-L/14-336."""
+    shuffle_buffer: int = 1000
+    """A stream's shuffle buffer (data.train a folder of shards): records are drawn at random
+    from this many read ahead (after the shards' order is shuffled)."""
 
 
 @dataclass
@@ -348,7 +352,7 @@ def validate(config: Config) -> list[str]:
     if not config.model.llm:
         errors.append("model.llm is not set: give the base LLM's local folder")
     if not config.data.train:
-        errors.append("data.train is not set: give a JSON/JSONL data file")
+        errors.append("data.train is not set: give a JSON/JSONL data file (or a folder of shards)")
     if not config.run_dir:
         errors.append("run_dir is not set: give the output folder")
     if config.model.projector_depth < 1:
@@ -392,6 +396,9 @@ def validate(config: Config) -> list[str]:
     if config.data.num_proc is not None and config.data.num_proc < 1:
         errors.append(f"data.num_proc={config.data.num_proc} must be at least 1 (or null: "
                       "one per 20,000 records, up to the cores)")
+    if config.data.shuffle_buffer < 1:
+        errors.append(f"data.shuffle_buffer={config.data.shuffle_buffer} must be at least 1 "
+                      "(1: the records of each shard in their order)")
     if config.data.pack and config.data.group_by_length:
         errors.append("data.pack and data.group_by_length both set; packing already fills rows, "
                       "pick one")
@@ -432,9 +439,15 @@ def check_paths(config: Config, needs_images: bool) -> list[str]:
     errors = []
     if config.model.llm and not Path(config.model.llm).is_dir():
         errors.append(f"model.llm folder {config.model.llm} not found")
-    if config.data.train and not Path(config.data.train).is_file():
-        errors.append(f"data.train file {config.data.train} not found")
-    if config.data.eval and not Path(config.data.eval).is_file():
+    if train_is_stream(config.data.train):
+        errors += _stream_problems(config)
+    elif config.data.train and not Path(config.data.train).is_file():
+        errors.append(f"data.train {config.data.train} not found (a JSON/JSONL file, or a "
+                      "folder of shards)")
+    if config.data.eval and Path(config.data.eval).is_dir():
+        errors.append(f"data.eval {config.data.eval} is a folder: held-out data is one "
+                      "JSON/JSONL file (only data.train may be a folder of shards)")
+    elif config.data.eval and not Path(config.data.eval).is_file():
         errors.append(f"data.eval file {config.data.eval} not found")
     if needs_images and config.data.image_folder and not Path(config.data.image_folder).is_dir():
         errors.append(f"data.image_folder {config.data.image_folder} not found")
@@ -446,6 +459,27 @@ def check_paths(config: Config, needs_images: bool) -> list[str]:
         errors.append(f"model.vision.config_file {vision.config_file} not found")
     if config.init_from and not (Path(config.init_from) / "config.yaml").is_file():
         errors.append(f"init_from={config.init_from} is not a llava-tune run dir (no config.yaml)")
+    return errors
+
+
+def train_is_stream(train: str | os.PathLike) -> bool:
+    """Whether data.train is a folder of shards, read as a stream (data/stream.py), rather than
+    one data file: the one place that decides it."""
+    return bool(train) and Path(train).is_dir()
+
+
+def _stream_problems(config: Config) -> list[str]:
+    """What a stream (data.train a folder of shards) cannot do with this config."""
+    folder = config.data.train
+    errors = []
+    if config.train.max_steps is None:
+        errors.append(f"data.train {folder} is a folder of shards, read as a stream whose length "
+                      "is not known before it is read: set train.max_steps=N (train.epochs "
+                      "cannot be counted on a stream)")
+    if config.data.group_by_length:
+        errors.append(f"data.group_by_length=true needs every sample's length before training, "
+                      f"which a stream (data.train {folder}, a folder of shards) does not know: "
+                      "set data.group_by_length=false (data.pack=true fills rows on the fly)")
     return errors
 
 
