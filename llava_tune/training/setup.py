@@ -197,7 +197,9 @@ def stream_notes(config: Config, stream: StreamDataset, processes: int) -> list[
     wanted, per_step = stream_wanted(config, processes), tc.batch_size * tc.grad_accum * processes
     if report.complete and report.total < wanted:
         what = "packed rows (a row holds one record or more)" if config.data.pack else "samples"
-        fix = (f"; train.max_steps={report.total // per_step} is one pass"
+        # Packed, a row holds one record or more: one pass takes that many steps or fewer.
+        fewer = " or fewer" if config.data.pack else ""
+        fix = (f"; train.max_steps={report.total // per_step}{fewer} is one pass"
                if report.total >= per_step else "")
         notes.append(
             f"warning: the stream holds {report.total:,} records, fewer than the {wanted:,} "
