@@ -141,7 +141,8 @@ list whose items are files, globs or SourceConfig mappings)."""
 class DataConfig:
     train: DataSpec = ""
     """LLaVA-format JSON or JSONL: a file, a glob, a list of files and globs, or a mixture
-    of {path, image_folder, weight | samples} (data/sources.py)."""
+    of {path, image_folder, weight | samples} (data/sources.py); or a folder of shards, given
+    alone, read as a stream (train_is_stream; data/stream.py)."""
     image_folder: str | None = None
     max_length: int = 2048
     max_bad_fraction: float = 0.01
@@ -167,6 +168,9 @@ class DataConfig:
     """Folder for the frozen vision tower's features, computed once per image and reused
     across epochs and stages (data/features.py; off while the tower trains). ~1.2 MB per image
     for CLIP ViT-L/14-336."""
+    shuffle_buffer: int = 1000
+    """A stream's shuffle buffer (data.train a folder of shards): records are drawn at random
+    from this many read ahead (after the shards' order is shuffled)."""
 
 
 @dataclass
@@ -433,7 +437,7 @@ def validate(config: Config) -> list[str]:
     if not config.model.llm:
         errors.append("model.llm is not set: give the base LLM's local folder")
     if not config.data.train:
-        errors.append("data.train is not set: give a JSON/JSONL data file")
+        errors.append("data.train is not set: give a JSON/JSONL data file (or a folder of shards)")
     errors += data_spec_problems("data.train", config.data.train)
     if config.data.eval is not None:
         if not config.data.eval:
@@ -485,6 +489,9 @@ def validate(config: Config) -> list[str]:
     if config.data.num_proc is not None and config.data.num_proc < 1:
         errors.append(f"data.num_proc={config.data.num_proc} must be at least 1 (or null: "
                       "one per 20,000 records, up to the cores)")
+    if config.data.shuffle_buffer < 1:
+        errors.append(f"data.shuffle_buffer={config.data.shuffle_buffer} must be at least 1 "
+                      "(1: the records of each shard in their order)")
     if config.data.pack and config.data.group_by_length:
         errors.append("data.pack and data.group_by_length both set; packing already fills rows, "
                       "pick one")
@@ -553,10 +560,13 @@ def _one_of(values) -> str:
 
 def check_paths(config: Config, needs_images: bool) -> list[str]:
     """Problems with files a run reads, checked before anything loads; the data files'
-    (data.train, data.eval: files, globs, mixtures) are data/sources.py's."""
+    (data.train, data.eval: files, globs, mixtures) are data/sources.py's, and what a stream
+    (data.train a folder of shards) cannot do with this config is checked here."""
     errors = []
     if config.model.llm and not Path(config.model.llm).is_dir():
         errors.append(f"model.llm folder {config.model.llm} not found")
+    if train_is_stream(config.data.train):
+        errors += _stream_problems(config)
     if needs_images and config.data.image_folder and not Path(config.data.image_folder).is_dir():
         errors.append(f"data.image_folder {config.data.image_folder} not found")
     vision = config.model.vision
@@ -567,6 +577,29 @@ def check_paths(config: Config, needs_images: bool) -> list[str]:
         errors.append(f"model.vision.config_file {vision.config_file} not found")
     if config.init_from and not (Path(config.init_from) / "config.yaml").is_file():
         errors.append(f"init_from={config.init_from} is not a llava-tune run dir (no config.yaml)")
+    return errors
+
+
+def train_is_stream(train: DataSpec | os.PathLike) -> bool:
+    """Whether data.train is a folder of shards, read as a stream (data/stream.py), rather than
+    data files (a file, a glob, a list or a mixture: data/sources.py): the one place that
+    decides it. Only a folder given alone is a stream; a folder inside a list or mixture is
+    refused by data/sources.py (a stream cannot be one source of several, yet)."""
+    return isinstance(train, (str, os.PathLike)) and bool(train) and Path(train).is_dir()
+
+
+def _stream_problems(config: Config) -> list[str]:
+    """What a stream (data.train a folder of shards) cannot do with this config."""
+    folder = config.data.train
+    errors = []
+    if config.train.max_steps is None:
+        errors.append(f"data.train {folder} is a folder of shards, read as a stream whose length "
+                      "is not known before it is read: set train.max_steps=N (train.epochs "
+                      "cannot be counted on a stream)")
+    if config.data.group_by_length:
+        errors.append(f"data.group_by_length=true needs every sample's length before training, "
+                      f"which a stream (data.train {folder}, a folder of shards) does not know: "
+                      "set data.group_by_length=false (data.pack=true fills rows on the fly)")
     return errors
 
 

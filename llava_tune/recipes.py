@@ -41,7 +41,8 @@ PATH_KEYS: dict[str, str] = {
                                 "name), or null for open_clip's own models",
     "data.train": "the training data: a JSON or JSONL file (LLaVA, OpenAI, XTuner or Alpaca "
                   "format), a glob or a list of them, or a mixture (README: Several files "
-                  "and mixtures)",
+                  "and mixtures); or a folder of shards, read as a stream (README: Streaming "
+                  "shards)",
     "data.eval": "held-out data for the validation loss (same formats), or null",
     "data.image_folder": "the folder that data.train's image paths are relative to",
     "data.cache_dir": "a folder for the tokenized-data cache, or null for no cache",

@@ -4,6 +4,10 @@ its training small. `from helpers import ...`: pyproject.toml puts tests/ on sys
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 from llava_tune.cli import main
@@ -50,3 +54,37 @@ def overrides_in(folder: Path, tiny_lm: Path, tiny_vision: tuple[Path, Path], sh
                 "train.log_every=1"]
 
     return overrides
+
+
+def kill_launch(proc: subprocess.Popen) -> None:
+    """kill -9 a torchrun launch: the launcher and its workers. torchrun starts each worker in
+    a session of its own, so killing the launcher's process group leaves them running (they
+    would finish the run unseen); each is killed here by its pid, read from /proc first."""
+    workers = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+               if _parent(stat) == proc.pid]
+    assert workers, "the launch has no workers to kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers):
+        assert time.time() < deadline, "the workers outlived kill -9"
+        time.sleep(0.05)
+
+
+def _parent(stat: Path) -> int | None:
+    try:  # "pid (name) state ppid ...": the name may hold spaces, so split after its ")"
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

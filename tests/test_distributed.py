@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_launch
 from safetensors.torch import load_file
 
 from llava_tune.config import load_config
@@ -218,15 +219,17 @@ def test_two_processes_resume_after_kill(tmp_path, tiny_lm, multi_turn, env):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: launcher and workers
-    proc.wait()
+    kill_launch(proc)  # the launcher and its workers (each in a session of its own)
     assert not (run / "COMPLETE").exists()
     assert (run / ".lock").exists()  # left by the killed run; taken over below
+    resumed_from = int(sorted((run / "checkpoints").iterdir())[-1].name.split("-")[1])
+    assert resumed_from < 48
 
     again = torchrun(["train", str(config), *sft_args(tiny_lm, multi_turn, run, *extra),
                       "train.resume=true"], env)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
+    assert f"step {resumed_from + 1}/48 " in err  # the resumed run trained the rest
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 49))  # nothing logged twice, nothing missing
     # The log rounds losses to 5 decimals: values a hair apart can round 1e-5 apart.

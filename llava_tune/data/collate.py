@@ -43,6 +43,9 @@ class Batch:
     with each sample's own length, as packed samples never attend to each other."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(sample id, why) of samples left out because they failed to load."""
+    position: tuple[int, int, int] | None = None
+    """A stream's (reader, epoch, records taken) after this batch's last sample: where the
+    stream resumes (data/stream.py)."""
 
     _TENSORS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values",
                 "image_features")
@@ -77,6 +80,7 @@ class Collator:
     def __call__(self, items: list[dict]) -> Batch:
         skipped = [pair for item in items for pair in item.get("skipped", [])]
         skipped += [(item["id"], item["error"]) for item in items if "error" in item]
+        position = items[-1].get("position")
         items = [item for item in items if "error" not in item] or [self._stand_in()]
         packed = "position_ids" in items[0]
         length = max(len(item["input_ids"]) for item in items)
@@ -97,7 +101,8 @@ class Collator:
             if packed:
                 positions[row, :n] = item["position_ids"]
                 positions[row, n:] = torch.arange(length - n)
-        batch = Batch(input_ids=ids, labels=labels, skipped=skipped, num_tokens=real,
+        batch = Batch(input_ids=ids, labels=labels, skipped=skipped, position=position,
+                      num_tokens=real,
                       num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
                       sample_lengths=lengths)
         for key in ("pixel_values", "image_features"):

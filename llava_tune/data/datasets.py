@@ -3,9 +3,10 @@ by the processes), images on demand."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import datasets
 import numpy as np
@@ -24,8 +25,8 @@ from llava_tune.data.video import load_video
 from llava_tune.errors import UserError
 from llava_tune.models.anyres import ImageLayout, Media
 
-__all__ = ["ConversationDataset", "DataReport", "PackedDataset", "pack_groups",
-           "tokenizer_fingerprint"]
+__all__ = ["ConversationDataset", "DataReport", "PackedDataset", "pack_groups", "pack_row",
+           "sample_item", "tokenizer_fingerprint", "tower_inputs"]
 
 
 @dataclass
@@ -228,34 +229,52 @@ class ConversationDataset(torch.utils.data.Dataset):
     def tower_inputs(self, path: Path, kind: str) -> torch.Tensor:
         """[P, 3, S, S]: an image's square or tiles, a "square" (one padded square), or a
         video's frames."""
-        if kind == "video":
-            return self.image_processor.frames(load_video(path, self.layout.video_frames))
-        if kind == "square":
-            return self.image_processor.square(load_image(path))
-        return self.image_processor(load_image(path))
+        return tower_inputs(self.image_processor, self.layout, path, kind)
 
     def __getitem__(self, index: int) -> dict:
         position = int(self.indices[index])
         row = self.table[position]
-        ids, labels = expand_image_slots(row["input_ids"], row["labels"], self.image_id,
-                                         row["image_tokens"])
-        item = {"id": row["id"], "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-        if row["images"]:
-            folder = self.folder_of(position)
-            paths = [folder / image for image in row["images"]]
-            pairs = list(zip(paths, row["kinds"], strict=True))
-            try:
-                if self.feature_cache is not None:
-                    item["image_features"] = torch.cat(
-                        [self.feature_cache.load(p, kind) for p, kind in pairs])
-                else:
-                    item["pixel_values"] = torch.cat([self.tower_inputs(p, k) for p, k in pairs])
-            except UserError as err:
-                return {"id": row["id"], "error": str(err)}
-            item["media"] = [
-                Media(kind, tuple(size), self.layout.video_frames if kind == "video" else 0)
-                for kind, size in zip(row["kinds"], row["image_sizes"], strict=True)]
-        return item
+        folder = self.folder_of(position) if row["images"] else None
+        if self.feature_cache is not None:
+            cache = self.feature_cache
+            return sample_item(row, self.image_id, self.layout,
+                               lambda image, kind: cache.load(folder / image, kind),
+                               "image_features")
+        return sample_item(row, self.image_id, self.layout,
+                           lambda image, kind: self.tower_inputs(folder / image, kind))
+
+
+def tower_inputs(processor: ImageProcessor, layout: ImageLayout, source: Path | BinaryIO,
+                 kind: str, name: str | None = None) -> torch.Tensor:
+    """[P, 3, S, S]: an image's square or tiles, a "square" (one padded square), or a video's
+    frames (a file or folder: `source` is then a path). `name`: what an error calls an open
+    file (a .tar shard's member)."""
+    if kind == "video":
+        return processor.frames(load_video(source, layout.video_frames))
+    if kind == "square":
+        return processor.square(load_image(source, name))
+    return processor(load_image(source, name))
+
+
+def sample_item(row: dict, image_id: int | None, layout: ImageLayout | None,
+                inputs: Callable[[str, str], torch.Tensor], key: str = "pixel_values") -> dict:
+    """A training item (ConversationDataset's) from a tokenized row ({"id", "input_ids",
+    "labels", "images", "kinds", "image_sizes", "image_tokens"}): the image slots expanded,
+    and `inputs(image, kind)` [P, ...] of each image under `key` (pixel_values, or
+    image_features from a cache). An image that fails to load gives {"id", "error"}."""
+    ids, labels = expand_image_slots(row["input_ids"], row["labels"], image_id,
+                                     row["image_tokens"])
+    item = {"id": row["id"], "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if row["images"]:
+        try:
+            item[key] = torch.cat([inputs(image, kind)
+                                   for image, kind in zip(row["images"], row["kinds"], strict=True)])
+        except UserError as err:
+            return {"id": row["id"], "error": str(err)}
+        item["media"] = [
+            Media(kind, tuple(size), layout.video_frames if kind == "video" else 0)
+            for kind, size in zip(row["kinds"], row["image_sizes"], strict=True)]
+    return item
 
 
 def pack_groups(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
@@ -293,20 +312,27 @@ class PackedDataset(torch.utils.data.Dataset):
         return len(self.groups)
 
     def __getitem__(self, index: int) -> dict:
-        items = [self.dataset[i] for i in self.groups[index]]
-        good = [item for item in items if "error" not in item]
-        row: dict = {"id": "+".join(item["id"] for item in items),
-                     "skipped": [(item["id"], item["error"]) for item in items if "error" in item]}
-        if not good:
-            return {**row, "error": "every sample of this packed row failed to load"}
-        row.update(input_ids=torch.cat([item["input_ids"] for item in good]),
-                   labels=torch.cat([item["labels"] for item in good]),
-                   position_ids=torch.cat([torch.arange(len(item["input_ids"])) for item in good]))
-        for key in ("pixel_values", "image_features"):
-            images = [item[key] for item in good if key in item]
-            if images:
-                row[key] = torch.cat(images)
-        media = [m for item in good for m in item.get("media", [])]
-        if media:
-            row["media"] = media
-        return row
+        return pack_row([self.dataset[i] for i in self.groups[index]])
+
+
+def pack_row(items: list[dict]) -> dict:
+    """One packed row of dataset items, in order: their ids, labels and images concatenated,
+    "position_ids" [T] restarting at 0 per sample; an item that failed to load is listed
+    under "skipped" (with any "skipped" of the items themselves)."""
+    good = [item for item in items if "error" not in item]
+    row: dict = {"id": "+".join(item["id"] for item in items),
+                 "skipped": [pair for item in items for pair in item.get("skipped", [])]
+                 + [(item["id"], item["error"]) for item in items if "error" in item]}
+    if not good:
+        return {**row, "error": "every sample of this packed row failed to load"}
+    row.update(input_ids=torch.cat([item["input_ids"] for item in good]),
+               labels=torch.cat([item["labels"] for item in good]),
+               position_ids=torch.cat([torch.arange(len(item["input_ids"])) for item in good]))
+    for key in ("pixel_values", "image_features"):
+        images = [item[key] for item in good if key in item]
+        if images:
+            row[key] = torch.cat(images)
+    media = [m for item in good for m in item.get("media", [])]
+    if media:
+        row["media"] = media
+    return row

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -14,28 +15,32 @@ from llava_tune.errors import UserError
 from llava_tune.models.anyres import ImageLayout, Size, best_resolution, fitted_size
 
 
-def image_size(path: str | Path) -> Size:
+def image_size(path: str | Path | BinaryIO, name: str | None = None) -> Size:
     """(height, width) of an image file from its header (no pixel is decoded); a missing or
-    unreadable file raises UserError naming it."""
+    unreadable file raises UserError naming it (`name`: what to call an open file, such as a
+    member of a .tar shard)."""
     try:
         with Image.open(path) as image:
             width, height = image.size
     except FileNotFoundError as err:
-        raise UserError(f"image {path} not found") from err
+        raise UserError(f"image {name or path} not found") from err
     except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"image {path} cannot be read ({err}); replace or remove it") from err
+        raise UserError(f"image {name or path} cannot be read ({err}); replace or remove it") \
+            from err
     return height, width
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; a missing or unreadable file raises UserError naming it."""
+def load_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open an image as RGB; a missing or unreadable file raises UserError naming it (`name`:
+    what to call an open file, such as a member of a .tar shard)."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError as err:
-        raise UserError(f"image {path} not found") from err
+        raise UserError(f"image {name or path} not found") from err
     except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"image {path} cannot be read ({err}); replace or remove it") from err
+        raise UserError(f"image {name or path} cannot be read ({err}); replace or remove it") \
+            from err
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,32 +113,41 @@ class Prepared:
 # --------------------------------------------------------------------------- one record
 
 
-def media_problem(record: dict, recipe: Recipe) -> tuple[str | None, str | None, int]:
+def media_problem(record: dict, recipe: Recipe, files: Mapping[str, bytes] | None = None
+                  ) -> tuple[str | None, str | None, int]:
     """Check a record's images and videos, setting its "image_sizes" (anyres: (height,
     width) from each header, else (0, 0)), "image_tokens" (slots per item) and kinds
     ("square" for OneVision's several images). Returns (why it cannot be used or None, the
-    path of a missing image or None, images scaled down to the largest grid)."""
+    path of a missing image or None, images scaled down to the largest grid).
+
+    `files`: the images of a .tar shard's sample by name (data/stream.py), looked up there
+    instead of under the image folder."""
     record["image_sizes"], record["image_tokens"] = [], []
     if not record["images"]:
         return None, None, 0
     layout, folder = recipe.layout, recipe.image_folder
-    if folder is None or layout is None:
+    if layout is None or (folder is None and files is None):
         return "has an image, but this stage has no vision tower (or no image folder is set)", None, 0
     square = layout.kind_of_images(record["kinds"].count("image")) == "square"
     record["kinds"] = ["square" if square and k == "image" else k for k in record["kinds"]]
     scaled = 0
     for image, kind in zip(record["images"], record["kinds"], strict=True):
-        path = folder / image
-        if kind == "video":
-            if not path.exists():
-                return (f"video {image!r} not found under image folder {folder}; check "
+        if files is not None:
+            problem = _member_problem(image, kind, files)
+            if problem:
+                return problem, None, 0
+        else:
+            path = folder / image
+            if kind == "video":
+                if not path.exists():
+                    return (f"video {image!r} not found under image folder {folder}; check "
+                            "data.image_folder / --image-folder", str(path), 0)
+                record["image_sizes"].append([0, 0])
+                record["image_tokens"].append(layout.video_tokens())
+                continue
+            if not path.is_file():
+                return (f"image {image!r} not found under image folder {folder}; check "
                         "data.image_folder / --image-folder", str(path), 0)
-            record["image_sizes"].append([0, 0])
-            record["image_tokens"].append(layout.video_tokens())
-            continue
-        if not path.is_file():
-            return (f"image {image!r} not found under image folder {folder}; check "
-                    "data.image_folder / --image-folder", str(path), 0)
         size = (0, 0)
         if kind == "square":
             record["image_sizes"].append([0, 0])
@@ -144,7 +155,8 @@ def media_problem(record: dict, recipe: Recipe) -> tuple[str | None, str | None,
             continue
         if layout.anyres:
             try:
-                size = image_size(path)
+                size = (image_size(path) if files is None
+                        else image_size(io.BytesIO(files[image]), image))
             except UserError as err:
                 return str(err), None, 0
             scaled += layout.scales_down(size)
@@ -153,15 +165,33 @@ def media_problem(record: dict, recipe: Recipe) -> tuple[str | None, str | None,
     return None, None, scaled
 
 
-def usable_record(raw_text: str, index: int, recipe: Recipe, read_messages) -> tuple[dict | None, str | None, str | None, int]:
+def _member_problem(image: str, kind: str, files: Mapping[str, bytes]) -> str | None:
+    """Why a .tar sample's record cannot use its item `image`, or None."""
+    if kind == "video":
+        return (f"video {image!r} in a .tar shard: videos are read from files only; put it "
+                "beside the shards (or under data.image_folder) and out of the .tar")
+    if image not in files:
+        return f"image {image!r} is not in its .tar sample (it holds {sorted(files)})"
+    return None
+
+
+def usable_record(raw_text: str, index: int, recipe: Recipe, read_messages
+                  ) -> tuple[dict | None, str | None, str | None, int]:
     """(record, problem, missing image, images scaled down) of one record's JSON text."""
-    raw = json.loads(raw_text)
+    return usable_value(json.loads(raw_text), index, recipe, read_messages)
+
+
+def usable_value(raw: object, index: int, recipe: Recipe, read_messages,
+                 files: Mapping[str, bytes] | None = None
+                 ) -> tuple[dict | None, str | None, str | None, int]:
+    """usable_record of a record already parsed (a stream's row; `files`: its .tar sample's
+    images, see media_problem)."""
     record_id = str(raw["id"]) if isinstance(raw, dict) and "id" in raw else None
     try:
         record = record_from_raw(raw, index, read_messages)
     except ValueError as err:
         return None, str(Problem(recipe.file, index, record_id, str(err))), None, 0
-    problem, missing, scaled = media_problem(record, recipe)
+    problem, missing, scaled = media_problem(record, recipe, files)
     if problem:
         return None, str(Problem(recipe.file, index, record["id"], problem)), missing, 0
     return record, None, None, scaled

@@ -22,8 +22,12 @@ usable samples of its files, in order:
   another). Sources with `samples` keep their own counts beside them.
 
 The draw is made once per run (every epoch sees the same samples, in a new order), the same
-in every process, and again the same on resume. A folder as data.train is not one of these
-forms (yet): it is refused here, the one place a source is resolved.
+in every process, and again the same on resume.
+
+A folder given alone as data.train (a plain path, config.train_is_stream) is a stream of
+shards, data/stream.py's, and never reaches this module. A folder anywhere else (an item of
+a list or mixture, or data.eval) is refused here, the one place a source is resolved: a
+stream cannot be one source of a mixture (yet), and held-out data is files.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_tune.config import DataConfig, DataSpec, SourceConfig, parse_samples
+from llava_tune.config import DataConfig, DataSpec, SourceConfig, parse_samples, train_is_stream
 from llava_tune.errors import UserError
 
 GLOB_CHARS = frozenset("*?[")
@@ -108,12 +112,26 @@ def _files(where: str, pattern: str) -> tuple[list[Path], str | None]:
         return files, None
     path = Path(pattern)
     if path.is_dir():
-        # The streaming of a folder of shards will take this case over.
-        return [], (f"{where} {pattern} is a folder; give a JSON/JSONL file, or a glob of the "
-                    f"files in it such as {Path(pattern) / '*.json'}")
+        return [], _folder_problem(where, pattern)
     if not path.is_file():
         return [], f"{where} file {pattern} not found"
     return [path], None
+
+
+def _folder_problem(where: str, pattern: str) -> str:
+    """Why a folder cannot be a source. data.train given as one folder is a stream
+    (config.train_is_stream; setup sends it to data/stream.py, not here)."""
+    glob_of = Path(pattern) / "*.json"
+    text = (f"{where} {pattern} is a folder; give a JSON/JSONL file, or a glob of the files in "
+            f"it such as {glob_of}")
+    if where.startswith("data.eval"):
+        return text + (" (held-out data is files: only data.train, given alone as one folder, "
+                       "is read as a stream of shards)")
+    if "[" in where:
+        return text + (". A folder of shards is read as a stream only when it is data.train by "
+                       "itself (data.train: FOLDER); a stream cannot be an item of a list or "
+                       "mixture (not yet)")
+    return text + " (a folder of shards given as data.train alone is read as a stream)"
 
 
 def _resolve(key: str, spec: DataSpec, image_folder: str | None,
@@ -150,6 +168,8 @@ def source_problems(data: DataConfig, needs_images: bool) -> list[str]:
     anything loads)."""
     problems = []
     for key, spec in (("data.train", data.train), ("data.eval", data.eval)):
+        if key == "data.train" and train_is_stream(spec):
+            continue  # a stream's shards are data/stream.py's (config.check_paths, setup)
         if spec:
             problems += _resolve(key, spec, data.image_folder, needs_images)[1]
     return problems

@@ -109,6 +109,9 @@ def _optimizer_steps(run: Run) -> Iterator[tuple[list[Batch], float]]:
     """Micro-batches grouped per optimizer step (train.grad_accum of them; the last group of
     an epoch may be shorter), from the run's position until total_steps, each group with the
     seconds spent waiting for its batches."""
+    if run.stream is not None:
+        yield from _stream_steps(run)
+        return
     k = run.config.train.grad_accum
     position = run.position
     while position.step < run.total_steps:
@@ -136,6 +139,28 @@ def _optimizer_steps(run: Run) -> Iterator[tuple[list[Batch], float]]:
             position.batch_in_epoch += len(group)
             yield group, waited
         position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+
+
+def _stream_steps(run: Run) -> Iterator[tuple[list[Batch], float]]:
+    """_optimizer_steps on a stream: train.grad_accum batches a step, on this process's
+    device (the loader is not accelerate's), each batch's stream position kept in run.stream
+    as it is handed over, so a checkpoint after the step holds exactly what was trained on.
+    The stream goes from epoch to epoch by itself (position.epoch follows it)."""
+    k = run.config.train.grad_accum
+    position = run.position
+    batches = iter(run.loader)
+    while position.step < run.total_steps:
+        group: list[Batch] = []
+        waited = 0.0
+        while len(group) < k:
+            start = time.perf_counter()
+            batch = next(batches)  # never ends: a stream reads epoch after epoch
+            waited += time.perf_counter() - start
+            run.stream.advance(batch.position)
+            group.append(batch.to(run.accelerator.device))
+        position.batch_in_epoch += k
+        position.epoch = run.stream.epoch
+        yield group, waited
 
 
 def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool) -> bool:
@@ -229,16 +254,28 @@ def _checkpoint(run: Run, emit: OnEvent) -> Path | None:
     """A resumable checkpoint (main process), and the loss plot so far."""
     acc = run.accelerator
     path = None
+    p = run.position
+    state = {"step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch}
+    if run.stream is not None:
+        state["stream"] = _stream_state(run)
     if acc.is_main_process:
-        p = run.position
         path = save_checkpoint(run.run_dir, p.step, acc.unwrap_model(run.model), run.optimizer,
-                               run.scheduler, {"step": p.step, "epoch": p.epoch,
-                                               "batch_in_epoch": p.batch_in_epoch},
-                               run.config.train.save_total_limit)
+                               run.scheduler, state, run.config.train.save_total_limit)
         run.plotter.update()
         emit(CheckpointSaved(p.step, path))
     acc.wait_for_everyone()
     return path
+
+
+def _stream_state(run: Run) -> dict:
+    """Every process's stream position (gathered: each process knows its own only), with
+    what a resumed run must match (StreamDataset.resume)."""
+    acc = run.accelerator
+    mine = torch.tensor(run.stream.as_list(), dtype=torch.int64, device=acc.device)
+    rows = acc.gather(mine).view(acc.num_processes, -1).tolist()
+    dataset = run.loader.dataset
+    return {"key": dataset.key(), "processes": acc.num_processes, "readers": dataset.readers,
+            "positions": rows}
 
 
 def _interrupted(run: Run, emit: OnEvent, skipped, last_loss) -> TrainResult:

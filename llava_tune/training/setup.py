@@ -19,12 +19,13 @@ from torch.utils.data import DataLoader, Subset
 from llava_tune import rundir
 from llava_tune.assembly.model import ModelBundle, build_model, carry_over
 from llava_tune.assembly.trainable import parameter_counts, set_trainable
-from llava_tune.config import Config, DataSpec, absolute_paths, check_paths
+from llava_tune.config import Config, DataSpec, absolute_paths, check_paths, train_is_stream
 from llava_tune.constants import STAGES
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset, DataReport, PackedDataset
 from llava_tune.data.sampler import LengthGroupedSampler
 from llava_tune.data.sources import resolve_sources, source_problems
+from llava_tune.data.stream import StreamDataset, StreamPosition, stream_shards
 from llava_tune.errors import UserError
 from llava_tune.launch import check_launch, machines, mixed_precision
 from llava_tune.stages import llm_mode, vision_mode
@@ -74,6 +75,9 @@ class Run:
     """One process's peak TFLOP/s, for MFU; None when not known."""
     plotter: LossPlotter | None = None
     """Draws RUN/loss.png (main process; set by `fit`)."""
+    stream: StreamPosition | None = None
+    """Training on a stream: where this process is in it (the loop advances it batch by
+    batch and checkpoints it)."""
 
 
 
@@ -85,6 +89,8 @@ def setup(config: Config, overwrite: bool = False) -> Run:
     problems = check_paths(config, needs_images) + source_problems(config.data, needs_images)
     if problems:
         raise UserError("cannot start training:\n  " + "\n  ".join(problems))
+    if train_is_stream(config.data.train):
+        stream_shards(config.data.train)  # a folder without shards stops here, not after loading
     config = with_init_from_base(absolute_paths(config))
     check_launch(config)
     accelerator = make_accelerator(config)
@@ -178,13 +184,61 @@ def build_dataset(config: Config, bundle: ModelBundle, spec: DataSpec,
     return dataset
 
 
+def build_stream(config: Config, bundle: ModelBundle, accelerator: Accelerator) -> StreamDataset:
+    """This process's share of data.train, a folder of shards read as a stream."""
+    tc = config.train
+    return StreamDataset(
+        config.data.train, bundle.tokenizer, bundle.template, config.data.max_length,
+        image_folder=config.data.image_folder, image_processor=bundle.image_processor,
+        layout=bundle.model.layout, seed=tc.seed, shuffle_buffer=config.data.shuffle_buffer,
+        pack=config.data.pack, rank=accelerator.process_index, world=accelerator.num_processes,
+        readers=config.data.num_workers, wanted=stream_wanted(config, accelerator.num_processes))
+
+
+def stream_wanted(config: Config, processes: int) -> int:
+    """Samples (rows, packed) that train.max_steps takes from a stream, all processes."""
+    tc = config.train
+    return tc.max_steps * tc.batch_size * tc.grad_accum * processes
+
+
+def stream_notes(config: Config, stream: StreamDataset, processes: int) -> list[str]:
+    """What to know before the first step of a run on a stream: a stream too short for one
+    pass of train.max_steps, files in the folder that are not read, no feature cache."""
+    notes = []
+    tc, report = config.train, stream.report
+    wanted, per_step = stream_wanted(config, processes), tc.batch_size * tc.grad_accum * processes
+    if report.complete and report.total < wanted:
+        what = "packed rows (a row holds one record or more)" if config.data.pack else "samples"
+        # Packed, a row holds one record or more: one pass takes that many steps or fewer.
+        fewer = " or fewer" if config.data.pack else ""
+        fix = (f"; train.max_steps={report.total // per_step}{fewer} is one pass"
+               if report.total >= per_step else "")
+        notes.append(
+            f"warning: the stream holds {report.total:,} records, fewer than the {wanted:,} "
+            f"{what} that train.max_steps={tc.max_steps} takes ({tc.batch_size} a batch x "
+            f"{tc.grad_accum} accumulated x {processes} processes): it will be read again, "
+            f"each epoch in a new order{fix}")
+    ignored = sorted(p.name for p in stream.folder.glob("*.json"))
+    if ignored:
+        notes.append(f"not read: {len(ignored)} .json files in {stream.folder} (e.g. "
+                     f"{ignored[0]}); a stream reads .jsonl, .parquet, .arrow and .tar shards")
+    if config.data.feature_cache:
+        notes.append("data.feature_cache is not used for the stream (its images are read as "
+                     "the stream reaches them)")
+    return notes
+
+
 def make_loaders(config: Config, bundle: ModelBundle, accelerator: Accelerator, train_set,
                  eval_set):
-    """The training loader (shuffled, or grouped by length) and this process's share of the
-    validation set (every sample exactly once over all processes)."""
+    """The training loader (shuffled, grouped by length, or a stream's, which splits itself
+    between processes and workers) and this process's share of the validation set (every
+    sample exactly once over all processes)."""
     collate = Collator(bundle.tokenizer.pad_token_id)
     tc = config.train
-    if config.data.group_by_length:
+    if isinstance(train_set, StreamDataset):
+        loader = DataLoader(train_set, batch_size=tc.batch_size, collate_fn=collate,
+                            num_workers=config.data.num_workers)
+    elif config.data.group_by_length:
         sampler = LengthGroupedSampler(train_set.lengths(), train_set.has_images(),
                                        tc.batch_size * accelerator.num_processes, seed=tc.seed)
         loader = DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler,
@@ -205,28 +259,50 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
     tc = config.train
     set_seed(tc.seed)
     bundle, carried = build_for_training(config, device=accelerator.device)
-    train_set = build_dataset(config, bundle, config.data.train)
+    streaming = train_is_stream(config.data.train)
+    if streaming:
+        train_set = build_stream(config, bundle, accelerator)
+    else:
+        train_set = build_dataset(config, bundle, config.data.train)
     eval_set = (build_dataset(config, bundle, config.data.eval, "data.eval")
                 if config.data.eval else None)
-    notes = use_feature_cache(config, bundle, accelerator, [train_set, eval_set])
+    if streaming:
+        notes = stream_notes(config, train_set, accelerator.num_processes)
+        if eval_set is not None:
+            notes += use_feature_cache(config, bundle, accelerator, [eval_set])
+    else:
+        notes = use_feature_cache(config, bundle, accelerator, [train_set, eval_set])
     loader, eval_loader = make_loaders(config, bundle, accelerator, train_set, eval_set)
     params = [p for p in bundle.model.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"nothing trains in stage {config.stage} with train.llm={llm_mode(config)}")
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     # The model is already on its device (4-bit weights must not move); the loader is prepared
-    # so that an epoch counts this process's share of the batches.
-    model, optimizer, loader = accelerator.prepare(
-        bundle.model, optimizer, loader, device_placement=[False, True, True])
-    total_steps = steps_for(len(loader), config)
+    # so that an epoch counts this process's share of the batches. A stream's is not: it
+    # splits itself, and accelerate's wrapper of an iterable loader would split it again (or
+    # read it on the main process alone and send each process its part).
+    if streaming:
+        _deepspeed_micro_batch(accelerator, tc.batch_size)
+        model, optimizer = accelerator.prepare(bundle.model, optimizer,
+                                               device_placement=[False, True])
+        total_steps = tc.max_steps
+    else:
+        model, optimizer, loader = accelerator.prepare(
+            bundle.model, optimizer, loader, device_placement=[False, True, True])
+        total_steps = steps_for(len(loader), config)
     # Stepped by the loop once per optimizer step (accelerate's wrapper would step it once per
     # process), so the schedule spans exactly total_steps on any number of processes.
     scheduler = cosine_with_warmup(optimizer, round(tc.warmup_ratio * total_steps), total_steps)
     position = Position()
     if tc.resume:
-        state = load_checkpoint(agreed_checkpoint(run_dir, accelerator),
-                                accelerator.unwrap_model(model), optimizer, scheduler)
+        checkpoint = agreed_checkpoint(run_dir, accelerator)
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
         position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+        if streaming and "stream" not in state:
+            raise UserError(f"checkpoint {checkpoint} was written by a run on a data file, not "
+                            f"on a stream: it cannot continue on {config.data.train}")
+        if streaming:
+            train_set.resume(state["stream"])
     if accelerator.is_main_process:
         rundir.save_config(run_dir, config)
     if not seen_by_all(run_dir, accelerator):
@@ -252,11 +328,12 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
         metrics.close()
         lock.release()
 
+    stream = StreamPosition.from_list(train_set.start.as_list()) if streaming else None
     return Run(config=config, run_dir=run_dir, accelerator=accelerator, bundle=bundle, model=model,
                optimizer=optimizer, scheduler=scheduler, loader=loader, eval_loader=eval_loader,
                params=params, total_steps=total_steps, position=position, started=started,
                metrics=metrics, data=train_set.report, close=close,
-               cost=step_cost(bundle.model, config), peak=peak)
+               cost=step_cost(bundle.model, config), peak=peak, stream=stream)
 
 
 def computes_in_half(config: Config, bundle: ModelBundle) -> bool:
@@ -286,6 +363,15 @@ def agreed_checkpoint(run_dir: Path, accelerator: Accelerator) -> Path:
             "checkpoints/ copied to the same path on every machine")
     assert latest is not None  # prepare_for_training refused a resume without checkpoints
     return latest
+
+
+def _deepspeed_micro_batch(accelerator: Accelerator, batch_size: int) -> None:
+    """DeepSpeed's micro-batch size, left "auto" by accelerate's configs, is read from the
+    prepared loader, which a stream does not have: it is train.batch_size. (Untested: no
+    DeepSpeed run on GPUs in this project yet.)"""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
 
 
 def steps_for(loader_batches: int, config: Config) -> int:
