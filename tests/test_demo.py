@@ -1,7 +1,7 @@
-"""The embedded demo end to end, on 4,000 of its 6,000 training images (about 8 minutes on 2
-cores): `scripts/demo.sh` must reach its accuracy targets, held-out (one question at a time
-and as follow-ups) and MMBench-format (rows with and without a hint), and `llava-tune chat`
-on its finetuned model must answer held-out images correctly."""
+"""The embedded demo end to end, as `make demo` runs it: `scripts/demo.sh` must reach its
+accuracy targets, held-out (one question at a time and as follow-ups) and MMBench-format (rows
+with and without a hint), and `llava-tune chat` on its finetuned model must answer held-out
+images correctly. The course's self-cognition recipe then teaches the demo's LM a new name."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ ENV = {**os.environ, "VIRTUAL_ENV": sys.prefix,
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
     ENV["LLAVA_TUNE_CACHE"] = str(out.parent / "cache")  # InternLM2 -> Llama conversions
-    # A smaller demo than `make demo` (DEMO_TRAIN), with the same held-out sets: it still
-    # learns both questions, which is what this proves.
+    # The whole demo: a smaller one (DEMO_TRAIN=4000, 500 stage-2 steps) learned the plain
+    # questions but its MMBench score hung on the seed (0.93, then 0.74 once the tower's
+    # loading drew other random numbers before the projector's), below what users run.
     subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), str(out)], check=True,
-                   env={**ENV, "DEMO_TRAIN": "4000"}, cwd=out.parent, timeout=2700)
+                   env=ENV, cwd=out.parent, timeout=2700)
     return out
 
 
@@ -113,3 +114,21 @@ def test_hf_llava_export_of_the_demo_answers_like_eval(demo, tmp_path):
         ours += predictions[record["id"]]["correct"]
     # eval ran the 4-bit base the adapter trained on; the export merges into full precision.
     assert abs(theirs - ours) <= 3 and theirs >= 90, (theirs, ours)
+
+
+@pytest.mark.slow
+def test_self_cognition_sft_on_the_demo_lm(demo, tmp_path):
+    """The course's self-cognition recipe on the demo's LM (InternLM2 layout, demo/lm):
+    scripts/sft_text.sh with configs/demo/sft.yaml teaches it its new name and its maker's."""
+    data = tmp_path / "self.json"
+    subprocess.run([sys.executable, str(REPO / "scripts/make_self_cognition.py"), "--name",
+                    "Nova", "--author", "Ada Lab", "--out", str(data)], check=True)
+    run = tmp_path / "nova"
+    subprocess.run(["bash", str(REPO / "scripts/sft_text.sh"), str(demo / "lm"), str(data),
+                    str(run)], check=True,
+                   env={**ENV, "CONFIG": str(REPO / "configs/demo/sft.yaml")}, timeout=1200)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["llm_adapter"]
+    answer = subprocess.run(["llava-tune", "chat", str(run), "--question", "Who are you?"],
+                            check=True, env=ENV, capture_output=True, text=True,
+                            timeout=300).stdout
+    assert "Nova" in answer and "Ada Lab" in answer, answer
