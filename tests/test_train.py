@@ -308,3 +308,22 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(files, shapes_data)
     b = load_file(run / "projector" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage_file", ["pretrain", "finetune"])
+def test_a_micro_batch_without_images_trains(stage_file, stage_overrides, shapes_data, tmp_path):
+    """Text-only records among image ones (LLaVA-665K has a third of them): a micro-batch of
+    text alone still has a loss to backpropagate in pretrain, where only the projector trains
+    and no image reached it (4 samples, 4 steps of 1: two steps see text alone)."""
+    images = json.loads((shapes_data / "pretrain.json").read_text())[:2]
+    text = json.loads((shapes_data / "text.json").read_text())[:2]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps([text[0], images[0], text[1], images[1]]))
+    config = load_config(DEMO / f"{stage_file}.yaml", [
+        *stage_overrides(stage_file), f"data.train={data}", "init_from=null",
+        "train.batch_size=1", "train.max_steps=4", "train.lr=1e-2", "train.warmup_ratio=0",
+        "data.group_by_length=false"])
+    seen: list[float] = []
+    result = train(config, on_event=lambda e: seen.append(e.loss)
+                   if isinstance(e, ev.Logged) else None)
+    assert result.steps == 4 and len(seen) == 4 and all(torch.isfinite(torch.tensor(seen)))

@@ -139,6 +139,13 @@ class LlavaModel(nn.Module):
             use_cache=False,
         ).last_hidden_state
         loss_sum, count = lm_loss_sum(hidden, causal_lm.get_output_embeddings(), labels)
+        if pixel_values is None and image_features is None and self.projector is not None:
+            # A micro-batch of text alone: the projector joins the graph at zero weight, so a
+            # stage where only it trains (pretrain) still has a loss to backpropagate (its
+            # gradient is zero), and every process's backward reaches the same parameters.
+            trained = [p.sum() for p in self.projector.parameters() if p.requires_grad]
+            if trained:
+                loss_sum = loss_sum + 0.0 * torch.stack(trained).sum()
         return LossSum(loss_sum, count)
 
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
