@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 
 from llava_tune.constants import (
+    DPO_LOSSES,
+    DPO_REFERENCES,
     IMAGE_ASPECTS,
     MIXED_PRECISIONS,
     QUANTIZATIONS,
@@ -69,6 +71,9 @@ class ModelConfig:
     video_pool: int = 2
     """A video frame's feature map is pooled (bilinear) by this factor per side: 2 keeps a
     quarter of its tokens (LLaVA-OneVision)."""
+    images: bool | None = None
+    """Whether the model has the vision tower and the projector; None: as the stage says (dpo:
+    as its init_from run; a run records what it resolved)."""
     template: str = "internlm2_chat"
     system: str | None = None
     """System prompt put before every conversation that has none."""
@@ -209,6 +214,23 @@ class TrainConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Preference training (stage dpo): the loss on each pair's chosen and rejected answers."""
+
+    loss: str = "sigmoid"
+    """sigmoid (DPO) or ipo."""
+    beta: float = 0.1
+    """How far from the reference the model may move: the rewards are beta x log-ratios."""
+    label_smoothing: float = 0.0
+    """sigmoid only: the share of pairs assumed to be labelled the wrong way round (cDPO)."""
+    sft_weight: float = 0.0
+    """Weight of an SFT term on the chosen answer (its mean token NLL), as RPO and MPO add."""
+    reference: str = "precompute"
+    """precompute: the reference's log-probabilities in one pass before training (cached);
+    live: at every step, with the trained weights set back to where they started."""
+
+
+@dataclass
 class Config:
     stage: str = "finetune"
     run_dir: str = ""
@@ -218,6 +240,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
 def valid_keys(cls: type, prefix: str = "") -> list[str]:
@@ -434,6 +457,12 @@ def validate(config: Config) -> list[str]:
     if config.stage == "sft" and config.train.vision not in (None, "frozen"):
         errors.append(f"train.vision={config.train.vision} in stage sft, which has no vision "
                       "tower; remove train.vision")
+    if config.stage in STAGES and STAGES[config.stage].vision is not None \
+            and config.model.images not in (None, STAGES[config.stage].vision):
+        errors.append(f"model.images={config.model.images} in stage {config.stage}, which "
+                      f"{'has' if STAGES[config.stage].vision else 'has no'} vision tower; "
+                      "remove model.images (it chooses for stage dpo only)")
+    errors += _dpo_problems(config)
     if not config.model.llm:
         errors.append("model.llm is not set: give the base LLM's local folder")
     if not config.data.train:
@@ -495,6 +524,34 @@ def validate(config: Config) -> list[str]:
     if config.data.pack and config.data.group_by_length:
         errors.append("data.pack and data.group_by_length both set; packing already fills rows, "
                       "pick one")
+    return errors
+
+
+def _dpo_problems(config: Config) -> list[str]:
+    d = config.dpo
+    errors = []
+    if d.loss not in DPO_LOSSES:
+        errors.append(f"dpo.loss={d.loss!r}; use one of {_one_of(DPO_LOSSES)}")
+    if d.reference not in DPO_REFERENCES:
+        errors.append(f"dpo.reference={d.reference!r}; use one of {_one_of(DPO_REFERENCES)}")
+    if d.beta <= 0:
+        errors.append(f"dpo.beta={d.beta} must be above 0 (e.g. 0.1)")
+    if not 0 <= d.label_smoothing < 0.5:
+        errors.append(f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+    if d.label_smoothing and d.loss != "sigmoid":
+        errors.append(f"dpo.label_smoothing applies to dpo.loss=sigmoid, not {d.loss}; remove it")
+    if d.sft_weight < 0:
+        errors.append(f"dpo.sft_weight={d.sft_weight} must be 0 (off) or more")
+    if config.stage == "dpo":
+        if config.data.pack:
+            errors.append("data.pack in stage dpo: a pair's chosen and rejected answers are "
+                          "scored whole, row by row; set data.pack=false")
+        if d.reference == "live" and config.train.llm == "full":
+            errors.append("dpo.reference=live with train.llm=full would keep a second copy of "
+                          "the LLM; use dpo.reference=precompute")
+        if train_is_stream(config.data.train):
+            errors.append("stage dpo reads preference files, not a stream of shards; give "
+                          "data.train a JSON/JSONL file (or a list or mixture of them)")
     return errors
 
 

@@ -44,7 +44,7 @@ class Stage:
     says otherwise."""
 
     name: str
-    vision: bool
+    vision: bool | None
     llm: str
     tower: str = "frozen"
 
@@ -53,5 +53,14 @@ STAGES = {stage.name: stage for stage in (
     Stage("pretrain", vision=True, llm="frozen"),
     Stage("finetune", vision=True, llm="lora"),
     Stage("sft", vision=False, llm="lora"),
+    Stage("dpo", vision=None, llm="lora"),
 )}
 """Stages are data: the config's `stage` is one of these names."""
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+"""dpo.loss: DPO's logistic loss on the reward margin, or IPO's squared one."""
+
+DPO_REFERENCES = ("precompute", "live")
+"""dpo.reference: the reference model's log-probabilities computed once before training, or
+at every step with the trained weights set back to where they started."""

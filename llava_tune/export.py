@@ -33,6 +33,7 @@ from llava_tune.convert.vision_lora import write_clip_tower
 from llava_tune.convert.xtuner import write_xtuner
 from llava_tune.errors import UserError
 from llava_tune.files import honour_umask
+from llava_tune.stages import has_vision
 
 FORMATS = ("llm", "internlm2", "hf-llava", "hf-llava-next", "hf-llava-onevision", "xtuner")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -177,7 +178,7 @@ def _write_internlm2(run_dir: Path, folder: Path, base, config) -> list[str]:
 def _check_format_holds(config, fmt: str) -> None:
     """Refuse, before anything loads, a format that cannot hold how the run reads images
     (naming the format that can)."""
-    if config.stage == "sft" or fmt in ("llm", "internlm2"):
+    if not has_vision(config) or fmt in ("llm", "internlm2"):
         return
     if fmt.startswith("hf-"):
         check_kind(_hf_kind(fmt), image_layout(config))
@@ -192,7 +193,7 @@ def _hf_kind(fmt: str) -> str:
 
 
 def _write_hf_llava(run_dir: Path, folder: Path, base, config, fmt: str) -> None:
-    if config.stage == "sft":
+    if not has_vision(config):
         raise UserError(f"{run_dir} is a text-only run; export it with --format llm")
     bundle = merged_model(run_dir, base)
     model = bundle.model

@@ -19,9 +19,8 @@ from pathlib import Path
 import yaml
 
 from llava_tune.config import Config, load_config
-from llava_tune.constants import STAGES
 from llava_tune.errors import UserError
-from llava_tune.stages import llm_mode, vision_mode
+from llava_tune.stages import has_vision, llm_mode, vision_mode
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 """The source checkout's configs/ folder (the recipes ship there, next to the package)."""
@@ -75,14 +74,14 @@ class Recipe:
         """The LLM folder's name (with its quantization) and the vision tower's name."""
         model = self.config.model
         text = Path(model.llm).name + (f" ({model.quantization})" if model.quantization else "")
-        if STAGES[self.config.stage].vision:
+        if has_vision(self.config):
             text += f" + {model.vision.name}"
         return text
 
     @property
     def trains(self) -> str:
         """What trains: the projector, the LLM and the vision tower, each with its mode."""
-        parts = ["projector"] if STAGES[self.config.stage].vision else []
+        parts = ["projector"] if has_vision(self.config) else []
         llm = llm_mode(self.config)
         if llm == "lora":
             parts.append("LLM (QLoRA)" if self.config.model.quantization else "LLM (LoRA)")

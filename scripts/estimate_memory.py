@@ -31,7 +31,7 @@ from llava_tune.convert.internlm2 import internlm2_to_llama_config
 from llava_tune.convert.open_clip_format import open_clip_vit_config
 from llava_tune.models.loss import DEFAULT_CHUNK
 from llava_tune.models.vit import ClipViT, build_vit
-from llava_tune.stages import vision_mode
+from llava_tune.stages import has_vision, vision_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 2**30
@@ -95,7 +95,7 @@ def estimate(config_file: Path) -> dict[str, float]:
     linear = sum(p.numel() for p in llm.parameters()) - embed - cfg.hidden_size * (2 * cfg.num_hidden_layers + 1)
     bytes_per_linear = 0.53 if config.model.quantization == "4bit" else 2
     weights = linear * bytes_per_linear + embed * 2
-    vision = STAGES[config.stage].vision
+    vision = has_vision(config)
     vision_params, vision_width, image_tokens = vision_tower(config) if vision else (0, 0, 0)
     trainable = 0
     if vision:
@@ -109,8 +109,10 @@ def estimate(config_file: Path) -> dict[str, float]:
         trainable += per_layer * cfg.num_hidden_layers
     elif mode == "full":
         trainable += linear + embed
-    tokens = config.train.batch_size * (image_tokens + 64 if config.stage == "pretrain"
-                                        else config.data.max_length)
+    # A preference pair is two rows (prompt + chosen, prompt + rejected); its images go
+    # through the tower once.
+    rows = config.train.batch_size * (2 if config.stage == "dpo" else 1)
+    tokens = rows * (image_tokens + 64 if config.stage == "pretrain" else config.data.max_length)
     activations = tokens * cfg.hidden_size * 2 * (cfg.num_hidden_layers + 8) \
         + tokens * cfg.intermediate_size * 2 * 3
     if vision:

@@ -166,7 +166,7 @@ def test_every_enumerated_key_lists_its_values_in_one_error(base_yaml):
         load_config(base_yaml, ["stage=caption", "train.vision=half", "model.quantization=2bit",
                                 "train.mixed_precision=fp8"])
     assert str(err.value).splitlines()[1:] == [
-        "  stage='caption'; use one of pretrain, finetune, sft",
+        "  stage='caption'; use one of pretrain, finetune, sft, dpo",
         "  model.quantization='2bit'; use one of null, 4bit, 8bit",
         "  train.mixed_precision='fp8'; use one of auto, no, bf16, fp16",
         "  train.vision='half'; use one of frozen, lora, full",

@@ -61,7 +61,7 @@ def test_configs_are_found():
     assert {"configs/demo/lm.yaml", "configs/demo/pretrain.yaml", "configs/demo/finetune.yaml",
             "configs/internlm2_chat_1_8b/pretrain.yaml",
             "configs/internlm2_chat_7b/finetune.yaml"} <= names
-    assert len(REAL) == 6  # pretrain, finetune, finetune_anyres at 1.8B and 7B
+    assert len(REAL) == 8  # pretrain, finetune, finetune_anyres, dpo at 1.8B and 7B
     assert [rel(c) for c in REAL_SFT] == ["configs/internlm2_chat_1_8b/sft.yaml",
                                           "configs/internlm2_chat_7b/sft.yaml"]
 

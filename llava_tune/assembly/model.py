@@ -14,7 +14,6 @@ from llava_tune import rundir
 from llava_tune.assembly.llm import default_device, load_llm, quantization_config, resolve_dtype
 from llava_tune.assembly.trainable import set_trainable
 from llava_tune.config import Config, ModelConfig
-from llava_tune.constants import STAGES
 from llava_tune.convert.hf_llava import is_hf_llava_dir, read_hf_llava
 from llava_tune.convert.lora import check_adapter_folder
 from llava_tune.convert.open_clip import create_open_clip
@@ -28,7 +27,7 @@ from llava_tune.models.anyres import ImageLayout
 from llava_tune.models.llava import LlavaModel
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
-from llava_tune.stages import llm_mode, vision_mode
+from llava_tune.stages import has_vision, llm_mode, vision_mode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -84,7 +83,7 @@ def build_model(config: Config, llm_path: Path, quantization: str | None,
     llm, tokenizer = load_llm(llm_path, quantization=quantization, dtype=config.model.dtype,
                               device=device)
     vision = projector = processor = layout = None
-    if STAGES[config.stage].vision:
+    if has_vision(config):
         vision = build_tower(config.model)
         layout = image_layout(config, vision)
         projector = Projector(vision.hidden_size, llm.config.hidden_size,

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                        description="Interactive when stdin is a terminal; --question answers "
                        "once; piped stdin: one question per line, one conversation.",
                        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="run dir (pretrain, finetune or sft), a checkpoint of one, an "
+    p.add_argument("model", help="run dir (pretrain, finetune, sft or dpo), a checkpoint of one, an "
                    "hf-llava export or a plain LLM folder")
     p.add_argument("--image", action="append", metavar="PATH",
                    help="image to talk about; repeat for several (all go with the first "

@@ -41,12 +41,19 @@ class TrainPrinter:
             else:
                 self.postfix["tflops"] = f"{event.tflops:.3g}"
                 use = f"{event.tflops:.3g} TFLOP/s"
+            rewards = ""
+            if event.rewards is not None:
+                self.postfix.update(margin=f"{event.rewards['rewards/margin']:.3f}",
+                                    acc=f"{event.rewards['rewards/accuracy']:.2f}")
+                rewards = f" {_rewards(event.rewards)}"
             self.advance(event.step, f"step {event.step}/{event.total_steps} loss "
                           f"{event.loss:.4f} lr {event.lr:.2e} {event.tokens_per_s:.0f} tok/s "
-                          f"{use}")
+                          f"{use}{rewards}")
         elif isinstance(event, Evaluated):
             self.postfix["eval"] = f"{event.eval_loss:.4f}"
-            self.advance(event.step, f"step {event.step} eval_loss {event.eval_loss:.4f}")
+            rewards = f" held-out {_rewards(event.rewards)}" if event.rewards else ""
+            self.advance(event.step, f"step {event.step} eval_loss {event.eval_loss:.4f}"
+                         f"{rewards}")
         elif isinstance(event, CheckpointSaved):
             self.write(f"  checkpoint {event.path}")
         elif isinstance(event, SampleSkipped):
@@ -71,6 +78,8 @@ class TrainPrinter:
                 print(f"  warning: {warning}", file=sys.stderr)
             print(f"[done] {event.steps} steps, last loss {event.loss:.4f}, weights "
                   f"({', '.join(event.parts)}) in {event.run_dir}", file=sys.stderr)
+            if event.rewards is not None:
+                print(f"  over the run's pairs: {_rewards(event.rewards)}", file=sys.stderr)
 
     def started(self, event: Started) -> None:
         vision = f", vision tower {event.vision}" if event.vision else ""
@@ -112,3 +121,10 @@ class TrainPrinter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _rewards(rewards: dict[str, float]) -> str:
+    """rewards/... metrics as one short line: accuracy, margin, chosen, rejected."""
+    return (f"reward accuracy {rewards['rewards/accuracy']:.3f} margin "
+            f"{rewards['rewards/margin']:.3f} (chosen {rewards['rewards/chosen']:.3f}, "
+            f"rejected {rewards['rewards/rejected']:.3f})")

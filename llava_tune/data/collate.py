@@ -46,9 +46,25 @@ class Batch:
     position: tuple[int, int, int] | None = None
     """A stream's (reader, epoch, records taken) after this batch's last sample: where the
     stream resumes (data/stream.py)."""
+    pairs: int = 0
+    """Preference pairs (stage dpo): rows [0, pairs) are the chosen sequences, rows [pairs,
+    2 * pairs) the rejected ones in the same order; the images are given once, for the
+    chosen rows (the model repeats their tokens). 0: not a preference batch."""
+    num_pairs: int = 0
+    """The pairs that carry a loss (stand-ins for samples that failed to load do not)."""
+    reference: torch.Tensor | None = None
+    """[pairs, 2] float32: the reference model's log-probabilities of each pair's chosen and
+    rejected answers, when precomputed (dpo.reference=precompute)."""
+    rows: list[int] = field(default_factory=list)
+    """The dataset table's row of each pair (to store precomputed reference values)."""
 
     _TENSORS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values",
                 "image_features")
+
+    @property
+    def loss_units(self) -> int:
+        """What the step's loss is averaged over: label tokens, or preference pairs."""
+        return self.num_pairs if self.pairs else self.num_label_tokens
 
     def model_inputs(self) -> dict[str, torch.Tensor | list]:
         inputs = {name: getattr(self, name) for name in self._TENSORS
@@ -60,7 +76,7 @@ class Batch:
     def to(self, device, non_blocking: bool = False) -> Batch:
         """The batch on `device` (accelerate's data loader calls this)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in self._TENSORS:
+        for name in (*self._TENSORS, "reference"):
             if moved[name] is not None:
                 moved[name] = moved[name].to(device, non_blocking=non_blocking)
         return Batch(**moved)
@@ -76,12 +92,20 @@ class Collator:
     """
 
     pad_token_id: int
+    preference: bool = False
+    """Items are preference pairs (stage dpo): see Batch.pairs."""
 
     def __call__(self, items: list[dict]) -> Batch:
         skipped = [pair for item in items for pair in item.get("skipped", [])]
         skipped += [(item["id"], item["error"]) for item in items if "error" in item]
         position = items[-1].get("position")
         items = [item for item in items if "error" not in item] or [self._stand_in()]
+        if self.preference:
+            return self._pairs(items, skipped)
+        return self._pad(items, skipped, position)
+
+    def _pad(self, items: list[dict], skipped: list[tuple[str, str]],
+             position: tuple[int, int, int] | None) -> Batch:
         packed = "position_ids" in items[0]
         length = max(len(item["input_ids"]) for item in items)
         ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
@@ -118,9 +142,33 @@ class Collator:
             batch.attention_mask = mask
         return batch
 
+    def _pairs(self, items: list[dict], skipped: list[tuple[str, str]]) -> Batch:
+        """A preference batch: the chosen sequences, then the rejected ones (Batch.pairs)."""
+        rows = [{"input_ids": item["input_ids"], "labels": item["labels"],
+                 "stand_in": item.get("stand_in")} for item in items]
+        rows += [{"input_ids": item["rejected_input_ids"], "labels": item["rejected_labels"],
+                  "stand_in": item.get("stand_in")} for item in items]
+        batch = self._pad(rows, skipped, None)
+        for key in ("pixel_values", "image_features"):
+            images = [item[key] for item in items if key in item]
+            if images:
+                setattr(batch, key, torch.cat(images))
+        media = [m for item in items for m in item.get("media", [])]
+        batch.media = media or None
+        batch.pairs = len(items)
+        batch.num_pairs = sum(not item.get("stand_in") for item in items)
+        if all("reference" in item for item in items):
+            batch.reference = torch.stack([item["reference"] for item in items]).float()
+        batch.rows = [item.get("row", -1) for item in items]
+        return batch
+
     def _stand_in(self) -> dict:
-        return {"id": "", "input_ids": torch.tensor([self.pad_token_id]),
+        item = {"id": "", "input_ids": torch.tensor([self.pad_token_id]),
                 "labels": torch.tensor([IGNORE_INDEX]), "stand_in": True}
+        if self.preference:
+            item.update(rejected_input_ids=item["input_ids"], rejected_labels=item["labels"],
+                        reference=torch.zeros(2))
+        return item
 
 
 def _sample_lengths(position_ids: torch.Tensor) -> list[int]:

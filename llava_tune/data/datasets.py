@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llava_tune.constants import IMAGE_TOKEN
+from llava_tune.data.formats import PREFERENCE
 from llava_tune.data.image import ImageProcessor, load_image
 from llava_tune.data.prepare import Recipe, prepare, tokenizer_fingerprint, usable_records
 from llava_tune.data.report import DataReport, SourceReport, combine
@@ -73,6 +74,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         cache_dir: str | Path | None = None,
         num_proc: int | None = None,
         seed: int = 0,
+        preference: bool = False,
     ) -> None:
         if isinstance(data, (str, Path)):
             folder = Path(image_folder) if image_folder is not None else None
@@ -83,6 +85,11 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.layout = layout
         self.feature_cache = None
         """Set by the trainer when the vision tower is frozen: a features.FeatureCache."""
+        self.preference = preference
+        """Items are preference pairs (stage dpo): the files must hold pairs, and only them."""
+        self.reference: np.ndarray | None = None
+        """[rows of `table`, 2] float32: the reference model's log-probabilities of each
+        pair's chosen and rejected answers (set by the trainer: training/preference.py)."""
         self.image_id = tokenizer.get_vocab().get(IMAGE_TOKEN)
         vision = image_processor is not None and layout is not None
         # Each distinct (file, image folder) prepared once, whichever sources name it.
@@ -99,10 +106,12 @@ class ConversationDataset(torch.utils.data.Dataset):
                 key = recipe.key()
                 if key not in parts:
                     parts[key] = self._prepare(recipe, tokenizer, max_bad_fraction,
-                                               cache_dir, num_proc)
+                                               cache_dir, num_proc, preference)
                 keys.append(key)
             source_parts.append(keys)
         self.parts = list(parts.values())
+        self.part_keys = list(parts)
+        """Each prepared file's key (prepare.Recipe.key): what decides its rows."""
         self.prepared_here = any(part.built for part in self.parts)
         """Whether this process prepared a file (else it read the cache)."""
         tables = [part.table for part in self.parts]
@@ -115,7 +124,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                                          .to_numpy(zero_copy_only=False)):
             raise ValueError("the tokenizer has no <image> token; call add_image_token first")
         self.table.set_format(columns=["id", "images", "kinds", "image_sizes", "image_tokens",
-                                       "input_ids", "labels"])
+                                       "input_ids", "labels", "rejected_input_ids",
+                                       "rejected_labels"])
         where = {key: index for index, key in enumerate(parts)}
         rows = [np.concatenate([np.arange(self.starts[where[k]], self.starts[where[k]]
                                           + sizes[where[k]]) for k in keys])
@@ -139,10 +149,21 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def _prepare(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
                  max_bad_fraction: float, cache_dir: str | Path | None,
-                 num_proc: int | None) -> _Part:
-        """One file prepared (or read from the cache) and checked: too many bad records or no
-        usable sample is an error naming the file."""
+                 num_proc: int | None, preference: bool) -> _Part:
+        """One file prepared (or read from the cache) and checked: too many bad records, no
+        usable sample, or pairs where conversations belong (or the other way round) is an
+        error naming the file."""
         prepared = prepare(recipe, tokenizer, cache_dir, num_proc)
+        if preference and prepared.format != PREFERENCE:
+            raise UserError(
+                f"{recipe.file} holds conversations ({prepared.format} format), but stage dpo "
+                "trains on preference pairs: records of {\"prompt\", \"chosen\", \"rejected\"} "
+                "(TRL's format; with \"images\") or {\"image\", \"question\", \"chosen\", "
+                "\"rejected\"} (RLAIF-V's)")
+        if not preference and prepared.format == PREFERENCE:
+            raise UserError(
+                f"{recipe.file} holds preference pairs (chosen/rejected): train them with "
+                "stage: dpo (configs/*/dpo.yaml); this stage trains on conversations")
         report = prepared.report
         if prepared.bad and prepared.bad > max_bad_fraction * report.total:
             listed = "\n  ".join(prepared.problems)
@@ -237,11 +258,17 @@ class ConversationDataset(torch.utils.data.Dataset):
         folder = self.folder_of(position) if row["images"] else None
         if self.feature_cache is not None:
             cache = self.feature_cache
-            return sample_item(row, self.image_id, self.layout,
+            item = sample_item(row, self.image_id, self.layout,
                                lambda image, kind: cache.load(folder / image, kind),
                                "image_features")
-        return sample_item(row, self.image_id, self.layout,
-                           lambda image, kind: self.tower_inputs(folder / image, kind))
+        else:
+            item = sample_item(row, self.image_id, self.layout,
+                               lambda image, kind: self.tower_inputs(folder / image, kind))
+        if self.preference:
+            item["row"] = position
+            if self.reference is not None:
+                item["reference"] = torch.from_numpy(self.reference[position])
+        return item
 
 
 def tower_inputs(processor: ImageProcessor, layout: ImageLayout, source: Path | BinaryIO,
@@ -265,6 +292,10 @@ def sample_item(row: dict, image_id: int | None, layout: ImageLayout | None,
     ids, labels = expand_image_slots(row["input_ids"], row["labels"], image_id,
                                      row["image_tokens"])
     item = {"id": row["id"], "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if row.get("rejected_input_ids"):  # a preference pair: its rejected sequence too
+        ids, labels = expand_image_slots(row["rejected_input_ids"], row["rejected_labels"],
+                                         image_id, row["image_tokens"])
+        item.update(rejected_input_ids=torch.tensor(ids), rejected_labels=torch.tensor(labels))
     if row["images"]:
         try:
             item[key] = torch.cat([inputs(image, kind)

@@ -1,7 +1,10 @@
-"""Read conversation files (LLaVA/ShareGPT, OpenAI, XTuner, Alpaca) into one record form.
+"""Read conversation files (LLaVA/ShareGPT, OpenAI, XTuner, Alpaca) and preference files
+(TRL's prompt/chosen/rejected, RLAIF-V's question/chosen/rejected) into one record form.
 
 A record is `{"id": str, "images": [relative paths], "kinds": ["image" | "video", ...],
-"messages": [{"role", "content"}]}`: `images` lists every visual item in the order of its
+"messages": [{"role", "content"}]}`, and for a preference pair also `"rejected": str`: the
+messages end with the chosen answer, and the rejected one would take its place. `images`
+lists every visual item in the order of its
 marker, and a `<video>` marker becomes an `<image>` marker whose item is a video (a file or
 a folder of frames; `kinds` says which), so one slot token and one template serve both.
 Each reader checks every record and reports what is wrong with its position in the file, so
@@ -217,15 +220,109 @@ def alpaca_messages(raw: dict) -> list[Message]:
                        {"role": "assistant", "content": _text(raw.get("output"), "'output'")}]
 
 
+def _part_text(content: object, what: str) -> str:
+    """A message's content: a string, or a list of {"type": "text" | "image", ...} parts (TRL's
+    and OpenAI's vision form), whose image parts become `<image>` markers in place."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{what} is neither a string nor a list of parts")
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif kind in ("image", "image_url"):
+            pieces.append(IMAGE_TOKEN)
+        else:
+            raise ValueError(f"{what} has a part that is not {{'type': 'text', 'text': ...}} or "
+                             "{'type': 'image'}")
+    # TRL's parts carry no separators: an image part then a text part is "<image>question".
+    return "".join(pieces)
+
+
+def _turns(value: object, what: str) -> list[Message]:
+    """A prompt or an answer: a string (one message of `default_role`'s kind is made by the
+    caller), or a list of {"role", "content"} messages."""
+    messages = []
+    for turn in value:
+        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"{what}: a message is not {{'role': system|user|assistant, "
+                             "'content': ...}")
+        messages.append({"role": turn["role"],
+                         "content": _part_text(turn.get("content"), f"{what}'s content")})
+    return messages
+
+
+def _answer(value: object, key: str) -> str:
+    """The text of a chosen or rejected answer: a string, or a list holding one assistant
+    message (TRL's conversational form)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        turns = _turns(value, f"'{key}'")
+        if len(turns) == 1 and turns[0]["role"] == "assistant":
+            return turns[0]["content"]
+        raise ValueError(f"'{key}' must be the answer: a string or one assistant message "
+                         f"(it has {len(turns)} messages; put the conversation so far in "
+                         "'prompt')")
+    raise ValueError(f"'{key}' is missing or not a string (the {key} answer)")
+
+
+def preference_messages(raw: dict) -> list[Message]:
+    """A preference pair: TRL's {"prompt", "chosen", "rejected"} (strings or message lists;
+    no "prompt": chosen and rejected are whole conversations that differ in the last answer),
+    or RLAIF-V's flat {"question", "chosen", "rejected"}. -> the prompt's messages, then the
+    chosen answer, which carries the rejected one under "rejected"."""
+    chosen, rejected = raw.get("chosen"), raw.get("rejected")
+    if "rejected" not in raw:
+        raise ValueError("has 'chosen' but no 'rejected' answer; a preference pair needs both")
+    if "prompt" in raw or "question" in raw:
+        key = "prompt" if "prompt" in raw else "question"
+        prompt = raw[key]
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and prompt:
+            messages = _turns(prompt, f"'{key}'")
+        else:
+            raise ValueError(f"'{key}' is empty or neither a string nor a list of messages")
+        chosen, rejected = _answer(chosen, "chosen"), _answer(rejected, "rejected")
+    else:  # implicit prompt: two conversations, the same up to their last answers
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise ValueError("has no 'prompt' (or 'question'): give one, or give 'chosen' and "
+                             "'rejected' as whole conversations (lists of messages)")
+        chosen_turns, rejected_turns = _turns(chosen, "'chosen'"), _turns(rejected, "'rejected'")
+        if chosen_turns[:-1] != rejected_turns[:-1] or not chosen_turns \
+                or chosen_turns[-1]["role"] != "assistant" \
+                or rejected_turns[-1]["role"] != "assistant":
+            raise ValueError("'chosen' and 'rejected' must be the same conversation up to "
+                             "their last (assistant) message; or give the shared part as "
+                             "'prompt'")
+        messages = chosen_turns[:-1]
+        chosen, rejected = chosen_turns[-1]["content"], rejected_turns[-1]["content"]
+    if not chosen.strip() or not rejected.strip():
+        raise ValueError("has an empty chosen or rejected answer")
+    if IMAGE_TOKEN in chosen or IMAGE_TOKEN in rejected:
+        raise ValueError(f"an answer holds an {IMAGE_TOKEN} marker; images go in the prompt")
+    if chosen.strip() == rejected.strip():
+        raise ValueError("its chosen and rejected answers are the same; a pair must differ "
+                         "(remove the record)")
+    return messages + [{"role": "assistant", "content": chosen, "rejected": rejected}]
+
+
 FORMATS = {
     # name: (the key that tells it, reader)
     "llava": ("conversations", llava_messages),
     "openai": ("messages", openai_messages),
     "xtuner": ("conversation", xtuner_messages),
     "alpaca": ("instruction", alpaca_messages),
+    "preference": ("chosen", preference_messages),
 }
-FORMAT_HELP = ("'conversations' (LLaVA/ShareGPT), 'messages' (OpenAI), 'conversation' (XTuner) "
-               "or 'instruction'/'input'/'output' (Alpaca)")
+FORMAT_HELP = ("'conversations' (LLaVA/ShareGPT), 'messages' (OpenAI), 'conversation' (XTuner), "
+               "'instruction'/'input'/'output' (Alpaca) or 'prompt'/'chosen'/'rejected' "
+               "(preference pairs, stage dpo)")
+PREFERENCE = "preference"
+"""The format of preference pairs (stage dpo reads these only; the other stages, these never)."""
 
 
 def detect_format(path: Path, raws: list[object]) -> str:
@@ -266,6 +363,15 @@ def check_record(record: dict, videos: list[str] = ()) -> None:
         )
 
 
+def _add_markers(messages: list[Message], images: int) -> None:
+    """RLAIF-V-style pairs give the image beside a question without a marker: one `<image>`
+    per image goes before the first question then (other counts are left to check_record)."""
+    if images and not any(IMAGE_TOKEN in m["content"] for m in messages):
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is not None:
+            first["content"] = f"{IMAGE_TOKEN}\n" * images + first["content"]
+
+
 def record_from_raw(raw: object, index: int, read_messages) -> dict:
     """One raw JSON record -> the record form (module docstring), or ValueError saying what is
     wrong with it. `read_messages` is the file's format reader (FORMATS)."""
@@ -274,6 +380,9 @@ def record_from_raw(raw: object, index: int, read_messages) -> dict:
     record = {"id": str(raw.get("id", index)), "images": _images(raw),
               "messages": read_messages(raw)}
     videos = _videos(raw)
+    if "rejected" in record["messages"][-1]:
+        record["rejected"] = record["messages"][-1].pop("rejected")
+        _add_markers(record["messages"], len(record["images"]))
     check_record(record, videos)
     record["messages"], record["images"], record["kinds"] = merge_media(
         record["messages"], record["images"], videos)

@@ -48,12 +48,19 @@ from llava_tune.data.image import image_size
 from llava_tune.data.report import DataReport
 from llava_tune.data.segments import ENCODING_VERSION
 from llava_tune.data.template import ChatTemplate
-from llava_tune.data.tokenize import IMAGE_CUT, NO_ANSWER, OK, TRUNCATED, tokenize_record
+from llava_tune.data.tokenize import (
+    IMAGE_CUT,
+    NO_ANSWER,
+    OK,
+    TRUNCATED,
+    tokenize_pair,
+    tokenize_record,
+)
 from llava_tune.errors import UserError
 from llava_tune.files import atomic_dir, exclusive
 from llava_tune.models.anyres import ImageLayout, Media
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2
 """Bumped when the prepared table's columns or checks change; part of the key."""
 
 BAD_RECORD = "bad record"
@@ -100,7 +107,7 @@ class Recipe:
 class Prepared:
     table: datasets.Dataset
     """The usable rows: id, images, kinds, image_sizes, image_tokens, input_ids, labels,
-    length (tokens with the images expanded)."""
+    rejected_input_ids, rejected_labels (pairs), length (tokens with the images expanded)."""
     report: DataReport
     bad: int
     """Records that failed the checks (max_bad_fraction counts these)."""
@@ -108,6 +115,8 @@ class Prepared:
     """The first five of them, where and what."""
     built: bool = False
     """Whether this process prepared it (else it read another's)."""
+    format: str = ""
+    """The file's format (formats.FORMATS): preference pairs or conversations."""
 
 
 # --------------------------------------------------------------------------- one record
@@ -205,7 +214,10 @@ TABLE_FEATURES = datasets.Features({
     "image_tokens": datasets.Sequence(datasets.Value("int32")),
     "input_ids": datasets.Sequence(datasets.Value("int32")),
     "labels": datasets.Sequence(datasets.Value("int32")),
-    "length": datasets.Value("int32"),  # tokens with the images expanded
+    # a preference pair's rejected sequence (the chosen one is input_ids); empty otherwise
+    "rejected_input_ids": datasets.Sequence(datasets.Value("int32")),
+    "rejected_labels": datasets.Sequence(datasets.Value("int32")),
+    "length": datasets.Value("int32"),  # tokens with the images expanded (a pair: the longer)
     "truncated": datasets.Value("bool"),
     "scaled": datasets.Value("int32"),  # images scaled down to the largest anyres grid
 })
@@ -231,8 +243,14 @@ def _process(batch: dict[str, list], recipe: Recipe, tokenizer: PreTrainedTokeni
             left_out.append({"index": index, "code": BAD_RECORD, "problem": problem,
                              "missing": missing})
             continue
-        tokenized = tokenize_record(record, tokenizer, recipe.template, recipe.max_length,
-                                    recipe.image_id, record["image_tokens"])
+        rejected = None
+        if "rejected" in record:
+            tokenized, rejected = tokenize_pair(record, tokenizer, recipe.template,
+                                                recipe.max_length, recipe.image_id,
+                                                record["image_tokens"])
+        else:
+            tokenized = tokenize_record(record, tokenizer, recipe.template, recipe.max_length,
+                                        recipe.image_id, record["image_tokens"])
         if tokenized.status not in (OK, TRUNCATED):
             left_out.append({"index": index, "code": tokenized.status, "id": record["id"]})
             continue
@@ -241,8 +259,12 @@ def _process(batch: dict[str, list], recipe: Recipe, tokenizer: PreTrainedTokeni
             out[name].append(record[name])
         out["input_ids"].append(tokenized.input_ids)
         out["labels"].append(tokenized.labels)
-        out["length"].append(len(tokenized.input_ids) + sum(tokens) - len(tokens))
-        out["truncated"].append(tokenized.status == TRUNCATED)
+        out["rejected_input_ids"].append(rejected.input_ids if rejected else [])
+        out["rejected_labels"].append(rejected.labels if rejected else [])
+        longest = max(len(tokenized.input_ids), len(rejected.input_ids) if rejected else 0)
+        out["length"].append(longest + sum(tokens) - len(tokens))
+        out["truncated"].append(tokenized.status == TRUNCATED
+                                or (rejected is not None and rejected.status == TRUNCATED))
         out["scaled"].append(scaled)
     if left_out:
         with open(Path(fates) / f"{os.getpid()}.jsonl", "a", encoding="utf-8") as handle:
@@ -325,7 +347,7 @@ def _build(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, folder: Path,
     report.skipped = Counter({reason: n for reason, n in report.skipped.items() if n})
     missing = [fate["missing"] for fate in bad if fate["missing"]][:MISSING_KEPT]
     meta = {"report": {**asdict(report), "skipped": dict(report.skipped)}, "bad": len(bad),
-            "problems": problems, "missing": missing, "files": files}
+            "problems": problems, "missing": missing, "files": files, "format": format_name}
     (folder / "report.json").write_text(json.dumps(meta, indent=1))
     del raw, processed
     shutil.rmtree(work, ignore_errors=True)
@@ -355,7 +377,7 @@ def _load(folder: Path) -> Prepared | None:
     table = _empty_table()
     if kept:  # map's Arrow files, memory-mapped (a shard per worker)
         table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
-    return Prepared(table, report, meta["bad"], meta["problems"])
+    return Prepared(table, report, meta["bad"], meta["problems"], format=meta["format"])
 
 
 def prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, cache_dir: str | Path | None,

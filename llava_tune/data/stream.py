@@ -49,7 +49,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llava_tune.constants import IMAGE_TOKEN
 from llava_tune.data.datasets import pack_row, sample_item, tower_inputs
-from llava_tune.data.formats import FORMAT_HELP, FORMATS, Problem
+from llava_tune.data.formats import FORMAT_HELP, FORMATS, PREFERENCE, Problem
 from llava_tune.data.image import ImageProcessor
 from llava_tune.data.prepare import Recipe, usable_value
 from llava_tune.data.report import DataReport
@@ -600,11 +600,18 @@ class StreamDataset(torch.utils.data.IterableDataset):
         return _Sample(row, length, raw.members, raw.shard), None
 
 
+def _pair_in_a_stream(raw: dict):
+    raise ValueError("is a preference pair (prompt/chosen/rejected): a stream trains "
+                     "conversations; stage dpo reads preference pairs from JSON/JSONL files")
+
+
 def _reader_of(value: object):
     """The format reader of one record, from its keys (a stream may mix formats); a record
     of no known format gets one that says so."""
     if isinstance(value, dict):
-        for key, read_messages in FORMATS.values():
+        for name, (key, read_messages) in FORMATS.items():
+            if key in value and name == PREFERENCE:
+                return _pair_in_a_stream
             if key in value:
                 return read_messages
 

@@ -50,3 +50,49 @@ def tokenize_record(record: dict, tokenizer: PreTrainedTokenizerBase, template: 
     if all(label == IGNORE_INDEX for label in labels[:keep]):
         return Tokenized([], [], NO_ANSWER)
     return Tokenized(ids[:keep], labels[:keep], TRUNCATED)
+
+
+def _last_answer_start(labels: list[int]) -> int:
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    while end and labels[end - 1] != IGNORE_INDEX:
+        end -= 1
+    return end
+
+
+def last_answer_only(labels: list[int]) -> list[int]:
+    """`labels` with every answer but the last set to IGNORE_INDEX: a preference pair learns
+    from its final answer alone (the conversation before it is the prompt)."""
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [IGNORE_INDEX] * start + labels[start:end] + [IGNORE_INDEX] * (len(labels) - end)
+
+
+def tokenize_pair(record: dict, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                  max_length: int, image_id: int | None = None,
+                  num_image_tokens: int | Sequence[int] = 0) -> tuple[Tokenized, Tokenized]:
+    """A preference record's two sequences, the prompt followed by the chosen answer and by
+    the rejected one (`record["rejected"]`), each as tokenize_record makes it with labels on
+    that final answer only. Either one unusable makes both so (the pair trains whole)."""
+    prompt = record["messages"][:-1]
+    sides = []
+    for answer in (record["messages"][-1]["content"], record["rejected"]):
+        messages = [*prompt, {"role": "assistant", "content": answer}]
+        side = tokenize_record({"messages": messages}, tokenizer, template, max_length, image_id,
+                               num_image_tokens)
+        if side.status == TRUNCATED:
+            # The cut may have taken the whole final answer and left an earlier one.
+            whole = template.encode(messages, tokenizer)[1]
+            if len(side.labels) <= _last_answer_start(whole):
+                side = Tokenized([], [], NO_ANSWER)
+        sides.append(Tokenized(side.input_ids, last_answer_only(side.labels), side.status))
+    bad = next((side.status for side in sides if side.status not in USABLE), None)
+    if bad is not None:
+        return Tokenized([], [], bad), Tokenized([], [], bad)
+    chosen, rejected = sides
+    return chosen, rejected

@@ -1,12 +1,14 @@
 """The embedded demo's closing tables, from the files its steps wrote (scripts/demo.sh).
 
-    python -m llava_tune.demo.report OUT_DIR
+    python -m llava_tune.demo.report OUT_DIR [--dpo]
 
 - held-out questions after each stage (color, shape, both);
 - the held-out two-turn conversations after stage 2, first answer and follow-up apart;
 - the MMBench-format lettered questions after stage 2, plain and CircularEval, per category,
   and for the rows with a hint and without one (MMBench's rows carry a hint on part of them;
-  a model that reads only hint-less prompts fails the others).
+  a model that reads only hint-less prompts fails the others);
+- with --dpo, after the third stage (scripts/dpo.sh demo): the held-out pairs' reward
+  accuracy and margin, and the held-out questions after stage 2 and after dpo.
 """
 
 from __future__ import annotations
@@ -82,12 +84,38 @@ def report(out: Path) -> str:
     return "\n".join(lines)
 
 
+def dpo_scores(out: Path) -> dict[str, float]:
+    """The third stage's numbers: the held-out pairs' rewards (the run's last evaluation in
+    its metrics.jsonl) and held-out exact match after stage 2 and after dpo."""
+    evals = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text()
+             .splitlines() if '"eval_loss"' in line]
+    if not evals:
+        raise SystemExit(f"{out / 'dpo' / 'metrics.jsonl'} has no evaluation (data.eval)")
+    last = evals[-1]
+    scores = {"reward_accuracy": last["eval_rewards/accuracy"],
+              "reward_margin": last["eval_rewards/margin"]}
+    for stage in ("finetune", "dpo"):
+        summary = json.loads((out / stage / "heldout_accuracy.json").read_text())
+        scores[f"exact_match_{stage}"] = summary["accuracy"]
+    return scores
+
+
+def dpo_report(out: Path) -> str:
+    s = dpo_scores(out)
+    return "\n".join([
+        "Preference training (stage dpo) after stage 2, on held-out pairs and questions:",
+        f"  reward accuracy {s['reward_accuracy']:.3f} (margin {s['reward_margin']:.3f})",
+        f"  exact match: after stage 2 {s['exact_match_finetune']:.3f}, after dpo "
+        f"{s['exact_match_dpo']:.3f}"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--dpo", action="store_true", help="the third stage's numbers")
     args = parser.parse_args(argv)
-    print(report(args.out_dir))
+    print(dpo_report(args.out_dir) if args.dpo else report(args.out_dir))
     return 0
 
 

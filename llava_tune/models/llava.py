@@ -10,6 +10,7 @@ from torch import nn
 from llava_tune.constants import IMAGE_TOKEN_INDEX
 from llava_tune.models.anyres import ImageLayout, Media, pack_features, pool_frames
 from llava_tune.models.loss import lm_loss_sum
+from llava_tune.models.preference import sequence_logps
 from llava_tune.models.projector import Projector
 from llava_tune.models.vision import VisionTower
 
@@ -46,6 +47,16 @@ class LossSum:
     """[] float32: sum of the next-token cross-entropies of the label tokens."""
     num_tokens: torch.Tensor
     """[] int64: label tokens counted."""
+
+
+@dataclass
+class SequenceLogps:
+    """What a per-sequence forward returns (preference training)."""
+
+    logps: torch.Tensor
+    """[B] float32: each row's summed log-probability of its label tokens."""
+    counts: torch.Tensor
+    """[B] int64: label tokens per row."""
 
 
 def _causal_lm(llm: nn.Module) -> nn.Module:
@@ -106,10 +117,13 @@ class LlavaModel(nn.Module):
     def input_embeddings(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None, media: list[Media] | None = None,
+        image_repeats: int = 1,
     ) -> torch.Tensor:
         """[B, T] ids (IMAGE_TOKEN_INDEX in image slots) + images as pixels [T, 3, S, S] or as
         the tower's features [T, N, Dv] (T: every item's tiles or frames in turn, one per pad
-        image) -> input embeddings [B, T, D]. anyres images and videos need `media`."""
+        image) -> input embeddings [B, T, D]. anyres images and videos need `media`.
+        `image_repeats`: the images fill the slots that many times over (a preference batch's
+        chosen rows, then its rejected rows: the tower and projector run once)."""
         embed = self.llm.get_input_embeddings()
         embeds = embed(input_ids.clamp(min=0))
         tokens = None
@@ -118,6 +132,8 @@ class LlavaModel(nn.Module):
                 raise ValueError("this model has no vision tower, but images were given")
             features = image_features if image_features is not None else self.vision(pixel_values)
             tokens = self.image_tokens(features, media)
+            if image_repeats > 1:
+                tokens = tokens.repeat(image_repeats, 1)
         return merge_image_features(embeds, input_ids, tokens)
 
     def forward(
@@ -129,24 +145,37 @@ class LlavaModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         media: list[Media] | None = None,
-    ) -> LossSum:
+        image_repeats: int = 1,
+        per_sequence: bool = False,
+    ) -> LossSum | SequenceLogps:
         """Training forward: [B, T] ids and labels (+ images) -> summed loss over the label
-        tokens (see models/loss.py; the LM head only sees positions that carry a label)."""
-        embeds = self.input_embeddings(input_ids, pixel_values, image_features, media)
+        tokens (see models/loss.py; the LM head only sees positions that carry a label); or,
+        `per_sequence`, each row's summed log-probability of its labels (preference training,
+        models/preference.py; `image_repeats` as in input_embeddings)."""
+        embeds = self.input_embeddings(input_ids, pixel_values, image_features, media,
+                                       image_repeats)
         causal_lm = _causal_lm(self.llm)
         hidden = causal_lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=False,
         ).last_hidden_state
+        if per_sequence:
+            logps, counts = sequence_logps(hidden, causal_lm.get_output_embeddings(), labels)
+            return SequenceLogps(self._projector_joins(logps, pixel_values, image_features),
+                                 counts)
         loss_sum, count = lm_loss_sum(hidden, causal_lm.get_output_embeddings(), labels)
+        return LossSum(self._projector_joins(loss_sum, pixel_values, image_features), count)
+
+    def _projector_joins(self, value: torch.Tensor, pixel_values: torch.Tensor | None,
+                         image_features: torch.Tensor | None) -> torch.Tensor:
         if pixel_values is None and image_features is None and self.projector is not None:
             # A micro-batch of text alone: the projector joins the graph at zero weight, so a
             # stage where only it trains (pretrain) still has a loss to backpropagate (its
             # gradient is zero), and every process's backward reaches the same parameters.
             trained = [p.sum() for p in self.projector.parameters() if p.requires_grad]
             if trained:
-                loss_sum = loss_sum + 0.0 * torch.stack(trained).sum()
-        return LossSum(loss_sum, count)
+                value = value + 0.0 * torch.stack(trained).sum()
+        return value
 
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                media: list[Media] | None = None, **kwargs) -> torch.Tensor:

@@ -45,6 +45,9 @@ class Logged:
     """Model TFLOP/s per process (training/flops.py), over the log window."""
     mfu: float | None = None
     """tflops over the GPU's peak; None when the peak is not known."""
+    rewards: dict[str, float] | None = None
+    """Preference training: rewards/chosen, /rejected, /margin, /accuracy over the window's
+    pairs (loss is then pair-weighted)."""
 
 
 @dataclass
@@ -52,6 +55,9 @@ class Evaluated:
     step: int
     eval_loss: float
     tokens: int
+    """Label tokens (preference training: pairs) the loss is averaged over."""
+    rewards: dict[str, float] | None = None
+    """Preference training: the held-out pairs' rewards (see Logged.rewards)."""
 
 
 @dataclass
@@ -88,6 +94,9 @@ class Finished:
     parts: list[str]
     warnings: list[str] = field(default_factory=list)
     """What went wrong besides the weights (which are saved), e.g. the loss plot."""
+    rewards: dict[str, float] | None = None
+    """Preference training: the rewards over every pair this run trained on (since it
+    started or resumed)."""
 
 
 Event = Started | Logged | Evaluated | CheckpointSaved | SampleSkipped | Interrupted | Finished

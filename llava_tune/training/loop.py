@@ -32,6 +32,7 @@ from llava_tune.training.events import (
 )
 from llava_tune.training.metrics import peak_memory_mb, peak_reserved_mb
 from llava_tune.training.plot import LossPlotter
+from llava_tune.training.preference import reward_metrics
 from llava_tune.training.setup import Run
 
 
@@ -57,6 +58,8 @@ class _Window:
     """Model FLOPs of the window's micro-batches (training/flops.py)."""
     data_seconds: float = 0.0
     """Time spent waiting for the loader's batches (reading, decoding, collating)."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """The objective's sums besides the loss (preference rewards: training/preference.py)."""
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -101,7 +104,9 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
         plot_error = run.plotter.finish()
         if plot_error:  # the weights are saved: a missing plot is worth a warning, not a failure
             warnings.append(f"{run.run_dir / rundir.LOSS_PLOT} not drawn: {plot_error}")
-    emit(Finished(run.position.step, last_loss, run.run_dir, len(skipped), parts, warnings))
+    rewards = reward_metrics(run.run_stats) if run.run_stats else None
+    emit(Finished(run.position.step, last_loss, run.run_dir, len(skipped), parts, warnings,
+                  rewards))
     return TrainResult(run.run_dir, run.position.step, last_loss, run.data, skipped)
 
 
@@ -172,7 +177,7 @@ def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool)
     grad_accum in backward and DDP averages over processes; `scale` undoes both.
     """
     acc = run.accelerator
-    counts = torch.tensor([sum(b.num_label_tokens for b in batches), float(stop_requested)],
+    counts = torch.tensor([sum(b.loss_units for b in batches), float(stop_requested)],
                           device=acc.device, dtype=torch.float64)
     counts = acc.reduce(counts, reduction="sum")
     scale = acc.num_processes * acc.gradient_accumulation_steps / max(counts[0].item(), 1.0)
@@ -180,10 +185,12 @@ def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool)
         last = i == len(batches) - 1
         acc.sync_gradients = last
         with nullcontext() if last else acc.no_sync(run.model):
-            out = run.model(**batch.model_inputs())
-            acc.backward(out.loss_sum * scale)
-        window.loss_sum += out.loss_sum.item()
-        window.label_tokens += batch.num_label_tokens
+            loss_sum, stats = run.objective(run.model, batch)
+            acc.backward(loss_sum * scale)
+        window.loss_sum += loss_sum.item()
+        window.label_tokens += batch.loss_units
+        for name, value in stats.items():
+            window.stats[name] = window.stats.get(name, 0.0) + float(value)
         window.tokens += batch.num_tokens
         llm_flops, vision_flops = run.cost.of_batch(batch)
         window.llm_flops += llm_flops
@@ -201,10 +208,18 @@ def _log(run: Run, window: _Window, emit: OnEvent) -> float:
     processes."""
     acc = run.accelerator
     elapsed = time.perf_counter() - window.start
+    names = run.stat_names
     totals = acc.reduce(torch.tensor([window.loss_sum, window.label_tokens, window.tokens,
-                                      window.llm_flops, window.vision_flops],
+                                      window.llm_flops, window.vision_flops,
+                                      *(window.stats.get(n, 0.0) for n in names)],
                                      device=acc.device, dtype=torch.float64), reduction="sum")
-    loss_sum, label_tokens, tokens, llm_flops, vision_flops = totals.tolist()
+    loss_sum, label_tokens, tokens, llm_flops, vision_flops, *stat_sums = totals.tolist()
+    rewards = None
+    if names:
+        stats = dict(zip(names, stat_sums, strict=True))
+        for name, value in stats.items():
+            run.run_stats[name] = run.run_stats.get(name, 0.0) + value
+        rewards = reward_metrics(stats)
     loss = loss_sum / max(label_tokens, 1.0)
     # Per process: what one GPU achieved, on average, the figure its peak compares with.
     tflops = (llm_flops + vision_flops) / max(elapsed, 1e-9) / acc.num_processes / 1e12
@@ -212,7 +227,8 @@ def _log(run: Run, window: _Window, emit: OnEvent) -> float:
     event = Logged(step=run.position.step, total_steps=run.total_steps, epoch=run.position.epoch,
                    loss=round(loss, 5), lr=run.scheduler.get_last_lr()[0],
                    tokens_per_s=round(tokens / max(elapsed, 1e-9), 1),
-                   memory_mb=round(peak_memory_mb(), 1), tflops=round(tflops, 6), mfu=mfu)
+                   memory_mb=round(peak_memory_mb(), 1), tflops=round(tflops, 6), mfu=mfu,
+                   rewards=rewards)
     record = {"step": event.step, "epoch": event.epoch, "loss": event.loss, "lr": event.lr,
               "tokens_per_s": event.tokens_per_s, "memory_mb": event.memory_mb,
               # the window's raw numbers, so that windows can be added up (benchmarks)
@@ -226,6 +242,8 @@ def _log(run: Run, window: _Window, emit: OnEvent) -> float:
               "tflops": event.tflops}
     if mfu is not None:  # absent, not 0, where the peak is not known (the CPU, unknown GPUs)
         record["mfu"] = mfu
+    if rewards is not None:
+        record.update(rewards)
     reserved = peak_reserved_mb()
     if reserved is not None:  # CUDA: memory_mb is torch's peak allocated, this its peak reserved
         record["memory_reserved_mb"] = round(reserved, 1)
@@ -236,18 +254,26 @@ def _log(run: Run, window: _Window, emit: OnEvent) -> float:
 
 @torch.no_grad()
 def _evaluate(run: Run, emit: OnEvent) -> None:
-    """Validation loss: token-weighted mean over every sample of data.eval, all processes."""
+    """Validation loss: token-weighted mean over every sample of data.eval, all processes
+    (pair-weighted for preference pairs, with their rewards)."""
     acc = run.accelerator
+    names = run.stat_names
     run.model.eval()
-    totals = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    totals = torch.zeros(2 + len(names), device=acc.device, dtype=torch.float64)
     for batch in run.eval_loader:
-        out = run.model(**batch.to(acc.device).model_inputs())
-        totals += torch.stack([out.loss_sum.double(), out.num_tokens.double()])
+        batch = batch.to(acc.device)
+        loss_sum, stats = run.objective(run.model, batch)
+        totals += torch.tensor([float(loss_sum), batch.loss_units,
+                                *(float(stats[n]) for n in names)],
+                               device=acc.device, dtype=torch.float64)
     totals = acc.reduce(totals, reduction="sum")
     run.model.train()
     eval_loss = totals[0].item() / max(totals[1].item(), 1.0)
-    run.metrics.write({"step": run.position.step, "eval_loss": round(eval_loss, 5)})
-    emit(Evaluated(run.position.step, round(eval_loss, 5), int(totals[1].item())))
+    rewards = reward_metrics(dict(zip(names, totals[2:].tolist(), strict=True))) if names else None
+    record = {"step": run.position.step, "eval_loss": round(eval_loss, 5)}
+    record.update({f"eval_{name}": value for name, value in (rewards or {}).items()})
+    run.metrics.write(record)
+    emit(Evaluated(run.position.step, round(eval_loss, 5), int(totals[1].item()), rewards))
 
 
 def _checkpoint(run: Run, emit: OnEvent) -> Path | None:

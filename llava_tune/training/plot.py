@@ -31,13 +31,21 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    lr_ax = ax.twinx()
-    for i, run_dir in enumerate(run_dirs):
+    metrics = {}
+    for run_dir in run_dirs:
         file = Path(run_dir) / rundir.METRICS
         if not file.is_file():
             raise UserError(f"{run_dir} has no {rundir.METRICS} to plot; is it a run dir?")
-        records = read_metrics(file)
+        metrics[run_dir] = read_metrics(file)
+    # Preference runs get a second panel: the reward margin and accuracy.
+    preference = any("rewards/margin" in r for records in metrics.values() for r in records)
+    if preference:
+        fig, (ax, reward_ax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    lr_ax = ax.twinx()
+    for i, run_dir in enumerate(run_dirs):
+        records = metrics[run_dir]
         color = f"C{i}"
         label = Path(run_dir).name if len(run_dirs) > 1 else "train loss"
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -50,6 +58,17 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
                     label=f"{label} eval" if len(run_dirs) > 1 else "eval loss")
         if lrs:
             lr_ax.plot(*zip(*lrs, strict=True), "--", color=color, alpha=0.4, linewidth=1)
+        if preference:
+            for key, style in (("rewards/margin", "-"), ("rewards/accuracy", ":")):
+                points = [(r["step"], r[key]) for r in records if key in r]
+                if points:
+                    reward_ax.plot(*zip(*points, strict=True), style, color=color,
+                                   label=key if len(run_dirs) == 1 else f"{label} {key}")
+    if preference:
+        reward_ax.set_xlabel("optimizer step")
+        reward_ax.set_ylabel("reward margin, accuracy")
+        reward_ax.grid(alpha=0.3)
+        reward_ax.legend(loc="lower right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     lr_ax.set_ylabel("learning rate (dashed)")

@@ -8,7 +8,7 @@ import dataclasses
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from llava_tune.data.sources import resolve_sources, source_problems
 from llava_tune.data.stream import StreamDataset, StreamPosition, stream_shards
 from llava_tune.errors import UserError
 from llava_tune.launch import check_launch, machines, mixed_precision
-from llava_tune.stages import llm_mode, vision_mode
+from llava_tune.stages import has_vision, llm_mode, vision_mode
 from llava_tune.training.checkpoint import latest_checkpoint, load_checkpoint
 from llava_tune.training.events import Started
 from llava_tune.training.flops import StepCost, step_cost
@@ -36,6 +36,12 @@ from llava_tune.training.machines import machine_index, per_disk, seen_by_all, s
 from llava_tune.training.metrics import MetricsLog
 from llava_tune.training.peaks import Peak, find_peak
 from llava_tune.training.plot import LossPlotter
+from llava_tune.training.preference import (
+    STATS,
+    DpoObjective,
+    lm_objective,
+    precompute_reference,
+)
 
 
 @dataclass
@@ -78,6 +84,13 @@ class Run:
     stream: StreamPosition | None = None
     """Training on a stream: where this process is in it (the loop advances it batch by
     batch and checkpoints it)."""
+    objective: Callable = lm_objective
+    """(model, batch) -> (summed loss, {stat: sum}): the token loss, or the preference loss
+    (training/preference.py)."""
+    stat_names: tuple[str, ...] = ()
+    """The stats the objective adds up (preference.STATS for dpo)."""
+    run_stats: dict[str, float] = field(default_factory=dict)
+    """Those stats over the whole run, all processes (filled at each log line)."""
 
 
 
@@ -85,7 +98,12 @@ def setup(config: Config, overwrite: bool = False) -> Run:
     """Check the config's files and the launch, take the run dir, build the model and data,
     restore a checkpoint when resuming. Raises UserError before touching anything when the
     run cannot start."""
-    needs_images = STAGES[config.stage].vision
+    if config.model.images is None and STAGES[config.stage].vision is None:
+        # dpo: with or without images as its init_from run; recorded in the run's config, so
+        # loading the run never looks at init_from again.
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, images=has_vision(config)))
+    needs_images = has_vision(config)
     problems = check_paths(config, needs_images) + source_problems(config.data, needs_images)
     if problems:
         raise UserError("cannot start training:\n  " + "\n  ".join(problems))
@@ -120,7 +138,7 @@ def with_init_from_base(config: Config) -> Config:
 def make_accelerator(config: Config) -> Accelerator:
     # find_unused_parameters: with several processes, a batch of text-only samples leaves the
     # projector (and tower) without gradients on one process but not the others.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=STAGES[config.stage].vision)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=has_vision(config))
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=config.train.grad_accum,
@@ -178,6 +196,7 @@ def build_dataset(config: Config, bundle: ModelBundle, spec: DataSpec,
         image_processor=bundle.image_processor, layout=bundle.model.layout,
         max_bad_fraction=config.data.max_bad_fraction, cache_dir=config.data.cache_dir,
         num_proc=config.data.num_proc, seed=config.train.seed,
+        preference=config.stage == "dpo",
     )
     if config.data.pack:
         return PackedDataset(dataset, config.data.max_length, seed=config.train.seed)
@@ -233,7 +252,7 @@ def make_loaders(config: Config, bundle: ModelBundle, accelerator: Accelerator, 
     """The training loader (shuffled, grouped by length, or a stream's, which splits itself
     between processes and workers) and this process's share of the validation set (every
     sample exactly once over all processes)."""
-    collate = Collator(bundle.tokenizer.pad_token_id)
+    collate = Collator(bundle.tokenizer.pad_token_id, preference=config.stage == "dpo")
     tc = config.train
     if isinstance(train_set, StreamDataset):
         loader = DataLoader(train_set, batch_size=tc.batch_size, collate_fn=collate,
@@ -272,10 +291,15 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
             notes += use_feature_cache(config, bundle, accelerator, [eval_set])
     else:
         notes = use_feature_cache(config, bundle, accelerator, [train_set, eval_set])
-    loader, eval_loader = make_loaders(config, bundle, accelerator, train_set, eval_set)
     params = [p for p in bundle.model.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"nothing trains in stage {config.stage} with train.llm={llm_mode(config)}")
+    objective, stat_names = lm_objective, ()
+    if config.stage == "dpo":
+        objective, stat_names = DpoObjective(config.dpo, params), STATS
+        notes += reference_model(config, bundle, accelerator, run_dir, objective,
+                                 [train_set, eval_set])
+    loader, eval_loader = make_loaders(config, bundle, accelerator, train_set, eval_set)
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     # The model is already on its device (4-bit weights must not move); the loader is prepared
     # so that an epoch counts this process's share of the batches. A stream's is not: it
@@ -333,7 +357,34 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
                optimizer=optimizer, scheduler=scheduler, loader=loader, eval_loader=eval_loader,
                params=params, total_steps=total_steps, position=position, started=started,
                metrics=metrics, data=train_set.report, close=close,
-               cost=step_cost(bundle.model, config), peak=peak, stream=stream)
+               cost=step_cost(bundle.model, config), peak=peak, stream=stream,
+               objective=objective, stat_names=stat_names)
+
+
+def reference_model(config: Config, bundle: ModelBundle, accelerator: Accelerator,
+                    run_dir: Path, objective: DpoObjective, datasets: list) -> list[str]:
+    """Stage dpo's reference, the starting weights (before any checkpoint loads): their
+    log-probabilities of every pair, precomputed (or read back), or the trained parameters'
+    starting values kept for a live reference. Returns notes for the run's start."""
+    notes = []
+    if not config.init_from:
+        notes.append("warning: stage dpo without init_from: the reference (and the starting "
+                     "point) is the base model; to align a finetuned run, set "
+                     "init_from=<its run dir>")
+    if config.dpo.reference == "live":
+        objective.start = [p.detach().clone() for p in objective.params]
+        return [*notes, "reference: live (the starting weights of the trained parameters, "
+                "set back for a forward at every step)"]
+    folder = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "reference"
+    for dataset in datasets:
+        if dataset is None:
+            continue
+        computed = precompute_reference(config, dataset, bundle.model, folder, accelerator,
+                                        bundle.tokenizer.pad_token_id)
+        rows = len(dataset.table)
+        notes.append(f"reference log-probabilities of {rows} pairs "
+                     f"{'computed now' if computed else 'read back'} ({folder})")
+    return notes
 
 
 def computes_in_half(config: Config, bundle: ModelBundle) -> bool:
