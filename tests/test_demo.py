@@ -1,7 +1,8 @@
 """The embedded demo end to end, as `make demo` runs it: `scripts/demo.sh` must reach its
 accuracy targets, held-out (one question at a time and as follow-ups) and MMBench-format (rows
 with and without a hint), and `llava-tune chat` on its finetuned model must answer held-out
-images correctly. The course's self-cognition recipe then teaches the demo's LM a new name."""
+images correctly. The course's self-cognition recipe then teaches the demo's LM a new name,
+and the third stage (dpo) aligns its stage-2 model with preference pairs."""
 
 from __future__ import annotations
 
@@ -132,3 +133,20 @@ def test_self_cognition_sft_on_the_demo_lm(demo, tmp_path):
                             check=True, env=ENV, capture_output=True, text=True,
                             timeout=300).stdout
     assert "Nova" in answer and "Ada Lab" in answer, answer
+
+
+@pytest.mark.slow
+def test_dpo_stage_on_the_demo(demo):
+    """scripts/dpo.sh demo: preference pairs about the shapes after stage 2 (a wrong color, a
+    wrong shape, an object that is not there): held-out pairs scored right >= 0.95 of the
+    time, and held-out exact match not lower than stage 2's (one answer of 400 may flip
+    between machines)."""
+    printed = subprocess.run(["bash", str(REPO / "scripts" / "dpo.sh"), "demo", str(demo)],
+                             check=True, env=ENV, capture_output=True, text=True,
+                             timeout=1200).stdout
+    scores = report.dpo_scores(demo)
+    assert "reward accuracy" in printed and "exact match" in printed, printed
+    assert scores["reward_accuracy"] >= 0.95, scores
+    assert scores["exact_match_dpo"] >= scores["exact_match_finetune"] - 0.0025, scores
+    assert sorted(p.name for p in (demo / "dpo").iterdir() if p.is_dir()) == [
+        "llm_adapter", "projector", "reference"]

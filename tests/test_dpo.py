@@ -11,13 +11,15 @@ import pytest
 import torch
 from helpers import LOGGED, run_cli, tiny_model
 
+from llava_tune.assembly.model import load_run
 from llava_tune.cli import main
 from llava_tune.config import load_config
 from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset
 from llava_tune.data.formats import read_conversations
-from llava_tune.data.template import INTERNLM2_CHAT
+from llava_tune.data.image import load_image
+from llava_tune.data.template import INTERNLM2_CHAT, expand_image_slots
 from llava_tune.data.tokenize import tokenize_pair
 from llava_tune.demo.pairs import pairs_of, rejected_answer
 from llava_tune.errors import UserError
@@ -203,17 +205,23 @@ def test_dpo_trains_from_a_finetune_run_and_reports_rewards(dpo_run):
 
 def test_the_reference_is_read_back_and_recomputed_for_other_data(dpo_run, tmp_path, capsys):
     run, args = dpo_run
-    again = [a for a in args if not a.startswith("run_dir=")] + [f"run_dir={tmp_path / 'again'}",
-                                                                "train.max_steps=1"]
+    again = [a for a in args if not a.startswith("run_dir=")] + [f"run_dir={tmp_path / 'again'}"]
     capsys.readouterr()
     assert main([*again]) == 0
     err = capsys.readouterr().err
     assert "pairs read back" in err and "computed now" not in err
+    # Read back or computed, the run trains alike: the pass draws no random numbers and
+    # leaves bitsandbytes' CPU kernels as they were (training/preference.py: _eval).
+    losses = [[(r["loss"], r["rewards/margin"]) for r in read_metrics(folder / "metrics.jsonl")
+               if "loss" in r] for folder in (run, tmp_path / "again")]
+    assert losses[0] == losses[1]
+
     # The same records in another file: another prepared table, so another reference.
     train = Path(next(a for a in args if a.startswith("data.train=")).split("=", 1)[1])
     copy = tmp_path / "copy.jsonl"
     copy.write_text(train.read_text())
-    assert main([*again, f"data.train={copy}", f"run_dir={tmp_path / 'other'}"]) == 0
+    assert main([*again, f"data.train={copy}", f"run_dir={tmp_path / 'other'}",
+                 "train.max_steps=1"]) == 0
     err = capsys.readouterr().err
     assert "computed now" in err
 
@@ -236,8 +244,6 @@ def test_a_pair_scores_its_answers_as_the_finetune_forward_does(tiny_finetune_ru
                                                                 shapes_data, tmp_path):
     """The pair forward (images once, their tokens repeated for the rejected rows) gives each
     answer the log-probability the finetune forward's loss gives it alone."""
-    from llava_tune.assembly.model import load_run
-
     bundle = load_run(tiny_finetune_run)
     train, _ = pair_files(tmp_path, shapes_data)
     dataset = ConversationDataset(train, bundle.tokenizer, bundle.template, 128,
@@ -272,6 +278,24 @@ def test_a_dpo_run_chats_evaluates_and_exports_like_a_finetune_run(dpo_run, shap
     for fmt in ("hf-llava", "xtuner", "internlm2"):
         code, _, err = run_cli(capsys, "export", run, tmp_path / fmt, "--format", fmt)
         assert code == 0, err
+    # XTuner's layout imports back to the same model.
+    config = load_config(run / "config.yaml")
+    vision = ["--vision", "tiny-vit", "--vision-weights", config.model.vision.pretrained,
+              "--vision-config", config.model.vision.config_file]
+    code, _, err = run_cli(capsys, "import-xtuner", tmp_path / "xtuner", tmp_path / "back",
+                           "--llm", config.model.llm, *vision)
+    assert code == 0, err
+    logits = []
+    for folder in (run, tmp_path / "back"):
+        bundle = load_run(folder, quantization=None)
+        ids = bundle.template.prompt_ids([{"role": "user", "content": f"{IMAGE_TOKEN}\nHi?"}],
+                                         bundle.tokenizer)
+        expanded, _ = expand_image_slots(ids, None, bundle.tokenizer.convert_tokens_to_ids(
+            IMAGE_TOKEN), bundle.model.vision.num_patches)  # a pad image: the tower's patches
+        with torch.no_grad():
+            logits.append(bundle.model.eval().logits(
+                torch.tensor([expanded]), bundle.image_processor(load_image(image))))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
 def test_text_only_dpo_from_an_sft_run(tmp_path, tiny_lm, capsys):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,9 +133,17 @@ def starting_weights(params: list[torch.nn.Parameter],
 
 @contextmanager
 def _eval(model: torch.nn.Module) -> Iterator[None]:
-    """No dropout while the reference scores (it is a fixed model)."""
+    """No dropout while the reference scores (it is a fixed model). bitsandbytes' 4-bit
+    layers stay in training mode: on a CPU, the first forward of one in eval mode without
+    grad repacks its weights for another kernel, which rounds differently for the rest of
+    the run; a run that reads the reference back would then train apart from the one that
+    computed it."""
     was = model.training
     model.eval()
+    bnb = sys.modules.get("bitsandbytes")  # loaded by a 4-bit LLM; absent otherwise
+    four_bit = [m for m in model.modules() if bnb is not None and isinstance(m, bnb.nn.Linear4bit)]
+    for module in four_bit:
+        module.training = True
     try:
         yield
     finally:
@@ -180,7 +189,10 @@ def precompute_reference(config: Config, dataset, model: torch.nn.Module, folder
     loader = DataLoader(mine, batch_size=config.train.batch_size,
                         collate_fn=Collator(pad_token_id, preference=True))
     found: list[tuple[int, float, float]] = []
-    with _eval(model), torch.no_grad():
+    # The pass must not draw from the run's random streams (a loader's iterator draws its
+    # seed): a run that reads the values back must train exactly as the one that made them.
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), _eval(model), torch.no_grad():
         for batch in loader:
             batch = batch.to(accelerator.device)
             with accelerator.autocast():
