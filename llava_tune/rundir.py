@@ -46,11 +46,14 @@ LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 LOCK = ".lock"
+REFERENCE = "reference"
+"""Stage dpo's precomputed reference log-probabilities, without data.cache_dir."""
 
 WEIGHT_PARTS = (PROJECTOR, LLM, LLM_ADAPTER, VISION, VISION_ADAPTER)
 """Folders of final weights, in the order they are loaded (full weights before a LoRA on
 them)."""
-WRITTEN_BY_TRAINING = (CONFIG, *WEIGHT_PARTS, METRICS, LOSS_PLOT, CHECKPOINTS, COMPLETE)
+WRITTEN_BY_TRAINING = (CONFIG, *WEIGHT_PARTS, METRICS, LOSS_PLOT, CHECKPOINTS, REFERENCE,
+                       COMPLETE)
 """Everything a training writes into its run dir: what --overwrite may replace."""
 CONFIG_HEADER = "# llava-tune run config: the resolved settings of the training in this folder\n"
 """First line of the config.yaml a training writes, so a user's own config.yaml in a folder

@@ -179,13 +179,34 @@ def env(tmp_path) -> dict:
             "LLAVA_TUNE_CACHE": os.environ["LLAVA_TUNE_CACHE"]}
 
 
+def dpo_args(stage_overrides, pairs, init, run_dir, *extra) -> list[str]:
+    """finetune_args for stage dpo from `init` (a finetune run) on the preference `pairs`."""
+    return [*finetune_args(stage_overrides, run_dir), f"init_from={init}",
+            f"data.train={pairs}", "data.eval=null", *extra]  # the last value of a key wins
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "finetune"])
-def test_two_processes_equal_one(tmp_path, tiny_lm, multi_turn, stage_overrides, env, stage):
+@pytest.mark.parametrize("stage", ["sft", "finetune", "dpo"])
+def test_two_processes_equal_one(tmp_path, tiny_lm, multi_turn, stage_overrides, env, stage,
+                                 request):
+    """Same losses and weights from 1 process x batch 4 and 2 processes x batch 2 (dpo: the
+    reference precomputed by both processes, each a share of the pairs)."""
     if stage == "sft":
         config, args = DEMO / "sft.yaml", lambda run, b: sft_args(tiny_lm, multi_turn, run, b)
-    else:
+    elif stage == "finetune":
         config, args = DEMO / "finetune.yaml", lambda run, b: finetune_args(stage_overrides, run, b)
+    else:
+        from llava_tune.demo.pairs import pairs_of
+
+        shapes = request.getfixturevalue("shapes_data")
+        init = request.getfixturevalue("tiny_finetune_run")
+        pairs = tmp_path / "pairs.json"
+        pairs.write_text(json.dumps(pairs_of(json.loads((shapes / "finetune.json").read_text()),
+                                             "train", 0)))
+        config = DEMO / "dpo.yaml"
+
+        def args(run, b):
+            return dpo_args(stage_overrides, pairs, init, run, b, "data.max_length=128")
     one = train(load_config(config, args(tmp_path / "one", "train.batch_size=4")))
     proc = torchrun(["train", str(config), *args(tmp_path / "two", "train.batch_size=2")], env)
     out, err = proc.communicate(timeout=600)
@@ -198,6 +219,9 @@ def test_two_processes_equal_one(tmp_path, tiny_lm, multi_turn, stage_overrides,
     assert [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2, 3]
     assert losses(two) == pytest.approx(losses(one.run_dir), abs=1e-5)
+    if stage == "dpo":
+        assert column(two, "rewards/margin") == pytest.approx(column(one.run_dir,
+                                                                    "rewards/margin"), abs=1e-5)
     assert_same_weights(one.run_dir, two, rtol=1e-5)
     if stage == "sft":
         assert_same_weights(one.run_dir, two, atol=1e-5)

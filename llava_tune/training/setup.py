@@ -375,7 +375,7 @@ def reference_model(config: Config, bundle: ModelBundle, accelerator: Accelerato
         objective.start = [p.detach().clone() for p in objective.params]
         return [*notes, "reference: live (the starting weights of the trained parameters, "
                 "set back for a forward at every step)"]
-    folder = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / "reference"
+    folder = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / rundir.REFERENCE
     for dataset in datasets:
         if dataset is None:
             continue
