@@ -144,17 +144,13 @@ class Collator:
 
     def _pairs(self, items: list[dict], skipped: list[tuple[str, str]]) -> Batch:
         """A preference batch: the chosen sequences, then the rejected ones (Batch.pairs)."""
-        rows = [{"input_ids": item["input_ids"], "labels": item["labels"],
-                 "stand_in": item.get("stand_in")} for item in items]
+        # The images ride on the chosen rows, so _pad gathers them once, in pair order.
+        rows = [{key: item[key] for key in ("input_ids", "labels", "stand_in", "pixel_values",
+                                            "image_features", "media") if key in item}
+                for item in items]
         rows += [{"input_ids": item["rejected_input_ids"], "labels": item["rejected_labels"],
                   "stand_in": item.get("stand_in")} for item in items]
         batch = self._pad(rows, skipped, None)
-        for key in ("pixel_values", "image_features"):
-            images = [item[key] for item in items if key in item]
-            if images:
-                setattr(batch, key, torch.cat(images))
-        media = [m for item in items for m in item.get("media", [])]
-        batch.media = media or None
         batch.pairs = len(items)
         batch.num_pairs = sum(not item.get("stand_in") for item in items)
         if all("reference" in item for item in items):

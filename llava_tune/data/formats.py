@@ -242,8 +242,8 @@ def _part_text(content: object, what: str) -> str:
 
 
 def _turns(value: object, what: str) -> list[Message]:
-    """A prompt or an answer: a string (one message of `default_role`'s kind is made by the
-    caller), or a list of {"role", "content"} messages."""
+    """A prompt's or an answer's list of {"role", "content"} messages (content a string or
+    parts, see _part_text), checked."""
     messages = []
     for turn in value:
         if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant"):

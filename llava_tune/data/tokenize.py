@@ -52,24 +52,21 @@ def tokenize_record(record: dict, tokenizer: PreTrainedTokenizerBase, template: 
     return Tokenized(ids[:keep], labels[:keep], TRUNCATED)
 
 
-def _last_answer_start(labels: list[int]) -> int:
-    end = len(labels)
-    while end and labels[end - 1] == IGNORE_INDEX:
-        end -= 1
-    while end and labels[end - 1] != IGNORE_INDEX:
-        end -= 1
-    return end
-
-
-def last_answer_only(labels: list[int]) -> list[int]:
-    """`labels` with every answer but the last set to IGNORE_INDEX: a preference pair learns
-    from its final answer alone (the conversation before it is the prompt)."""
+def _last_answer(labels: list[int]) -> tuple[int, int]:
+    """[start, end) of the last run of labels that carry a loss: the final answer."""
     end = len(labels)
     while end and labels[end - 1] == IGNORE_INDEX:
         end -= 1
     start = end
     while start and labels[start - 1] != IGNORE_INDEX:
         start -= 1
+    return start, end
+
+
+def last_answer_only(labels: list[int]) -> list[int]:
+    """`labels` with every answer but the last set to IGNORE_INDEX: a preference pair learns
+    from its final answer alone (the conversation before it is the prompt)."""
+    start, end = _last_answer(labels)
     return [IGNORE_INDEX] * start + labels[start:end] + [IGNORE_INDEX] * (len(labels) - end)
 
 
@@ -88,7 +85,7 @@ def tokenize_pair(record: dict, tokenizer: PreTrainedTokenizerBase, template: Ch
         if side.status == TRUNCATED:
             # The cut may have taken the whole final answer and left an earlier one.
             whole = template.encode(messages, tokenizer)[1]
-            if len(side.labels) <= _last_answer_start(whole):
+            if len(side.labels) <= _last_answer(whole)[0]:
                 side = Tokenized([], [], NO_ANSWER)
         sides.append(Tokenized(side.input_ids, last_answer_only(side.labels), side.status))
     bad = next((side.status for side in sides if side.status not in USABLE), None)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from llava_tune.demo import shapes
 from llava_tune.inference.mmbench import CIRCULAR_OFFSET, extract_letter
+from llava_tune.training.metrics import read_metrics
 
 OPTION_LETTERS = ("A", "B", "C", "D")
 
@@ -87,8 +88,7 @@ def report(out: Path) -> str:
 def dpo_scores(out: Path) -> dict[str, float]:
     """The third stage's numbers: the held-out pairs' rewards (the run's last evaluation in
     its metrics.jsonl) and held-out exact match after stage 2 and after dpo."""
-    evals = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text()
-             .splitlines() if '"eval_loss"' in line]
+    evals = [row for row in read_metrics(out / "dpo" / "metrics.jsonl") if "eval_loss" in row]
     if not evals:
         raise SystemExit(f"{out / 'dpo' / 'metrics.jsonl'} has no evaluation (data.eval)")
     last = evals[-1]

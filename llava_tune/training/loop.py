@@ -263,9 +263,9 @@ def _evaluate(run: Run, emit: OnEvent) -> None:
     for batch in run.eval_loader:
         batch = batch.to(acc.device)
         loss_sum, stats = run.objective(run.model, batch)
-        totals += torch.tensor([float(loss_sum), batch.loss_units,
-                                *(float(stats[n]) for n in names)],
-                               device=acc.device, dtype=torch.float64)
+        totals += torch.stack([loss_sum.detach().double(),
+                               loss_sum.new_tensor(batch.loss_units, dtype=torch.float64),
+                               *(stats[n].double() for n in names)])
     totals = acc.reduce(totals, reduction="sum")
     run.model.train()
     eval_loss = totals[0].item() / max(totals[1].item(), 1.0)
