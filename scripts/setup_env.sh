@@ -12,7 +12,7 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "setting up $VENV (first run installs torch and friends; a few minutes)" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip >&2
-  "$VENV/bin/pip" install --quiet -e "$ROOT[test,web]" >&2
+  "$VENV/bin/pip" install --quiet -e "$ROOT[test,web,serve]" >&2
   touch "$STAMP"
 fi
 echo "$VENV/bin"

@@ -150,3 +150,67 @@ def test_dpo_stage_on_the_demo(demo):
     assert scores["exact_match_dpo"] >= scores["exact_match_finetune"] - 0.0025, scores
     assert sorted(p.name for p in (demo / "dpo").iterdir() if p.is_dir()) == [
         "llm_adapter", "projector", "reference"]
+
+
+@pytest.mark.slow
+def test_serve_answers_the_openai_client_like_eval(demo):
+    """`llava-tune serve demo_out/finetune`, 8 clients at once through the official openai
+    client, two held-out questions each (half of them streamed): every answer is eval's
+    prediction for that image and question. The log names sizes, never the images' bytes."""
+    import base64
+    import signal
+    import threading
+
+    import openai
+
+    records = json.loads((demo / "shapes" / "heldout.json").read_text())[:16]
+    predictions = {json.loads(line)["id"]: json.loads(line)["prediction"] for line in
+                   (demo / "finetune" / "heldout_predictions.jsonl").read_text().splitlines()}
+    server = subprocess.Popen(["llava-tune", "serve", str(demo / "finetune"), "--port", "0",
+                               "--served-model-name", "shapes"], env=ENV, text=True,
+                              stderr=subprocess.PIPE)
+    log = []
+    try:
+        for line in server.stderr:
+            log.append(line)
+            if line.startswith("llava-tune serve:"):
+                break
+        url = line.split(" on ")[1].split()[0]
+        reader = threading.Thread(target=lambda: log.extend(server.stderr), daemon=True)
+        reader.start()
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+        answers, errors = {}, []
+
+        def user(i: int) -> None:
+            try:
+                for record in records[2 * i:2 * i + 2]:
+                    image = (demo / "shapes" / "images" / record["image"]).read_bytes()
+                    question = record["conversations"][0]["value"].replace("<image>\n", "")
+                    messages = [{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {
+                            "url": "data:image/png;base64," + base64.b64encode(image).decode()}},
+                        {"type": "text", "text": question}]}]
+                    if (i + len(answers)) % 2:
+                        chunks = client.chat.completions.create(model="shapes",
+                                                                messages=messages, stream=True)
+                        answers[record["id"]] = "".join(c.choices[0].delta.content or ""
+                                                        for c in chunks)
+                    else:
+                        answers[record["id"]] = client.chat.completions.create(
+                            model="shapes", messages=messages).choices[0].message.content
+            except Exception as err:  # noqa: BLE001  (asserted below)
+                errors.append(err)
+
+        users = [threading.Thread(target=user, args=(i,)) for i in range(8)]
+        for thread in users:
+            thread.start()
+        for thread in users:
+            thread.join(timeout=300)
+        assert not errors, errors
+        assert answers == {r["id"]: predictions[r["id"]] for r in records}
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+    text = "".join(log)
+    assert text.count("POST /v1/chat/completions 200") == 16 and "images=1" in text, text
+    assert "base64" not in text and "What color" not in text, text

@@ -18,7 +18,7 @@ from llava_tune.assembly.model import load_run
 from llava_tune.cli import main
 from llava_tune.constants import IMAGE_TOKEN_INDEX
 from llava_tune.data.video import load_video
-from llava_tune.inference.generate import GenerationSettings, _prompt, generate
+from llava_tune.inference.generate import GenerationSettings, build_prompt, generate
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo"
 ONEVISION = ["model.image_aspect=anyres", "model.anyres.grid_pinpoints=[[1,2],[2,1],[2,2],[1,3],[3,1]]",
@@ -81,7 +81,7 @@ def check_parity(exported, content: list[dict], ours_text: str, visuals, hf_visu
                                            add_generation_prompt=True)
     inputs = processor(text=prompt, return_tensors="pt", **hf_visuals)
     user = [{"role": "user", "content": ours_text}]
-    mine = _prompt(ours, user, visuals)
+    mine = build_prompt(ours, user, visuals)
     hf_ids = inputs["input_ids"][0].tolist()
     marker_ids = {processor.image_token_id, processor.video_token_id}
     assert [-1 if t in marker_ids else t for t in hf_ids] == [

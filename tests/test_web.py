@@ -32,13 +32,8 @@ from llava_tune.assembly.model import load_model
 from llava_tune.cli import main
 from llava_tune.errors import UserError
 from llava_tune.inference.generate import GenerationSettings, LoopStop, generate
-from llava_tune.inference.web import (
-    WebChat,
-    _Cancelled,
-    check_host,
-    check_upload,
-    is_loopback,
-)
+from llava_tune.inference.safety import check_host, check_upload, is_loopback
+from llava_tune.inference.web import WebChat, _Cancelled
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["--max-new-tokens", "8"]

@@ -12,7 +12,7 @@ import errno
 import os
 import sys
 
-from llava_tune.cli import chat, commands, configs, web
+from llava_tune.cli import chat, commands, configs, serve, web
 from llava_tune.errors import UserError
 
 USER_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_eval(sub)
     chat.add_parser(sub)
     web.add_parser(sub)
+    serve.add_parser(sub)
     commands.add_export(sub)
     commands.add_import_xtuner(sub)
     commands.add_plot(sub)

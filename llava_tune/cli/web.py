@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
 
 def cmd_web(args: argparse.Namespace) -> int:
     from llava_tune.assembly.model import load_model
-    from llava_tune.inference.web import check_host, import_gradio, is_loopback, serve
+    from llava_tune.inference.safety import check_host, is_loopback
+    from llava_tune.inference.web import import_gradio, serve
 
     check_host(args.host, args.listen_public)  # both before the model loads: fail fast
     import_gradio()

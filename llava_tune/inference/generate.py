@@ -82,7 +82,10 @@ Visual = Image.Image | list[Image.Image]
 """An image, or a video as its frames (data/video.py's load_video)."""
 
 
-def _prompt(bundle: ModelBundle, messages: list[Message], images: list[Visual]) -> Prompt:
+def build_prompt(bundle: ModelBundle, messages: list[Message], images: list[Visual]) -> Prompt:
+    """The prompt of `messages` (the last one a user turn) with `images` in their markers'
+    slots: ids, tower inputs and what each item is. A video of another frame count than the
+    model reads raises UserError."""
     ids = bundle.template.prompt_ids(messages, bundle.tokenizer)
     if not images:
         return Prompt(ids)
@@ -158,10 +161,23 @@ def generate_batch(bundle: ModelBundle, conversations: list[Conversation],
     Prompts are padded on the left (pad embeddings masked out, positions from the mask), so
     greedy answers equal those of one conversation at a time.
     """
+    prompts = [build_prompt(bundle, messages, images) for messages, images in conversations]
+    return generate_prompts(bundle, prompts, settings, streamer, stopping_criteria)
+
+
+@torch.no_grad()
+def generate_prompts(bundle: ModelBundle, prompts: list[Prompt],
+                     settings: GenerationSettings | None = None, streamer=None,
+                     stopping_criteria: Sequence[StoppingCriteria] = ()) -> list[str]:
+    """`generate_batch` for prompts already built (`build_prompt`): the API builds each
+    request's prompt when it arrives, to refuse one too long before it waits in the queue.
+
+    `streamer.put` receives the prompt ids [B, 0] first, then each step's new tokens [B] (a
+    finished row gets the pad id); `stopping_criteria` see the generated ids [B, t].
+    """
     settings = settings or GenerationSettings()
     model = bundle.model
     device = model.llm.get_input_embeddings().weight.device
-    prompts = [_prompt(bundle, messages, images) for messages, images in conversations]
     length = max(len(p.ids) for p in prompts)
     pad = bundle.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (length - len(p.ids)) + p.ids for p in prompts],
