@@ -156,9 +156,13 @@ def _write_internlm2(run_dir: Path, folder: Path, base, config) -> list[str]:
     if not (base_dir / "tokenizer.model").is_file():
         raise UserError(f"the internlm2 format needs InternLM2's tokenizer.model, which the "
                         f"base LLM {base_dir} lacks; export with --format llm instead")
-    llm = merged_model(run_dir, base).model.llm
+    bundle = merged_model(run_dir, base)
+    llm = bundle.model.llm
     tokenizer_files = [base_dir / name for name in TOKENIZER_FILES if (base_dir / name).is_file()]
-    write_internlm2_checkpoint(llm.state_dict(), llm.config, folder, tokenizer_files)
+    stop_ids = bundle.tokenizer.convert_tokens_to_ids(list(bundle.template.stop_words))
+    write_internlm2_checkpoint(llm.state_dict(), llm.config, folder, tokenizer_files,
+                               stop_token_ids=[i for i in stop_ids if i is not None
+                                               and i != bundle.tokenizer.unk_token_id])
     # config.json's auto_map (and the tokenizer's) name InternLM2's remote code, which
     # published checkpoints carry: with it, the export loads with trust_remote_code=True.
     missing = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -410,3 +412,88 @@ def test_serve_refuses_before_loading(tmp_path, capsys):
 def test_port_in_use_is_a_user_error(bundle, server):
     with pytest.raises(UserError, match="--port"):
         ApiServer(bundle, ServeOptions(NAME, SETTINGS), port=server.port)
+
+
+# --------------------------------------------------------------------------- evaluation suites
+# What lmms-eval 0.7.3 (`--model openai`, its chat class) and VLMEvalKit (e8e78f05, its GPT4V
+# and LMDeployAPI classes) send, as logged from them against a stub server: images before
+# the text in one user message (PNG from lmms-eval, JPEG with `detail` from VLMEvalKit), the
+# sampling fields each sets, never `stop` or `stream`.
+
+
+def _jpeg(image: Path, tmp_path: Path) -> tuple[str, Path]:
+    """VLMEvalKit's encoding of `image` and the decoded JPEG as a file (what chat would see)."""
+    buffer = io.BytesIO()
+    Image.open(image).convert("RGB").save(buffer, format="JPEG")
+    path = tmp_path / f"{image.stem}.jpg"
+    path.write_bytes(buffer.getvalue())
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), path
+
+
+def test_what_lmms_eval_and_vlmevalkit_send(server, bundle, images, tmp_path):
+    two = ChatSession(bundle, system=bundle.template.default_system, settings=SETTINGS)
+    two.attach_image(images[0])
+    two.attach_image(images[1])
+    lmms_chat = {"model": NAME, "max_tokens": 12, "seed": 1234, "temperature": 0.0, "top_p": 1.0,
+                 "messages": [{"role": "user", "content": [
+                     {"type": "image_url", "image_url": {"url": data_url(images[0])}},
+                     {"type": "image_url", "image_url": {"url": data_url(images[1])}},
+                     {"type": "text", "text": QUESTIONS[0]}]}]}
+    lmms_simple = {"model": NAME, "max_tokens": 12, "temperature": 0, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": QUESTIONS[1]},
+                                     {"type": "image_url", "image_url": {
+                                         "url": data_url(images[2])}}]}]}
+    url, jpeg = _jpeg(images[3], tmp_path)
+    vlmevalkit = {"model": NAME, "temperature": 0, "top_p": 1.0, "max_tokens": 12,
+                  "messages": [{"role": "user", "content": [
+                      {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+                      {"type": "text", "text": QUESTIONS[0]}]}]}
+    expected = [two.ask(QUESTIONS[0]), chat_answer(bundle, images[2], QUESTIONS[1]),
+                chat_answer(bundle, jpeg, QUESTIONS[0])]
+    headers = {"Authorization": "Bearer sk-test"}  # both always send a key
+    for body, answer in zip([lmms_chat, lmms_simple, vlmevalkit], expected, strict=True):
+        response = _post(server, body, headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == answer
+    # VLMEvalKit's LMDeployAPI asks every model for 16384 tokens and n=1: past this server's
+    # --max-tokens-limit (64 here), the error names the option to raise.
+    lmdeploy_api = {**vlmevalkit, "n": 1, "max_tokens": 16384}
+    response = _post(server, lmdeploy_api, headers)
+    assert response.status_code == 400 and "--max-tokens-limit" in response.text
+
+
+def test_a_max_tokens_past_the_context_ends_where_the_context_does(bundle):
+    from llava_tune.inference.api import Completion, context_length, prepare
+
+    question = [{"role": "user", "content": "blue " * 100}]
+    prompt = build_prompt(bundle, question, [])
+    room = context_length(bundle) - len(prompt.ids)
+    completion = prepare(Completion(question, [], SETTINGS, max_tokens=10_000), bundle,
+                         SETTINGS, Limits(max_tokens=10_000))
+    assert completion.settings.max_new_tokens == completion.max_tokens == room
+
+
+@pytest.mark.skipif(not os.environ.get("LLAVA_TUNE_LMMS_EVAL_PYTHON"),
+                    reason="lmms-eval lives in its own environment (it pins av<16 and "
+                    "protobuf<7, and needs filelock<4): set LLAVA_TUNE_LMMS_EVAL_PYTHON to "
+                    "its python to run it (README, Serve)")
+def test_lmms_eval_against_serve(server, bundle, shapes_data, tmp_path):
+    """lmms-eval itself, its OpenAI-compatible model on a task of held-out shapes questions
+    written by scripts/lmms_eval_task.py: every answer it logged is chat's."""
+    import lmms_eval_task
+
+    task = lmms_eval_task.write_task(tmp_path / "task", shapes_data / "heldout.json",
+                                     shapes_data / "images", limit=6, max_new_tokens=12)
+    out = tmp_path / "out"
+    subprocess.run([os.environ["LLAVA_TUNE_LMMS_EVAL_PYTHON"], "-m", "lmms_eval", "--model",
+                    "openai", "--model_args", f"model={NAME},base_url={server.url}/v1,"
+                    "api_key=none,num_concurrent=3,max_retries=1", "--tasks",
+                    "llava_tune_shapes", "--include_path", str(task), "--batch_size", "1",
+                    "--output_path", str(out), "--log_samples"], check=True, timeout=600,
+                   cwd=tmp_path)
+    samples = [json.loads(line) for path in out.rglob("*llava_tune_shapes*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert len(samples) == 6, list(out.rglob("*"))
+    for sample in samples:  # lmms-eval 0.7.3 logs the question, the image files, the answer
+        [image] = sample["input_media"]
+        assert sample["filtered_resps"] == chat_answer(bundle, Path(image), sample["input"])

@@ -49,6 +49,10 @@ from llava_tune.models.vision import VisionTower
 MODEL_TYPES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 """The folders read back: model_type in config.json -> the transformers class."""
 
+CHAT_TEMPLATE_WITH_BOS = "chat_template_with_bos.jinja"
+"""The export's chat template with BOS first (`chat_template.jinja` has none, since
+`processor(text=...)` adds it): for `vllm serve --chat-template`."""
+
 KINDS = ("llava", "llava_next", "llava_onevision")
 """What write_hf_llava writes: transformers' Llava (pad), LlavaNext (anyres) or
 LlavaOnevision (anyres, several images as squares, videos)."""
@@ -146,8 +150,27 @@ def write_hf_llava(folder: Path, llm, tokenizer, tower: VisionTower, projector: 
     model.generation_config = GenerationConfig(
         eos_token_id=[i for i in stop if i is not None], pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, suppress_tokens=ids)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=_nested_tower_keys(model.state_dict()))
     _processor(kind, tokenizer, tower, pinpoints, anyres_max).save_pretrained(folder)
+    # For servers that tokenize the rendered chat without special tokens (`vllm serve`'s chat
+    # completions: add_special_tokens=False), so the prompt starts with BOS as ours does.
+    (folder / CHAT_TEMPLATE_WITH_BOS).write_text(
+        internlm2_jinja(bos=True, image_items=True), encoding="utf-8")
+
+
+def _nested_tower_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with the CLIP tower's keys under `vision_model.`, as every published
+    llava-hf checkpoint has them (on disk: `vision_tower.vision_model.*`).
+
+    transformers >= 5.6 flattened `CLIPVisionModel` and saves `vision_tower.embeddings.*`, which
+    vLLM refuses: its own CLIPVisionModel still nests `vision_model` and its Llava loader maps no
+    such prefix (vllm 0.33.0, model_executor/models/llava.py and clip.py). transformers reads
+    both spellings back."""
+    tower = "model.vision_tower."
+    if any(key.startswith(tower + "vision_model.") for key in state):
+        return state  # a transformers that still nests it
+    return {(tower + "vision_model." + key.removeprefix(tower) if key.startswith(tower) else key):
+            value for key, value in state.items()}
 
 
 def _processor(kind: str, tokenizer, tower: VisionTower, pinpoints: list, anyres_max: str):

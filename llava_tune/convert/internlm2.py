@@ -34,6 +34,7 @@ from llava_tune.errors import UserError
 from llava_tune.files import atomic_dir, exclusive, read_json
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 INTERNLM2_AUTO_MAP = {
     "AutoConfig": "configuration_internlm2.InternLM2Config",
@@ -387,16 +388,28 @@ def write_internlm2_checkpoint(
     cfg: LlamaConfig,
     folder: str | os.PathLike,
     extra_files: Sequence[Path] = (),
+    stop_token_ids: Sequence[int] = (),
 ) -> None:
     """Write a LlamaForCausalLM state dict into `folder` as a published-layout InternLM2
     checkpoint: config.json (InternLM2 layout, remote-code auto_map), one model.safetensors
-    with InternLM2 keys, and `extra_files` (the tokenizer's) copied in."""
+    with InternLM2 keys, and `extra_files` (the tokenizer's) copied in.
+
+    `stop_token_ids` (the chat template's end of turn, `<|im_end|>`) also end generation:
+    generation_config.json lists them with the EOS, as InternLM2-chat publishes it. Servers
+    stop on its ids; lmdeploy's stop words from a tokenizer's chat template are only its
+    eos_token (lmdeploy 0.18.0, model.py HFChatTemplate), which is `</s>`."""
     folder = Path(folder)
     internlm2_cfg = llama_to_internlm2_config(cfg)
     save_safetensors(llama_to_internlm2_state_dict(state_dict, cfg), folder / SAFE_WEIGHTS)
     (folder / CONFIG_NAME).write_text(json.dumps(internlm2_cfg, indent=2) + "\n")
     for file in extra_files:
         shutil.copy2(file, folder / Path(file).name)
+    if stop_token_ids:
+        base_eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        eos = list(dict.fromkeys(i for i in (*base_eos, *stop_token_ids) if i is not None))
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos,
+                      "pad_token_id": cfg.pad_token_id}
+        (folder / GENERATION_CONFIG_NAME).write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def remote_code_files(folder: str | os.PathLike) -> list[str]:

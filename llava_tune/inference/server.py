@@ -186,7 +186,7 @@ async def _wait(events: asyncio.Queue, request) -> Done | Failed | None:
     while True:
         try:
             event = await asyncio.wait_for(events.get(), timeout=0.5)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # noqa: UP041  (not the builtin before Python 3.11)
             if await request.is_disconnected():
                 return None
             continue
