@@ -96,7 +96,9 @@ def one_at_a_time(run: Path, requests: list[tuple[Path, str]], max_tokens: int) 
             "answers": answers}
 
 
-def start_server(run: Path, max_tokens: int, max_batch: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, max_tokens: int,
+                 max_batch: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`llava-tune serve RUN` on a free port (model name "bench"): the process and its URL."""
     command = [sys.executable, "-m", "llava_tune", "serve", str(run), "--port", "0",
                "--served-model-name", "bench", "--max-new-tokens", str(max_tokens),
                "--max-queue", "256"]
@@ -113,11 +115,14 @@ def start_server(run: Path, max_tokens: int, max_batch: int | None) -> tuple[sub
 
 
 def under_load(url: str, requests: list[tuple[Path, str]], clients: int,
-               expected: dict) -> dict:
+               expected: dict | None = None) -> dict:
+    """`clients` threads of the openai client answer `requests` (each takes the next when
+    its answer is in); answers that differ from `expected` (if given) are counted."""
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-    encoded = {image: "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    encoded = {image: f"data:image/{image.suffix.lstrip('.').replace('jpg', 'jpeg')};base64,"
+               + base64.b64encode(image.read_bytes()).decode()
                for image in {image for image, _ in requests}}
     queue = list(reversed(requests))
     lock = threading.Lock()
@@ -140,7 +145,7 @@ def under_load(url: str, requests: list[tuple[Path, str]], clients: int,
                 errors.append(f"{type(err).__name__}: {err}")
                 continue
             latencies.append(time.perf_counter() - began)
-            if answer.choices[0].message.content != expected[image, question]:
+            if expected and answer.choices[0].message.content != expected[image, question]:
                 wrong.append((image.name, question))
 
     threads = [threading.Thread(target=user) for _ in range(clients)]

@@ -4,7 +4,9 @@ random InternLM2-chat-1.8B and a random CLIP ViT-L/14-336 (nothing is downloaded
 writes to REPORT/gpu_check.json, per stage: peak GPU memory (torch's allocated and reserved),
 steady tokens/s and seconds per step (first log window excluded), wall time (imports, data,
 loading and 4-bit quantization included), model TFLOP/s and MFU (the trainer's own, from
-metrics.jsonl: README, "Reading MFU").
+metrics.jsonl: README, "Reading MFU"). After the finetune stage, its run behind `llava-tune
+serve` under 1 and 8 clients (requests/s, median latency), and, where vLLM is installed, its
+hf-llava export behind `vllm serve`, asked once (REPORT/vllm.log has its output).
 
     python scripts/gpu_check.py [OUT]             (scripts/gpu_check.sh is the same)
     python scripts/gpu_check.py --dry-run [OUT]   # any machine: tiny models, 2 steps, 64 tokens
@@ -135,6 +137,81 @@ def run_stage(stage: str, config: Path, overrides: list[str], out: Path, report:
             "last_loss": rows[-1]["loss"]}
 
 
+def serve_check(out: Path, paths: dict[str, Path], report_dir: Path) -> dict:
+    """The finetune run behind `llava-tune serve` (scripts/bench_serve.py's load: 16 requests
+    about the data's images, 1 and 8 clients); then, where vLLM is installed, its hf-llava
+    export behind `vllm serve`, asked once through the openai client."""
+    import bench_serve
+
+    os.environ["LLAVA_TUNE_CACHE"] = str(out / "cache")
+    images = sorted(paths["images"].glob("*.jpg"))[:8]
+    requests = [(image, "What is in the image?") for image in images] * 2
+    server, url = bench_serve.start_server(out / "finetune", max_tokens=32)
+    try:
+        loads = {clients: bench_serve.under_load(url, requests, clients) for clients in (1, 8)}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    result = {f"serve_{clients}_clients": {
+        "requests_per_s": round(r["requests_per_s"], 2), "errors": len(r["errors"]),
+        "p50_s": round(bench_serve.percentile(r["latencies"], 0.5), 3) if r["latencies"] else None}
+        for clients, r in loads.items()}
+    result["vllm"] = vllm_check(out, images[0], report_dir)
+    return result
+
+
+def vllm_check(out: Path, image: Path, report_dir: Path) -> dict | str:
+    """`vllm serve` on the finetune run's hf-llava export, with the flags the README gives."""
+    import importlib.util
+    import signal
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed here"
+    import base64
+
+    import openai
+
+    export = out / "finetune-hf"
+    subprocess.run([sys.executable, "-m", "llava_tune", "--quiet", "export", str(out / "finetune"),
+                    str(export), "--format", "hf-llava", "--force"], check=True)
+    start = time.time()
+    with open(report_dir / "vllm.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve",
+                                   str(export), "--chat-template",
+                                   str(export / "chat_template_with_bos.jinja"),
+                                   "--served-model-name", "llava-tune", "--max-model-len", "4096",
+                                   "--gpu-memory-utilization", "0.5", "--host", "127.0.0.1",
+                                   "--port", "8011"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            client = openai.OpenAI(base_url="http://127.0.0.1:8011/v1", api_key="none",
+                                   max_retries=0, timeout=120)
+            for _ in range(300):
+                if server.poll() is not None:
+                    return {"ok": False, "error": f"vllm serve exited {server.returncode}; "
+                            f"see {report_dir / 'vllm.log'}"}
+                try:
+                    client.models.list()
+                    break
+                except openai.APIConnectionError:
+                    time.sleep(2)
+            url = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+            answer = client.chat.completions.create(model="llava-tune", temperature=0,
+                                                    max_tokens=32, messages=[{
+                "role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                            {"type": "text", "text": "What is in the image?"}]}])
+            return {"ok": True, "start_s": round(time.time() - start, 1),
+                    "finish_reason": answer.choices[0].finish_reason,
+                    "usage": answer.usage.model_dump() if answer.usage else None}
+        except Exception as err:  # noqa: BLE001  (reported, the check goes on)
+            return {"ok": False, "error": f"{type(err).__name__}: {err}"}
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
 def print_table(report: dict) -> None:
     print(f"{report['like']}{' (dry run: tiny models)' if report['dry_run'] else ''} on "
           f"{report['device']}; setup {report['prepare_s']} s (data, random checkpoint)")
@@ -196,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         (report_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"{stage} done: {json.dumps(report['stages'][-1])}", flush=True)
     print_table(report)
+    if "finetune" in stages:
+        report["serve"] = serve_check(out, paths, report_dir)
+        (report_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"serve: {json.dumps(report['serve'])}", flush=True)
     return 0
 
 

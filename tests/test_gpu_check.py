@@ -30,3 +30,8 @@ def test_dry_run_trains_three_stages_with_the_real_configs(tmp_path):
     config = (tmp_path / "finetune" / "config.yaml").read_text()
     assert "quantization: 4bit" in config and f"init_from: {tmp_path / 'pretrain'}" in config
     assert "pretrain" in result.stdout and "peak memory" in result.stdout
+    # The finetune run behind `llava-tune serve`: every request answered, 1 and 8 clients.
+    serve = report["serve"]
+    assert serve["serve_1_clients"]["errors"] == serve["serve_8_clients"]["errors"] == 0
+    assert serve["serve_8_clients"]["requests_per_s"] > 0
+    assert serve["vllm"] == "vllm is not installed here" or serve["vllm"]["ok"], serve

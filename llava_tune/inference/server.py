@@ -317,7 +317,9 @@ def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model's thread starts: a port in use is a
     UserError now, not a log line from uvicorn's thread."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; with
+    # proto 0 each small response waited out the client's delayed ACK (42 ms a request).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
