@@ -209,7 +209,7 @@ def test_serve_answers_the_openai_client_like_eval(demo):
         assert not errors, errors
         assert answers == {r["id"]: predictions[r["id"]] for r in records}
     finally:
-        server.send_signal(signal.SIGINT)
+        server.send_signal(signal.SIGTERM)  # under xdist the server inherits SIGINT ignored
         assert server.wait(timeout=60) == 0
     text = "".join(log)
     assert text.count("POST /v1/chat/completions 200") == 16 and "images=1" in text, text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -106,5 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"llava-tune serve: {name} on {server.url}/v1 (OpenAI-compatible; Ctrl-C stops "
           "it)", file=sys.stderr, flush=True)
+    # SIGTERM (a service manager's stop; also what reaches a server whose parent ignores
+    # SIGINT) ends it as Ctrl-C does: the running batch first.
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.stop_soon())
     server.wait()
     return 0

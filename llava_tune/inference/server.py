@@ -92,7 +92,9 @@ def build_app(bundle: ModelBundle, options: ServeOptions, batcher: Batcher):
     async def on_http_error(request, err: HTTPException):  # unknown path, wrong method
         return refuse(ApiError(err.status_code, f"{request.method} {request.url.path}: "
                                f"{err.detail}; this server answers POST /v1/chat/completions "
-                               "and GET /v1/models", code="not_found"), request)
+                               "and GET /v1/models",
+                               code="not_found" if err.status_code == 404 else "bad_method"),
+                      request)
 
     @app.exception_handler(Exception)
     async def on_bug(request, err: Exception):  # logged with its traceback by uvicorn
@@ -120,18 +122,29 @@ def build_app(bundle: ModelBundle, options: ServeOptions, batcher: Batcher):
         return {"object": "list", "data": [{"id": options.model_name, "object": "model",
                                             "created": created, "owned_by": "llava-tune"}]}
 
+    def check(body: bytes) -> Completion:
+        """The body read, checked and turned into a prompt (or an ApiError)."""
+        completion = read(parse_body(body, options.limits), options.model_name,
+                          options.defaults, options.limits, has_vision)
+        return prepare(completion, bundle, options.defaults, options.limits)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: fastapi.Request):
         start = time.perf_counter()
         body = await _read_body(request, options.limits)
-        completion = read(parse_body(body, options.limits), options.model_name,
-                          options.defaults, options.limits, has_vision)
-        completion = await run_in_threadpool(prepare, completion, bundle, options.defaults,
-                                             options.limits)
+        # Off the event loop: JSON, base64 and image decoding, tokenizing (other clients'
+        # answers stream meanwhile).
+        completion = await run_in_threadpool(check, body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(completion.prompt, completion.settings,
-                  on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+
+        def deliver(event: Event) -> None:  # called from the model's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone: the server stopped
+                job.cancel()
+
+        job = Job(completion.prompt, completion.settings, on_event=deliver,
                   stop=completion.stop, seed=completion.seed)
         try:
             batcher.submit(job)
@@ -295,8 +308,12 @@ class ApiServer:
             time.sleep(0.02)
         return self
 
+    def stop_soon(self) -> None:
+        """Ask the server to stop (safe from a signal handler); `wait` then returns."""
+        self._server.should_exit = True
+
     def wait(self) -> None:
-        """Until Ctrl-C (or close)."""
+        """Until Ctrl-C, stop_soon or close."""
         try:
             while self._thread.is_alive():
                 self._thread.join(timeout=0.5)
