@@ -327,3 +327,55 @@ def test_a_micro_batch_without_images_trains(stage_file, stage_overrides, shapes
     result = train(config, on_event=lambda e: seen.append(e.loss)
                    if isinstance(e, ev.Logged) else None)
     assert result.steps == 4 and len(seen) == 4 and all(torch.isfinite(torch.tensor(seen)))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_a_training_step_never_reads_a_tensor_on_the_host(files, shapes_data, monkeypatch,
+                                                          layout):
+    """No .item(), .tolist(), float() or bool() of a tensor by llava-tune inside an optimizer
+    step (on a GPU each one waits for the device): the loss and its stats are summed on the
+    device and read at the log line only; the image slots are counted when the batch is made.
+    QLoRA finetune, two micro-batches a step.
+
+    Reads in the libraries are left: torch.optim's step counters (CPU tensors on a GPU too:
+    no wait) and transformers' mask building, one read per forward: whether a padded
+    batch's mask has padding (masking_utils._ignore_causal_mask_sdpa), or whether packed
+    rows hold several sequences (find_packed_sequence_indices)."""
+    from llava_tune.training import loop
+
+    root, make = files
+    data = subset(shapes_data / "finetune.json", root / "finetune8.json", 8)
+    config = make("finetune", data, f"no-sync-{layout}", "train.max_steps=4",
+                  "train.log_every=4", "train.grad_accum=2", "train.batch_size=2",
+                  "init_from=null", f"data.pack={layout == 'packed'}")
+    reads: list[str] = []
+    inside = [False]
+    step = loop._step
+
+    def watched(*args, **kwargs):
+        inside[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def recorder(name, original):
+        def read(self, *args, **kwargs):
+            if inside[0]:
+                import traceback
+
+                where = [line.strip().splitlines()[0]
+                         for line in traceback.format_stack(limit=6)[:-1]]
+                reads.append(f"{name}: {' <- '.join(reversed(where))}")
+            return original(self, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(loop, "_step", watched)
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, recorder(name, getattr(torch.Tensor, name)))
+    trained = train_capturing(config)
+    assert trained.result.steps == 4
+    library = ("torch/optim/", "transformers/masking_utils.py")
+    reads = [r for r in reads if not any(part in r.split(" <- ")[0] for part in library)]
+    assert reads == [], "\n".join(f"{n} x {r}" for r, n in __import__("collections").Counter(reads).most_common())
+    assert len(metrics(trained.run_dir)) == 1

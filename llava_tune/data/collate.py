@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from llava_tune.constants import IGNORE_INDEX
+from llava_tune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_tune.models.anyres import Media
 
 
@@ -57,6 +57,9 @@ class Batch:
     rejected answers, when precomputed (dpo.reference=precompute)."""
     rows: list[int] = field(default_factory=list)
     """The dataset table's row of each pair (to store precomputed reference values)."""
+    image_slots: int | None = None
+    """Positions of input_ids that take an image feature, counted on the host when the
+    batch is made: the model checks it against the features without reading the device."""
 
     _TENSORS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values",
                 "image_features")
@@ -71,6 +74,8 @@ class Batch:
                   if getattr(self, name) is not None}
         if self.media is not None:
             inputs["media"] = self.media
+        if self.image_slots is not None:
+            inputs["image_slots"] = self.image_slots
         return inputs
 
     def to(self, device, non_blocking: bool = False) -> Batch:
@@ -128,7 +133,8 @@ class Collator:
         batch = Batch(input_ids=ids, labels=labels, skipped=skipped, position=position,
                       num_tokens=real,
                       num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-                      sample_lengths=lengths)
+                      sample_lengths=lengths,
+                      image_slots=int((ids == IMAGE_TOKEN_INDEX).sum()))
         for key in ("pixel_values", "image_features"):
             images = [item[key] for item in items if key in item]
             if images:

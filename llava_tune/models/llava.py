@@ -16,16 +16,19 @@ from llava_tune.models.vision import VisionTower
 
 
 def merge_image_features(
-    embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor | None
+    embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor | None,
+    n_slots: int | None = None,
 ) -> torch.Tensor:
     """Put image features into the embedding slots marked IMAGE_TOKEN_INDEX.
 
     embeds [B, T, D], input_ids [B, T], image_features [M, D] (every image token, images in
     order of their slots; or [I, N, D]) -> [B, T, D]. Raises ValueError naming both counts
-    when slots and features differ.
+    when slots and features differ. `n_slots`: the slots, when counted already on the host
+    (a training batch): counting them here would make a GPU wait for the host.
     """
     slots = input_ids == IMAGE_TOKEN_INDEX
-    n_slots = int(slots.sum())
+    if n_slots is None:
+        n_slots = int(slots.sum())
     n_features = 0 if image_features is None else image_features[..., 0].numel()
     if n_slots != n_features:
         shape = "no images" if image_features is None else f"{n_features} image tokens"
@@ -117,13 +120,14 @@ class LlavaModel(nn.Module):
     def input_embeddings(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None, media: list[Media] | None = None,
-        image_repeats: int = 1,
+        image_repeats: int = 1, image_slots: int | None = None,
     ) -> torch.Tensor:
         """[B, T] ids (IMAGE_TOKEN_INDEX in image slots) + images as pixels [T, 3, S, S] or as
         the tower's features [T, N, Dv] (T: every item's tiles or frames in turn, one per pad
         image) -> input embeddings [B, T, D]. anyres images and videos need `media`.
         `image_repeats`: the images fill the slots that many times over (a preference batch's
-        chosen rows, then its rejected rows: the tower and projector run once)."""
+        chosen rows, then its rejected rows: the tower and projector run once).
+        `image_slots`: the ids' image slots, if counted on the host already."""
         embed = self.llm.get_input_embeddings()
         embeds = embed(input_ids.clamp(min=0))
         tokens = None
@@ -134,7 +138,7 @@ class LlavaModel(nn.Module):
             tokens = self.image_tokens(features, media)
             if image_repeats > 1:
                 tokens = tokens.repeat(image_repeats, 1)
-        return merge_image_features(embeds, input_ids, tokens)
+        return merge_image_features(embeds, input_ids, tokens, image_slots)
 
     def forward(
         self,
@@ -147,13 +151,14 @@ class LlavaModel(nn.Module):
         media: list[Media] | None = None,
         image_repeats: int = 1,
         per_sequence: bool = False,
+        image_slots: int | None = None,
     ) -> LossSum | SequenceLogps:
         """Training forward: [B, T] ids and labels (+ images) -> summed loss over the label
         tokens (see models/loss.py; the LM head only sees positions that carry a label); or,
         `per_sequence`, each row's summed log-probability of its labels (preference training,
-        models/preference.py; `image_repeats` as in input_embeddings)."""
+        models/preference.py; `image_repeats` and `image_slots` as in input_embeddings)."""
         embeds = self.input_embeddings(input_ids, pixel_values, image_features, media,
-                                       image_repeats)
+                                       image_repeats, image_slots)
         causal_lm = _causal_lm(self.llm)
         hidden = causal_lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,

@@ -48,9 +48,13 @@ class TrainResult:
 
 @dataclass
 class _Window:
-    """Sums over the micro-batches since the last log line (this process)."""
+    """Sums over the micro-batches since the last log line (this process). The loss and the
+    objective's stats stay on the device (`device_sums`) until the log line reads them: a
+    GPU never waits for the host in the middle of a step."""
 
-    loss_sum: float = 0.0
+    device_sums: torch.Tensor | None = None
+    """float64 [1 + stats]: the summed loss, then the objective's stats in run.stat_names'
+    order (preference rewards: training/preference.py)."""
     label_tokens: int = 0
     tokens: int = 0
     llm_flops: float = 0.0
@@ -58,9 +62,15 @@ class _Window:
     """Model FLOPs of the window's micro-batches (training/flops.py)."""
     data_seconds: float = 0.0
     """Time spent waiting for the loader's batches (reading, decoding, collating)."""
-    stats: dict[str, float] = field(default_factory=dict)
-    """The objective's sums besides the loss (preference rewards: training/preference.py)."""
     start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss_sum: torch.Tensor, stats: dict, names: list[str]) -> None:
+        values = [loss_sum.detach().double().reshape(())]
+        values += [torch.as_tensor(stats.get(name, 0.0), dtype=torch.float64,
+                                   device=loss_sum.device).detach().reshape(())
+                   for name in names]
+        sums = torch.stack(values)
+        self.device_sums = sums if self.device_sums is None else self.device_sums + sums
 
 
 def fit(run: Run, on_event: OnEvent) -> TrainResult:
@@ -74,6 +84,7 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
     run.model.train()
     skipped: list[tuple[str, str]] = []
     window, last_loss = _Window(), float("nan")
+    pending_stop: torch.Tensor | None = None
     with _stop_requests() as stop:
         for step_batches, data_seconds in _optimizer_steps(run):
             window.data_seconds += data_seconds
@@ -81,7 +92,10 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
                 for sample_id, reason in batch.skipped:
                     emit(SampleSkipped(sample_id, reason))
                 skipped += batch.skipped
-            stop_now = _step(run, step_batches, window, stop.requested)
+            # Several processes: the previous step's agreement to stop, read now (its
+            # reduction finished long ago), so they stop together without a per-step wait.
+            agreed = pending_stop is not None and pending_stop.item() > 0
+            pending_stop = _step(run, step_batches, window, stop.requested)
             run.position.step += 1
             step = run.position.step
             if step % run.config.train.log_every == 0 or step == run.total_steps:
@@ -92,9 +106,9 @@ def fit(run: Run, on_event: OnEvent) -> TrainResult:
                 _evaluate(run, emit)
             if run.config.train.save_every and step % run.config.train.save_every == 0:
                 _checkpoint(run, emit)
-            # Several processes stop together, at the step after all of them agree (the
-            # request travels with the step's reduction); one process stops right here.
-            if stop_now or (acc.num_processes == 1 and stop.requested):
+            # Several processes stop together, a step after all of them agree (the request
+            # travels with the step's reduction); one process stops right here.
+            if agreed or (acc.num_processes == 1 and stop.requested):
                 return _interrupted(run, emit, skipped, last_loss)
     acc.wait_for_everyone()
     parts, warnings = [], []
@@ -168,8 +182,11 @@ def _stream_steps(run: Run) -> Iterator[tuple[list[Batch], float]]:
         yield group, waited
 
 
-def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool) -> bool:
-    """One optimizer step over `batches`; returns whether every process agrees to stop now.
+def _step(run: Run, batches: list[Batch], window: _Window,
+          stop_requested: bool) -> torch.Tensor | None:
+    """One optimizer step over `batches`. Several processes: returns the device flag of
+    whether every process asks to stop (read by the caller a step later, so nothing here
+    waits for the device); one process: None.
 
     The loss of the step is the sum of its token losses divided by the label tokens of the
     whole step, over the accumulation window and every process, so every token weighs the
@@ -177,20 +194,24 @@ def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool)
     grad_accum in backward and DDP averages over processes; `scale` undoes both.
     """
     acc = run.accelerator
-    counts = torch.tensor([sum(b.loss_units for b in batches), float(stop_requested)],
-                          device=acc.device, dtype=torch.float64)
-    counts = acc.reduce(counts, reduction="sum")
-    scale = acc.num_processes * acc.gradient_accumulation_steps / max(counts[0].item(), 1.0)
+    units = sum(b.loss_units for b in batches)
+    stop_flag = None
+    if acc.num_processes == 1:  # the step's label tokens are known on the host
+        scale: float | torch.Tensor = acc.gradient_accumulation_steps / max(units, 1.0)
+    else:  # every process's count, summed on the device: no .item() before the backward
+        counts = acc.reduce(torch.tensor([units, float(stop_requested)], device=acc.device,
+                                         dtype=torch.float64), reduction="sum")
+        scale = acc.num_processes * acc.gradient_accumulation_steps / counts[0].clamp(min=1.0)
+        stop_flag = counts[1]
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         acc.sync_gradients = last
         with nullcontext() if last else acc.no_sync(run.model):
             loss_sum, stats = run.objective(run.model, batch)
-            acc.backward(loss_sum * scale)
-        window.loss_sum += loss_sum.item()
+            step_scale = scale.to(loss_sum.dtype) if isinstance(scale, torch.Tensor) else scale
+            acc.backward(loss_sum * step_scale)
+        window.add(loss_sum, stats, run.stat_names)
         window.label_tokens += batch.loss_units
-        for name, value in stats.items():
-            window.stats[name] = window.stats.get(name, 0.0) + float(value)
         window.tokens += batch.num_tokens
         llm_flops, vision_flops = run.cost.of_batch(batch)
         window.llm_flops += llm_flops
@@ -200,7 +221,7 @@ def _step(run: Run, batches: list[Batch], window: _Window, stop_requested: bool)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad()
-    return counts[1].item() > 0
+    return stop_flag
 
 
 def _log(run: Run, window: _Window, emit: OnEvent) -> float:
@@ -209,11 +230,13 @@ def _log(run: Run, window: _Window, emit: OnEvent) -> float:
     acc = run.accelerator
     elapsed = time.perf_counter() - window.start
     names = run.stat_names
-    totals = acc.reduce(torch.tensor([window.loss_sum, window.label_tokens, window.tokens,
-                                      window.llm_flops, window.vision_flops,
-                                      *(window.stats.get(n, 0.0) for n in names)],
-                                     device=acc.device, dtype=torch.float64), reduction="sum")
-    loss_sum, label_tokens, tokens, llm_flops, vision_flops, *stat_sums = totals.tolist()
+    host = torch.tensor([window.label_tokens, window.tokens, window.llm_flops,
+                         window.vision_flops], device=acc.device, dtype=torch.float64)
+    sums = (window.device_sums if window.device_sums is not None
+            else torch.zeros(1 + len(names), device=acc.device, dtype=torch.float64))
+    totals = acc.reduce(torch.cat([sums.to(acc.device), host]), reduction="sum")
+    loss_sum, *stat_sums = totals[:1 + len(names)].tolist()  # the one sync of the window
+    label_tokens, tokens, llm_flops, vision_flops = totals[1 + len(names):].tolist()
     rewards = None
     if names:
         stats = dict(zip(names, stat_sums, strict=True))
