@@ -126,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours-override", action="extend", nargs="+", default=[], metavar="K=V",
                         help="key=value for ours only, e.g. data.pack=true")
     parser.add_argument("--records", type=int, default=2000, help="records in the generated data")
+    parser.add_argument("--peer-sampling", choices=["random", "group_by_length"],
+                        help="the HF Trainer's train_sampling_strategy (default: group_by_length "
+                        "for --data mix, where any Trainer user switches it on; else random); "
+                        "ours groups by length when the peer does")
+    parser.add_argument("--vocab", choices=["demo", "real"], default="demo",
+                        help="real: InternLM2's tokenizer and 92,544-word vocabulary on the "
+                        "demo's small layers (a real LM head; needs ../shared/fixtures)")
     parser.add_argument("--seed", type=int, default=0, help="data and model seed")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench",
                         help="where data, models, exports and runs go (reused)")
@@ -168,7 +175,8 @@ def _main(args: argparse.Namespace) -> int:
     quiet_libraries()
     work = args.work.resolve()
     print(f"preparing {args.size} models and {args.data} data under {work} ...", file=sys.stderr)
-    setup = prepare(args.size, args.data, work, args.records, args.seed)
+    sampling = args.peer_sampling or ("group_by_length" if args.data == "mix" else "random")
+    setup = prepare(args.size, args.data, work, args.records, args.seed, args.vocab, sampling)
     device = _device_name()
     settings = {**{k: v for k, v in vars(args).items() if k not in ("worker", "out", "work")},
                 "device": device, "work": str(setup.work)}

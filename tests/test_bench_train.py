@@ -3,6 +3,7 @@ identity of ours and the peer (same first-step loss on one batch) on tiny models
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -128,8 +129,14 @@ def test_anyres_check_gives_llava_next_the_same_first_loss(tiny_anyres_setup):
 
 @pytest.mark.slow
 def test_benchmark_measures_both(tiny_setup):
-    result = benchmark(tiny_setup, steps=2, warmup=1, batch_size=4, repeats=1,
-                                   extra=[], log=lambda message: None)
+    """With the peer at its best for mixed lengths (--peer-sampling group_by_length, the
+    default for --data mix): the Trainer's LengthGroupedSampler, and ours grouping too."""
+    setup = dataclasses.replace(tiny_setup, peer_sampling="group_by_length")
+    result = benchmark(setup, steps=2, warmup=1, batch_size=4, repeats=1,
+                       extra=[], log=lambda message: None)
+    spec = json.loads((setup.work / "runs" / "peer-1" / "spec.json").read_text())
+    assert spec["sampling"] == "group_by_length"
+    assert "data.group_by_length=True" in spec["overrides"]
     for system in ("ours", "peer"):
         (run,) = result[system]["runs"]
         assert run["steps"] == 1 and run["tokens"] > 0 and run["seconds"] > 0
@@ -138,3 +145,17 @@ def test_benchmark_measures_both(tiny_setup):
     assert ratio["tokens_per_s"] == pytest.approx(ratio["samples_per_s"])
     assert result["data"]["samples"] == 12
     assert result["data"]["text_only_fraction"] == pytest.approx(4 / 12, abs=1e-3)
+
+
+def test_real_vocabulary_lm(tmp_path, shapes_data):
+    """--vocab real: the demo's layers with InternLM2's own tokenizer and vocabulary."""
+    from benchlib.data import REAL_TOKENIZER
+
+    if not (REAL_TOKENIZER / "tokenizer.model").is_file():
+        pytest.skip(f"InternLM2's tokenizer is not in {REAL_TOKENIZER} (a fresh clone)")
+    from llava_tune.demo.make import LM_SHAPE, make_lm
+
+    lm = make_lm(tmp_path / "lm", [], seed=0, tokenizer=REAL_TOKENIZER)
+    config = json.loads((lm / "config.json").read_text())
+    assert config["vocab_size"] == 92544 and config["hidden_size"] == LM_SHAPE["hidden_size"]
+    assert (lm / "tokenizer.model").read_bytes() == (REAL_TOKENIZER / "tokenizer.model").read_bytes()

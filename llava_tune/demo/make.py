@@ -53,18 +53,31 @@ image tokens per sample instead of 49 at 112 px. Measured on the demo (2-core CP
 each step about half the tokens; the shapes are large enough to read at 64 px."""
 
 
-def make_lm(out_dir: Path, data_files: list[Path], seed: int, shape: dict | None = None) -> Path:
+def make_lm(out_dir: Path, data_files: list[Path], seed: int, shape: dict | None = None,
+            tokenizer: Path | None = None) -> Path:
     """Tokenizer trained on the demo's text + a random LM (`shape` overrides LM_SHAPE's
-    sizes), saved as an InternLM2 checkpoint."""
-    tok_dir = out_dir.parent / "tokenizer"
-    texts = [text for f in data_files for text in demo_tokenizer.llava_texts(json.loads(f.read_text()))]
-    demo_tokenizer.train_tokenizer(texts, tok_dir, vocab_size=512)
+    sizes), saved as an InternLM2 checkpoint. `tokenizer`: a folder with a sentencepiece
+    tokenizer.model (InternLM2's own) to use instead; the LM gets its vocabulary."""
+    vocab_size = 512
+    if tokenizer is None:
+        tok_dir = out_dir.parent / "tokenizer"
+        texts = [text for f in data_files
+                 for text in demo_tokenizer.llava_texts(json.loads(f.read_text()))]
+        demo_tokenizer.train_tokenizer(texts, tok_dir, vocab_size=vocab_size)
+    else:
+        import sentencepiece
+
+        tok_dir = tokenizer
+        vocab_size = sentencepiece.SentencePieceProcessor(
+            model_file=str(tok_dir / "tokenizer.model")).get_piece_size()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5,
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=512, rms_norm_eps=1e-5,
                          rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
                          eos_token_id=2, pad_token_id=2, **{**LM_SHAPE, **(shape or {})})
     model = LlamaForCausalLM(config)
-    save_internlm2_checkpoint(model.state_dict(), config, out_dir, sorted(tok_dir.iterdir()))
+    # The tokenizer's own files only (a tokenizer folder may hold its model's config.json).
+    save_internlm2_checkpoint(model.state_dict(), config, out_dir, sorted(
+        p for p in tok_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens_map"))))
     return out_dir
 
 

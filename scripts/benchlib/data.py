@@ -70,6 +70,9 @@ class Setup:
     hf-llava/ or hf-llava-next/ (its export) and runs/."""
     extra: tuple[str, ...] = ()
     """data_overrides(--data): the image reading both systems share."""
+    peer_sampling: str = "random"
+    """The HF Trainer's train_sampling_strategy (random or group_by_length); ours groups by
+    length when the peer does (--ours-override changes it)."""
 
     def overrides(self) -> list[str]:
         """key=value pairs that point our config at this setup, for both systems."""
@@ -78,8 +81,9 @@ class Setup:
                  f"data.train={self.data}", f"data.image_folder={self.image_folder}",
                  f"data.max_length={self.max_length}", f"data.cache_dir={self.work / 'cache'}",
                  "train.lora.dropout=0", "train.grad_accum=1", "train.save_every=null",
-                 # The peer freezes the tower and batches in random order: so do we here.
-                 "train.vision=frozen", "data.group_by_length=false"]
+                 # The peer freezes the tower and samples as --peer-sampling: so do we here.
+                 "train.vision=frozen",
+                 f"data.group_by_length={self.peer_sampling == 'group_by_length'}"]
         if self.vision_config is not None:
             items.append(f"model.vision.config_file={self.vision_config}")
         return items + list(self.extra)
@@ -142,18 +146,31 @@ def prepare_data(kind: str, size: str, work: Path, records: int,
     raise UserError(f"--data {kind!r}: use demo, mix or anyres")
 
 
-def prepare(size: str, kind: str, work: Path, records: int = 2000, seed: int = 0) -> Setup:
-    """Data, models, the starting point and its hf-llava export for --size/--data, built once
-    under work/SIZE-KIND and reused."""
+REAL_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "internlm2-tokenizer"
+"""InternLM2's own tokenizer (--vocab real), where the project's shared folder is."""
+
+
+def prepare(size: str, kind: str, work: Path, records: int = 2000, seed: int = 0,
+            vocab: str = "demo", peer_sampling: str = "random") -> Setup:
+    """Data, models, the starting point and its hf-llava export for --size/--data (and
+    --vocab), built once under work/SIZE-KIND... and reused. --vocab real: the demo's small
+    LM layers with InternLM2's real tokenizer and its 92,544-word vocabulary, so the LM head
+    is a real model's size."""
     data, images, text_files = prepare_data(kind, size, work, records, seed)
-    home = work / f"{size}-{kind}-{records}-seed{seed}"
+    if vocab == "real" and not (REAL_TOKENIZER / "tokenizer.model").is_file():
+        raise UserError(f"--vocab real needs InternLM2's tokenizer in {REAL_TOKENIZER} "
+                        "(the project's shared fixtures); it is not there")
+    if vocab == "real" and size != "demo":
+        raise UserError("--vocab real is for --size demo (--size 1_8b has the real vocabulary)")
+    home = work / f"{size}-{kind}-{records}-seed{seed}{'-realvocab' if vocab == 'real' else ''}"
     models = home / "models"
     if not (models / ".complete").is_file():
         from llava_tune.demo import make as make_demo
 
         shutil.rmtree(models, ignore_errors=True)
         if size == "demo":
-            make_demo.make_lm(models / "lm", text_files, seed)
+            make_demo.make_lm(models / "lm", text_files, seed,
+                              tokenizer=REAL_TOKENIZER if vocab == "real" else None)
             make_demo.make_vision(models / "vision", seed)
         else:
             from llava_tune.convert.open_clip_format import read_model_config
@@ -172,7 +189,7 @@ def prepare(size: str, kind: str, work: Path, records: int = 2000, seed: int = 0
                   vision_config=models / "vision" / f"{name}.json",
                   vision_weights=models / "vision" / f"{name}.safetensors", data=data,
                   image_folder=images, max_length=SIZES[size].max_length[kind], work=home,
-                  extra=tuple(data_overrides(kind)))
+                  extra=tuple(data_overrides(kind)), peer_sampling=peer_sampling)
     prepare_start(setup)
     return setup
 

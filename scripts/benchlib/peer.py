@@ -183,6 +183,9 @@ def peer_worker(spec: dict[str, Any]) -> None:
         save_strategy="no", report_to="none", disable_tqdm=True, seed=tc.seed,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda,
         dataloader_num_workers=config.data.num_workers, remove_unused_columns=False,
+        # group_by_length: transformers' LengthGroupedSampler, lengths read from each sample's
+        # input_ids (image slots included), what a Trainer user switches on for LLaVA data
+        train_sampling_strategy=spec.get("sampling", "random"),
         gradient_checkpointing=tc.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
     timer = StepTimes()

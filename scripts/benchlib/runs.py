@@ -94,7 +94,8 @@ def run_peer(setup: Setup, name: str, steps: int, warmup: int, batch_size: int, 
         overrides.append(f"data.train={data}")
     spec = {"config": str(setup.config), "overrides": overrides, "export": str(setup.export),
             "llm": str(setup.llm), "output_dir": str(out_dir), "steps": steps, "warmup": warmup,
-            "mode": mode, "result": str(out_dir / "result.json")}
+            "mode": mode, "result": str(out_dir / "result.json"),
+            "sampling": setup.peer_sampling}
     (out_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     if in_process:
         assert mode != "bench", "a measured run needs its own process"
