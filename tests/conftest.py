@@ -40,6 +40,15 @@ def _conversion_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LLAVA_TUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """The same cache for a module's own module-scoped fixtures (the autouse one above is
+    function-scoped)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAVA_TUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> Path:
     """SHAPES.md data: 64 train / 8 held-out images at 32 px, plus the text corpus."""

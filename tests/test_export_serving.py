@@ -49,14 +49,6 @@ QUESTION = "What color is the shape?"
 
 
 @pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    """The conversion cache conftest's autouse fixture uses (that one is function-scoped)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLAVA_TUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        yield
-
-
-@pytest.fixture(scope="module")
 def exports(tiny_finetune_run, tmp_path_factory, cache_env) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("serving")
     for fmt in ("hf-llava", "internlm2"):

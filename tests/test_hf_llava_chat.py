@@ -24,14 +24,6 @@ TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    """The conversion cache conftest's autouse fixture uses (that one is function-scoped)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLAVA_TUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        yield
-
-
-@pytest.fixture(scope="module")
 def exported(tiny_finetune_run, tmp_path_factory, cache_env) -> Path:
     out = tmp_path_factory.mktemp("hf-llava") / "hf"
     assert main(["export", str(tiny_finetune_run), str(out), "--format", "hf-llava"]) == 0

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from llava_tune.cli.chat import add_sampling_arguments, generation_settings
+from llava_tune.cli.web import add_listen_arguments
 from llava_tune.errors import UserError
 
 
@@ -21,11 +22,7 @@ def add_parser(sub) -> None:
                        "answered in batches.")
     p.add_argument("model", help="run dir (pretrain, finetune, sft or dpo), a checkpoint of "
                    "one, an hf-llava export or a plain LLM folder")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--listen-public", action="store_true",
-                   help="allow a --host other than loopback (e.g. 0.0.0.0)")
+    add_listen_arguments(p, port=8000)
     p.add_argument("--api-key", help="the key every request must send as 'Authorization: "
                    "Bearer KEY' (default: $LLAVA_TUNE_API_KEY; the environment keeps it out of "
                    "the process list)")

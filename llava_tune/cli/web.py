@@ -9,18 +9,23 @@ from pathlib import Path
 from llava_tune.cli.chat import add_sampling_arguments, generation_settings
 
 
+def add_listen_arguments(p: argparse.ArgumentParser, port: int) -> None:
+    """--host, --port and --listen-public: where a server (web, serve) listens."""
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--listen-public", action="store_true",
+                   help="allow a --host other than loopback (e.g. 0.0.0.0): anyone on the "
+                   "network can then use the model")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("web", help="chat with a run in the browser (needs pip install -e .[web])",
                        description="A browser chat page (gradio) over the same chat code as "
                        "`chat`: image upload, streaming answers, one conversation per tab.")
     p.add_argument("model", help="run dir (pretrain, finetune or sft), an hf-llava export or a "
                    "plain LLM folder")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--listen-public", action="store_true",
-                   help="allow a --host other than loopback (e.g. 0.0.0.0): anyone on the "
-                   "network can then use the model")
+    add_listen_arguments(p, port=7860)
     p.add_argument("--system", help="system prompt (default: the run's)")
     add_sampling_arguments(p)
     p.add_argument("--bits", type=int, choices=[4, 8],
