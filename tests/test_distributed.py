@@ -218,10 +218,12 @@ def test_two_processes_equal_one(tmp_path, tiny_lm, multi_turn, stage_overrides,
     assert err.count("[done]") == 1
     assert [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2, 3]
-    assert losses(two) == pytest.approx(losses(one.run_dir), abs=1e-5)
+    # metrics.jsonl rounds to 5 decimals: equal values may straddle a rounding boundary and
+    # come out one unit (1e-5) apart.
+    assert losses(two) == pytest.approx(losses(one.run_dir), abs=1.5e-5)
     if stage == "dpo":
         assert column(two, "rewards/margin") == pytest.approx(column(one.run_dir,
-                                                                    "rewards/margin"), abs=1e-5)
+                                                                    "rewards/margin"), abs=1.5e-5)
     assert_same_weights(one.run_dir, two, rtol=1e-5)
     if stage == "sft":
         assert_same_weights(one.run_dir, two, atol=1e-5)

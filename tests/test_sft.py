@@ -16,6 +16,7 @@ from llava_tune.data.datasets import ConversationDataset, PackedDataset, pack_gr
 from llava_tune.data.formats import read_conversations
 from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.errors import UserError
+from llava_tune.models.attention import segmented_attention, use_segmented_attention
 from llava_tune.models.llava import LlavaModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +149,53 @@ def test_packed_sample_sees_nothing_of_its_neighbours(text_dataset):
         packed = model(input_ids=row, position_ids=positions, use_cache=False).logits
         alone = model(input_ids=second["input_ids"][None], use_cache=False).logits
     assert torch.allclose(packed[0, len(first["input_ids"]):], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_segmented_attention_equals_the_masked_one(text_dataset, packed):
+    """Training's attention without a mask (models/attention.py) gives the loss and gradients
+    transformers' SDPA gives with its padding or packed-sequence mask; GQA included."""
+    model, tokenizer, dataset = text_dataset
+    items = [dataset[i] for i in range(len(dataset))]
+    if packed:
+        packed_set = PackedDataset(dataset, 120, seed=0)
+        items = [packed_set[i] for i in range(len(packed_set))]
+    batch = Collator(tokenizer.pad_token_id)(items)
+    if packed:  # samples of 46-58 tokens, two to a row
+        assert batch.segments == ((58, 58), (46, 46, 24), (52, 52, 12))  # 24, 12: padding
+        assert all(sum(row) == batch.input_ids.shape[1] for row in batch.segments)
+    else:
+        assert batch.segments is None and (batch.attention_mask == 0).any()
+    llava = LlavaModel(model)
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        out = llava(**batch.model_inputs())
+        out.loss_sum.backward()
+        return out.loss_sum.detach(), [p.grad.clone() for p in model.parameters()]
+
+    before = model.config._attn_implementation
+    masked = loss_and_grads()
+    use_segmented_attention(model)
+    try:
+        segmented = loss_and_grads()
+    finally:
+        model.set_attn_implementation(before)
+        model.zero_grad()
+    assert torch.allclose(segmented[0], masked[0], rtol=1e-5), (segmented[0], masked[0])
+    for got, want in zip(segmented[1], masked[1], strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_segmented_attention_refuses_segments_that_miss_the_row(text_dataset):
+    model, tokenizer, dataset = text_dataset
+    q = torch.zeros(1, 4, 10, 16)
+    kv = torch.zeros(1, 2, 10, 16)
+    attention = model.model.layers[0].self_attn
+    with pytest.raises(ValueError, match="cover 9 positions of 10"):
+        segmented_attention(attention, q, kv, kv, None, segments=((4, 5),))
+    with pytest.raises(ValueError, match="takes no mask"):
+        segmented_attention(attention, q, kv, kv, torch.ones(1, 1, 10, 10, dtype=torch.bool))
 
 
 def test_mixed_image_and_text_records_train_in_one_batch(stage_overrides, shapes_data, tmp_path):

@@ -60,6 +60,9 @@ class Batch:
     image_slots: int | None = None
     """Positions of input_ids that take an image feature, counted on the host when the
     batch is made: the model checks it against the features without reading the device."""
+    segments: tuple[tuple[int, ...], ...] | None = None
+    """Packed rows only: per row, the lengths of its samples in order, its padding a segment
+    of its own (they sum to T). Attention runs within each (models/attention.py)."""
 
     _TENSORS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values",
                 "image_features")
@@ -76,14 +79,24 @@ class Batch:
             inputs["media"] = self.media
         if self.image_slots is not None:
             inputs["image_slots"] = self.image_slots
+        if self.segments is not None:
+            inputs["segments"] = self.segments
         return inputs
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (a DataLoader with pin_memory calls this), so
+        its copy to a GPU can run beside the step before."""
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         """The batch on `device` (accelerate's data loader calls this)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def _map(self, change) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in (*self._TENSORS, "reference"):
             if moved[name] is not None:
-                moved[name] = moved[name].to(device, non_blocking=non_blocking)
+                moved[name] = change(moved[name])
         return Batch(**moved)
 
 
@@ -119,17 +132,20 @@ class Collator:
         positions = torch.zeros((len(items), length), dtype=torch.long)
         real = 0
         lengths: list[int] = []
+        segments: list[tuple[int, ...]] = []
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             mask[row, :n] = 1
+            samples = _sample_lengths(item["position_ids"]) if packed else [n]
             if not item.get("stand_in"):
                 real += n
-                lengths += _sample_lengths(item["position_ids"]) if packed else [n]
+                lengths += samples
             if packed:
                 positions[row, :n] = item["position_ids"]
                 positions[row, n:] = torch.arange(length - n)
+                segments.append(tuple(samples) + ((length - n,) if length > n else ()))
         batch = Batch(input_ids=ids, labels=labels, skipped=skipped, position=position,
                       num_tokens=real,
                       num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
@@ -144,6 +160,7 @@ class Collator:
             batch.media = media
         if packed:
             batch.position_ids = positions
+            batch.segments = tuple(segments)
         else:
             batch.attention_mask = mask
         return batch

@@ -152,17 +152,21 @@ class LlavaModel(nn.Module):
         image_repeats: int = 1,
         per_sequence: bool = False,
         image_slots: int | None = None,
+        segments: tuple[tuple[int, ...], ...] | None = None,
     ) -> LossSum | SequenceLogps:
         """Training forward: [B, T] ids and labels (+ images) -> summed loss over the label
         tokens (see models/loss.py; the LM head only sees positions that carry a label); or,
         `per_sequence`, each row's summed log-probability of its labels (preference training,
-        models/preference.py; `image_repeats` and `image_slots` as in input_embeddings)."""
+        models/preference.py; `image_repeats` and `image_slots` as in input_embeddings).
+        `segments`: a packed batch's sample lengths per row (Batch.segments), for an LLM set
+        to segmented attention (models/attention.py; it then ignores `attention_mask`)."""
         embeds = self.input_embeddings(input_ids, pixel_values, image_features, media,
                                        image_repeats, image_slots)
         causal_lm = _causal_lm(self.llm)
+        extra = {} if segments is None else {"segments": segments}
         hidden = causal_lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=False,
+            use_cache=False, **extra,
         ).last_hidden_state
         if per_sequence:
             logps, counts = sequence_logps(hidden, causal_lm.get_output_embeddings(), labels)

@@ -28,6 +28,7 @@ from llava_tune.data.sources import resolve_sources, source_problems
 from llava_tune.data.stream import StreamDataset, StreamPosition, stream_shards
 from llava_tune.errors import UserError
 from llava_tune.launch import check_launch, machines, mixed_precision
+from llava_tune.models.attention import use_segmented_attention
 from llava_tune.stages import has_vision, llm_mode, vision_mode
 from llava_tune.training.checkpoint import latest_checkpoint, load_checkpoint
 from llava_tune.training.events import Started
@@ -143,7 +144,8 @@ def make_accelerator(config: Config) -> Accelerator:
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=config.train.grad_accum,
         mixed_precision=mixed_precision(config.train.mixed_precision),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                   non_blocking=torch.cuda.is_available()),
         kwargs_handlers=[ddp],
     )
 
@@ -254,17 +256,24 @@ def make_loaders(config: Config, bundle: ModelBundle, accelerator: Accelerator, 
     sample exactly once over all processes)."""
     collate = Collator(bundle.tokenizer.pad_token_id, preference=config.stage == "dpo")
     tc = config.train
+    # On a GPU, batches are pinned in the loader (its thread, or the workers' side) so their
+    # copy to the device (accelerate's, non_blocking) overlaps the step before; workers
+    # outlive an epoch instead of starting again (a stream's restart per epoch: it resumes
+    # by position).
+    cuda = accelerator.device.type == "cuda"
+    options = {"batch_size": tc.batch_size, "collate_fn": collate,
+               "num_workers": config.data.num_workers, "pin_memory": cuda}
     if isinstance(train_set, StreamDataset):
-        loader = DataLoader(train_set, batch_size=tc.batch_size, collate_fn=collate,
-                            num_workers=config.data.num_workers)
-    elif config.data.group_by_length:
-        sampler = LengthGroupedSampler(train_set.lengths(), train_set.has_images(),
-                                       tc.batch_size * accelerator.num_processes, seed=tc.seed)
-        loader = DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler,
-                            collate_fn=collate, num_workers=config.data.num_workers)
+        loader = DataLoader(train_set, **options)
     else:
-        loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, collate_fn=collate,
-                            num_workers=config.data.num_workers)
+        options["persistent_workers"] = config.data.num_workers > 0
+        if config.data.group_by_length:
+            sampler = LengthGroupedSampler(train_set.lengths(), train_set.has_images(),
+                                           tc.batch_size * accelerator.num_processes,
+                                           seed=tc.seed)
+            loader = DataLoader(train_set, sampler=sampler, **options)
+        else:
+            loader = DataLoader(train_set, shuffle=True, **options)
     eval_loader = None
     if eval_set is not None:
         share = Subset(eval_set, range(accelerator.process_index, len(eval_set),
@@ -278,6 +287,9 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
     tc = config.train
     set_seed(tc.seed)
     bundle, carried = build_for_training(config, device=accelerator.device)
+    # Training batches are right-padded or packed: attention needs no mask (models/attention.py);
+    # the model attends as before once the run closes (generation pads on the left).
+    attention_before = use_segmented_attention(bundle.model.llm)
     streaming = train_is_stream(config.data.train)
     if streaming:
         train_set = build_stream(config, bundle, accelerator)
@@ -349,6 +361,7 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
         carried=carried, notes=notes)
 
     def close() -> None:
+        bundle.model.llm.set_attn_implementation(attention_before)
         metrics.close()
         lock.release()
 
