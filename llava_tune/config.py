@@ -207,6 +207,9 @@ class TrainConfig:
     save_total_limit: int = 2
     resume: bool = False
     """Continue from the newest checkpoint in run_dir/checkpoints."""
+    compile: bool = False
+    """torch.compile each of the LLM's decoder layers (attention itself stays eager: its
+    per-sample loop would recompile for every batch); the first steps pay the compilation."""
     peak_tflops: float | None = None
     """The peak dense TFLOP/s of one GPU (or whatever a process runs on), for the MFU that
     metrics.jsonl and the progress bar report; None: from the table of known GPUs

@@ -19,6 +19,7 @@ from llava_tune.data.template import INTERNLM2_CHAT
 from llava_tune.errors import UserError
 from llava_tune.models.attention import segmented_attention, use_segmented_attention
 from llava_tune.models.llava import LlavaModel
+from llava_tune.training.setup import compile_layers
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = [{"role": "system", "content": "Be kind."},
@@ -204,6 +205,34 @@ def test_segmented_attention_equals_the_masked_one(text_dataset, packed):
     assert torch.allclose(segmented[0], masked[0], rtol=1e-5), (segmented[0], masked[0])
     for got, want in zip(segmented[1], masked[1], strict=True):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_lm, text_dataset):
+    """train.compile: torch.compile'd decoder layers (attention left eager) give the eager
+    model's loss and gradients, on packed rows of two widths (compiled for dynamic shapes)."""
+    _, tokenizer, dataset = text_dataset
+    eager, _ = load_llm(tiny_lm)
+    compiled, _ = load_llm(tiny_lm)
+    for model in (eager, compiled):
+        use_segmented_attention(model)
+    compile_layers(compiled)
+    collate = Collator(tokenizer.pad_token_id)
+    torch._dynamo.reset()
+    for width in (120, 200):
+        packed_set = PackedDataset(dataset, width, seed=0)
+        batch = collate([packed_set[i] for i in range(len(packed_set))])
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            out = LlavaModel(model)(**batch.model_inputs())
+            out.loss_sum.backward()
+            results.append((out.loss_sum.detach(), [p.grad.clone() for p in model.parameters()]))
+        (loss, grads), (compiled_loss, compiled_grads) = results
+        assert torch.allclose(compiled_loss, loss, rtol=1e-5), (compiled_loss, loss)
+        for got, want in zip(compiled_grads, grads, strict=True):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
 
 
 def test_segmented_attention_refuses_segments_that_miss_the_row(text_dataset):

@@ -4,7 +4,6 @@ by the processes), images on demand."""
 from __future__ import annotations
 
 import bisect
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path

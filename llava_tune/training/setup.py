@@ -290,6 +290,8 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
     # Training batches are right-padded or packed: attention needs no mask (models/attention.py);
     # the model attends as before once the run closes (generation pads on the left).
     attention_before = use_segmented_attention(bundle.model.llm)
+    if tc.compile:
+        compile_layers(bundle.model.llm)
     streaming = train_is_stream(config.data.train)
     if streaming:
         train_set = build_stream(config, bundle, accelerator)
@@ -372,6 +374,14 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
                metrics=metrics, data=train_set.report, close=close,
                cost=step_cost(bundle.model, config), peak=peak, stream=stream,
                objective=objective, stat_names=stat_names)
+
+
+def compile_layers(llm: torch.nn.Module) -> None:
+    """train.compile: each decoder layer compiled in place (`Module.compile`: its weights keep
+    their names, so checkpoints and exports do not change), for any sequence length."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    for layer in base.get_decoder().layers:
+        layer.compile(dynamic=True)
 
 
 def reference_model(config: Config, bundle: ModelBundle, accelerator: Accelerator,
