@@ -234,3 +234,12 @@ def test_override_typo_names_the_override_not_the_file(base_yaml):
         load_config(base_yaml, ["modle.llm=/m"])
     # Sections given whole are keys too.
     assert load_config(base_yaml, ["train.lora={r: 8, alpha: 16}"]).train.lora.alpha == 16
+
+
+def test_compile_with_gradient_checkpointing_is_refused(base_yaml):
+    """Under transformers' checkpointed layers torch.compile compiles nothing (measured): the
+    pair would pay for compilation and train eagerly."""
+    assert load_config(base_yaml, ["train.compile=true"]).train.compile
+    with pytest.raises(UserError, match="train.compile=true does nothing with "
+                                        "train.gradient_checkpointing=true"):
+        load_config(base_yaml, ["train.compile=true", "train.gradient_checkpointing=true"])

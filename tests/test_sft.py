@@ -219,6 +219,8 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_lm, text_dataset
     compile_layers(compiled)
     collate = Collator(tokenizer.pad_token_id)
     torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     for width in (120, 200):
         packed_set = PackedDataset(dataset, width, seed=0)
         batch = collate([packed_set[i] for i in range(len(packed_set))])
@@ -233,6 +235,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_lm, text_dataset
         for got, want in zip(compiled_grads, grads, strict=True):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
     assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
+    assert counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager
 
 
 def test_segmented_attention_refuses_segments_that_miss_the_row(text_dataset):
