@@ -61,7 +61,8 @@ def segmented_attention(
         raise ValueError(f"{len(segments)} rows of segments for a batch of {query.shape[0]}")
     # Rows by unbind and samples by split, not by indexing: their backward passes are one
     # stack and one cat, where each indexed slice's backward would write its gradient into a
-    # zero-filled copy of the whole tensor (measured on the CPU: fill_, add_ and copy_ took a tenth of a packed step).
+    # zero-filled copy of the whole tensor (measured on the CPU: fill_, add_ and copy_ then
+    # took a tenth of a packed step).
     rows = []
     for row, (lengths, q, k, v) in enumerate(zip(segments, query.unbind(0), key.unbind(0),
                                                  value.unbind(0), strict=True)):
