@@ -179,7 +179,8 @@ def test_segmented_attention_equals_the_masked_one(text_dataset, packed):
     batch = Collator(tokenizer.pad_token_id)(items)
     if packed:  # samples of 46-58 tokens, two to a row, and the row's padding after them
         width = batch.input_ids.shape[1]
-        rows = [[dataset.lengths()[i] for i in group] for group in packed_set.groups]
+        lengths = dataset.lengths()
+        rows = [[lengths[i] for i in group] for group in packed_set.groups]
         assert [len(row) for row in rows] == [2, 2, 2]
         assert batch.segments == tuple(tuple(row) + ((width - sum(row),) if sum(row) < width
                                                       else ()) for row in rows)

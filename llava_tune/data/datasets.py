@@ -350,8 +350,8 @@ class PackedDataset(torch.utils.data.Dataset):
     """Several short samples per row, up to max_length tokens, for fewer and fuller batches.
 
     Items add "position_ids" [T], restarting at 0 for each sample; the collator counts each
-    sample's length for attention (models/attention.py), so no token attends across samples. A sample whose image fails
-    to load is left out of its row and listed under "skipped".
+    sample's length for attention (models/attention.py), so no token attends across samples.
+    A sample whose image fails to load is left out of its row and listed under "skipped".
     """
 
     def __init__(self, dataset: ConversationDataset, max_length: int, seed: int = 0) -> None:

@@ -62,7 +62,7 @@ class SequenceLogps:
     """[B] int64: label tokens per row."""
 
 
-def _causal_lm(llm: nn.Module) -> nn.Module:
+def unwrap_causal_lm(llm: nn.Module) -> nn.Module:
     """The transformers causal LM under a PEFT wrapper (its LoRA layers are injected in place)."""
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
@@ -162,7 +162,7 @@ class LlavaModel(nn.Module):
         to segmented attention (models/attention.py; it then ignores `attention_mask`)."""
         embeds = self.input_embeddings(input_ids, pixel_values, image_features, media,
                                        image_repeats, image_slots)
-        causal_lm = _causal_lm(self.llm)
+        causal_lm = unwrap_causal_lm(self.llm)
         extra = {} if segments is None else {"segments": segments}
         hidden = causal_lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,

@@ -34,7 +34,7 @@ from torch import nn
 
 from llava_tune.config import Config
 from llava_tune.data.collate import Batch
-from llava_tune.models.llava import LlavaModel
+from llava_tune.models.llava import LlavaModel, unwrap_causal_lm
 from llava_tune.models.vision import VisionTower
 from llava_tune.stages import llm_mode, vision_mode
 
@@ -205,7 +205,7 @@ def lora_weights(module: nn.Module, below_block: int | None = None) -> int:
 
 def step_cost(model: LlavaModel, config: Config) -> StepCost:
     """The FLOPs counter of `model` (its LoRA adapters in place) trained as `config` says."""
-    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+    llm = unwrap_causal_lm(model.llm)
     llm_config = llm.config
     tower, tower_shape, tower_lora, matrices = model.vision, None, 0, []
     if tower is not None:

@@ -29,6 +29,7 @@ from llava_tune.data.stream import StreamDataset, StreamPosition, stream_shards
 from llava_tune.errors import UserError
 from llava_tune.launch import check_launch, machines, mixed_precision
 from llava_tune.models.attention import use_segmented_attention
+from llava_tune.models.llava import unwrap_causal_lm
 from llava_tune.stages import has_vision, llm_mode, vision_mode
 from llava_tune.training.checkpoint import latest_checkpoint, load_checkpoint
 from llava_tune.training.events import Started
@@ -379,8 +380,7 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
 def compile_layers(llm: torch.nn.Module) -> None:
     """train.compile: each decoder layer compiled in place (`Module.compile`: its weights keep
     their names, so checkpoints and exports do not change), for any sequence length."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    for layer in base.get_decoder().layers:
+    for layer in unwrap_causal_lm(llm).get_decoder().layers:
         layer.compile(dynamic=True)
 
 
