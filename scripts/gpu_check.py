@@ -6,7 +6,9 @@ steady tokens/s and seconds per step (first log window excluded), wall time (imp
 loading and 4-bit quantization included), model TFLOP/s and MFU (the trainer's own, from
 metrics.jsonl: README, "Reading MFU"). After the finetune stage, its run behind `llava-tune
 serve` under 1 and 8 clients (requests/s, median latency), and, where vLLM is installed, its
-hf-llava export behind `vllm serve`, asked once (REPORT/vllm.log has its output).
+hf-llava export behind `vllm serve`, asked once (REPORT/vllm.log has its output). First, on a
+GPU, the tests that only a GPU runs (GPU_TESTS: torch's varlen attention against the masked
+one); their output goes to REPORT/gpu_tests.log.
 
     python scripts/gpu_check.py [OUT]             (scripts/gpu_check.sh is the same)
     python scripts/gpu_check.py --dry-run [OUT]   # any machine: tiny models, 2 steps, 64 tokens
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "internlm2-tokenizer"
 CONFIG_DIRS = {"internlm2-chat-1_8b": "internlm2_chat_1_8b", "internlm2-chat-7b": "internlm2_chat_7b"}
 STAGES = ("pretrain", "finetune", "sft")
+GPU_TESTS = ["tests/test_sft.py::test_varlen_attention_on_the_gpu_equals_the_masked_one"]
 def prepare(out: Path, like: str, dry_run: bool, tokenizer: Path | None) -> dict[str, Path]:
     """The random LLM, the vision tower (weights file or None), the data; made once."""
     from llava_tune.demo import make, mix
@@ -212,6 +215,15 @@ def vllm_check(out: Path, image: Path, report_dir: Path) -> dict | str:
                 server.kill()
 
 
+def gpu_tests(report_dir: Path) -> str:
+    """GPU_TESTS under pytest (they skip on a CPU): pytest's summary line."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *GPU_TESTS], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    (report_dir / "gpu_tests.log").write_text(done.stdout + done.stderr)
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else f"pytest exited {done.returncode}"
+
+
 def print_table(report: dict) -> None:
     print(f"{report['like']}{' (dry run: tiny models)' if report['dry_run'] else ''} on "
           f"{report['device']}; setup {report['prepare_s']} s (data, random checkpoint)")
@@ -266,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "steps": steps, "prepare_s": round(time.time() - start, 1),
               "stages": []}
     print(f"prepared in {report['prepare_s']} s; stages: {', '.join(stages)}", flush=True)
+    if cuda:
+        report["gpu_tests"] = gpu_tests(report_dir)
+        print(f"gpu tests: {report['gpu_tests']}", flush=True)
     for stage in stages:
         report["stages"].append(run_stage(
             stage, configs / f"{stage}.yaml",
