@@ -208,9 +208,10 @@ class TrainConfig:
     resume: bool = False
     """Continue from the newest checkpoint in run_dir/checkpoints."""
     compile: bool = False
-    """torch.compile each of the LLM's decoder layers (attention itself stays eager: its
-    per-sample loop would recompile for every batch); the first steps pay the compilation.
-    Not with gradient_checkpointing (nothing compiles under transformers' checkpointing)."""
+    """torch.compile each of the LLM's decoder layers, checkpointed ones included (a packed
+    row's per-sample attention stays eager: it would recompile for every batch); the first
+    steps pay the compilation. Not with gradient_checkpointing and data.pack together (a
+    checkpointed layer compiles whole or not at all)."""
     peak_tflops: float | None = None
     """The peak dense TFLOP/s of one GPU (or whatever a process runs on), for the MFU that
     metrics.jsonl and the progress bar report; None: from the table of known GPUs
@@ -496,12 +497,14 @@ def validate(config: Config) -> list[str]:
         errors.append(f"train.warmup_ratio={tc.warmup_ratio} must be in [0, 1)")
     if tc.weight_decay < 0:
         errors.append(f"train.weight_decay={tc.weight_decay} must be 0 or more")
-    if tc.compile and tc.gradient_checkpointing:
-        # Measured (torch 2.14, transformers 5.25): under transformers' checkpointed layers
-        # dynamo compiles nothing, so the run would pay for compile and train eagerly.
-        errors.append("train.compile=true does nothing with train.gradient_checkpointing=true "
-                      "(torch.compile does not compile transformers' checkpointed layers): "
-                      "turn one of them off")
+    if tc.compile and tc.gradient_checkpointing and config.data.pack:
+        # A checkpointed layer is one region for dynamo: the packed rows' eager attention
+        # inside it leaves the whole layer eager (measured, torch 2.14), so the run would pay
+        # for compilation and train as without it.
+        errors.append("train.compile=true compiles nothing with train.gradient_checkpointing"
+                      "=true and data.pack=true (packed rows attend sample by sample, eagerly, "
+                      "and a checkpointed layer compiles whole or not at all): turn one of the "
+                      "three off (data.group_by_length=true batches without packing)")
     if tc.peak_tflops is not None and tc.peak_tflops <= 0:
         errors.append(f"train.peak_tflops={tc.peak_tflops} must be above 0 (one GPU's peak "
                       "dense TFLOP/s, e.g. 989 for an H100 SXM in bf16), or null")

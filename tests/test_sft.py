@@ -208,23 +208,75 @@ def test_segmented_attention_equals_the_masked_one(text_dataset, packed):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)),
+                    reason="torch's varlen attention (flash attention) needs a CUDA GPU of "
+                           "compute capability 8.0 or later")
+def test_varlen_attention_on_the_gpu_equals_the_masked_one(text_dataset, monkeypatch):
+    """On a GPU in bf16, packed rows go through torch's varlen kernel (one call per layer) and
+    give the loss and gradients transformers' masked SDPA gives (scripts/gpu_check.sh runs it)."""
+    import copy
+
+    from llava_tune.models import attention
+
+    model, tokenizer, dataset = text_dataset
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    packed_set = PackedDataset(dataset, 120, seed=0)
+    batch = Collator(tokenizer.pad_token_id)([packed_set[i] for i in range(len(packed_set))])
+    inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v
+              for k, v in batch.model_inputs().items()}
+    varlen, calls = attention._varlen, []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return varlen(*args)
+
+    monkeypatch.setattr(attention, "_varlen", counted)
+    llava = LlavaModel(model)
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        out = llava(**inputs)
+        out.loss_sum.backward()
+        return out.loss_sum.detach().float(), [p.grad.float() for p in model.parameters()]
+
+    masked = loss_and_grads()
+    use_segmented_attention(model)
+    segmented = loss_and_grads()
+    assert len(calls) == model.config.num_hidden_layers, calls  # a call per layer
+    assert torch.allclose(segmented[0], masked[0], rtol=2e-2), (segmented[0], masked[0])
+    for got, want in zip(segmented[1], masked[1], strict=True):
+        assert torch.allclose(got, want, rtol=5e-2, atol=5e-3)
+
+
 @pytest.mark.slow
-def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_lm, text_dataset):
-    """train.compile: torch.compile'd decoder layers (attention left eager) give the eager
-    model's loss and gradients, on packed rows of two widths (compiled for dynamic shapes)."""
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_lm, text_dataset, checkpointed):
+    """train.compile: torch.compile'd decoder layers give the eager model's loss and gradients
+    for batches of two widths (compiled for dynamic shapes): packed rows (their attention left
+    eager), or, under gradient checkpointing, right-padded rows (the checkpointed layer
+    compiled whole, recomputed in backward)."""
     _, tokenizer, dataset = text_dataset
     eager, _ = load_llm(tiny_lm)
     compiled, _ = load_llm(tiny_lm)
     for model in (eager, compiled):
         use_segmented_attention(model)
+        if checkpointed:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
     compile_layers(compiled)
     collate = Collator(tokenizer.pad_token_id)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     for width in (120, 200):
-        packed_set = PackedDataset(dataset, width, seed=0)
-        batch = collate([packed_set[i] for i in range(len(packed_set))])
+        if checkpointed:  # right-padded: samples of 46 and 52 tokens, then of 46-58
+            items = [dataset[i] for i in (range(2) if width == 120 else range(2, 6))]
+        else:
+            packed_set = PackedDataset(dataset, width, seed=0)
+            items = [packed_set[i] for i in range(len(packed_set))]
+        batch = collate(items)
+        assert (batch.segments is None) == checkpointed
         results = []
         for model in (eager, compiled):
             model.zero_grad()
@@ -237,6 +289,8 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_lm, text_dataset
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
     assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
     assert counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager
+    if checkpointed:  # one region per layer: no graph break left it eager
+        assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_segmented_attention_refuses_segments_that_miss_the_row(text_dataset):

@@ -379,7 +379,16 @@ def _build_run(config: Config, accelerator: Accelerator, run_dir: Path,
 
 def compile_layers(llm: torch.nn.Module) -> None:
     """train.compile: each decoder layer compiled in place (`Module.compile`: its weights keep
-    their names, so checkpoints and exports do not change), for any sequence length."""
+    their names, so checkpoints and exports do not change), for any sequence length; under
+    gradient checkpointing, the checkpointed forward as one region recomputed in backward."""
+    # A checkpointed forward may not change state outside it, as eager checkpointing would
+    # replay that change when it recomputes the layer; dynamo then leaves the whole layer
+    # eager. The one change in transformers' layers is the hub kernels' routing (kernels'
+    # use_kernelized_func: set at the attention's start, reset at its end), which a
+    # recompute of the traced graph needs no replay of.
+    import torch._dynamo
+
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in unwrap_causal_lm(llm).get_decoder().layers:
         layer.compile(dynamic=True)
 
