@@ -3,11 +3,13 @@ the tiny LM's tokenizers. Plain helpers (run_cli, the SMALL overrides) are in he
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 from helpers import LOGGED, fixture_overrides, overrides_in
+from shared_demo import SharedDemo, stop
 
 from llava_tune.assembly.llm import load_tokenizer
 from llava_tune.cli import main
@@ -26,12 +28,30 @@ TINY_VISION = {
 }
 
 
+# The demo's files: the one that starts it first, the one that waits for all of it last.
+FIRST, LAST = "test_demo.py", "test_demo_dpo.py"
+
+
 def pytest_collection_modifyitems(config, items):
     """Longest first: the demo's file, then the other files with slow tests, then the rest
-    (stable, so each file keeps its order). `make test` runs two workers, a file each at a
-    time; the demo alone is most of one worker's run, so it must start first."""
-    items.sort(key=lambda item: (item.path.name != "test_demo.py",
+    (stable, so each file keeps its order), and the demo's dpo stage last. `make test` runs two
+    workers, a file each at a time; the demo alone is most of one worker's run, so it must
+    start first, and the other worker, done with the rest, takes the dpo stage at its end."""
+    items.sort(key=lambda item: (item.path.name != FIRST, item.path.name == LAST,
                                  item.get_closest_marker("slow") is None))
+
+
+@pytest.fixture(scope="session")
+def shared_demo(tmp_path_factory):
+    """scripts/demo.sh, started by the first worker to ask (tests/shared_demo.py)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    demo = SharedDemo(root / "demo")
+    process = demo.start()
+    yield demo
+    if process is not None:
+        stop(process)
 
 
 @pytest.fixture(autouse=True)

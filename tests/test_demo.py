@@ -1,43 +1,36 @@
 """The embedded demo end to end, as `make demo` runs it: `scripts/demo.sh` must reach its
 accuracy targets, held-out (one question at a time and as follow-ups) and MMBench-format (rows
 with and without a hint), and `llava-tune chat` on its finetuned model must answer held-out
-images correctly. The course's self-cognition recipe then teaches the demo's LM a new name,
-and the third stage (dpo) aligns its stage-2 model with preference pairs."""
+images correctly; so must its hf-llava export and `llava-tune serve`. The demo runs once per
+session (tests/shared_demo.py); test_demo_sft.py and test_demo_dpo.py train on it too."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from llava_tune.demo import report
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-ENV = {**os.environ, "VIRTUAL_ENV": sys.prefix,
-       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "out"
-    ENV["LLAVA_TUNE_CACHE"] = str(out.parent / "cache")  # InternLM2 -> Llama conversions
+def demo(shared_demo) -> Path:
     # The whole demo: a smaller one (DEMO_TRAIN=4000, 500 stage-2 steps) learned the plain
     # questions but its MMBench score hung on the seed (0.93, then 0.74 once the tower's
     # loading drew other random numbers before the projector's), below what users run.
-    subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), str(out)], check=True,
-                   env=ENV, cwd=out.parent, timeout=2700)
-    return out
+    return shared_demo.wait(timeout=2700)
+
+
+@pytest.fixture(scope="module")
+def env(shared_demo) -> dict[str, str]:
+    return shared_demo.env
 
 
 @pytest.mark.slow
-def test_demo_learns_to_see(demo):
-    out, env = demo, ENV
+def test_demo_learns_to_see(demo, env):
+    out = demo
 
     pretrain = json.loads((out / "pretrain" / "heldout_accuracy.json").read_text())
     finetune = json.loads((out / "finetune" / "heldout_accuracy.json").read_text())
@@ -83,7 +76,7 @@ def test_demo_learns_to_see(demo):
 
 
 @pytest.mark.slow
-def test_hf_llava_export_of_the_demo_answers_like_eval(demo, tmp_path):
+def test_hf_llava_export_of_the_demo_answers_like_eval(demo, env, tmp_path):
     """Through plain transformers, the exported demo model scores what eval scored."""
     import torch
     from PIL import Image
@@ -93,7 +86,7 @@ def test_hf_llava_export_of_the_demo_answers_like_eval(demo, tmp_path):
 
     out = tmp_path / "hf"
     subprocess.run(["llava-tune", "export", str(demo / "finetune"), str(out), "--format",
-                    "hf-llava"], check=True, env=ENV, timeout=600)
+                    "hf-llava"], check=True, env=env, timeout=600)
     processor = AutoProcessor.from_pretrained(out)
     model = LlavaForConditionalGeneration.from_pretrained(out).eval()
     records = json.loads((demo / "shapes" / "heldout.json").read_text())[:100]
@@ -118,42 +111,7 @@ def test_hf_llava_export_of_the_demo_answers_like_eval(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_self_cognition_sft_on_the_demo_lm(demo, tmp_path):
-    """The course's self-cognition recipe on the demo's LM (InternLM2 layout, demo/lm):
-    scripts/sft_text.sh with configs/demo/sft.yaml teaches it its new name and its maker's."""
-    data = tmp_path / "self.json"
-    subprocess.run([sys.executable, str(REPO / "scripts/make_self_cognition.py"), "--name",
-                    "Nova", "--author", "Ada Lab", "--out", str(data)], check=True)
-    run = tmp_path / "nova"
-    subprocess.run(["bash", str(REPO / "scripts/sft_text.sh"), str(demo / "lm"), str(data),
-                    str(run)], check=True,
-                   env={**ENV, "CONFIG": str(REPO / "configs/demo/sft.yaml")}, timeout=1200)
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["llm_adapter"]
-    answer = subprocess.run(["llava-tune", "chat", str(run), "--question", "Who are you?"],
-                            check=True, env=ENV, capture_output=True, text=True,
-                            timeout=300).stdout
-    assert "Nova" in answer and "Ada Lab" in answer, answer
-
-
-@pytest.mark.slow
-def test_dpo_stage_on_the_demo(demo):
-    """scripts/dpo.sh demo: preference pairs about the shapes after stage 2 (a wrong color, a
-    wrong shape, an object that is not there): held-out pairs scored right >= 0.95 of the
-    time, and held-out exact match not lower than stage 2's (one answer of 400 may flip
-    between machines)."""
-    printed = subprocess.run(["bash", str(REPO / "scripts" / "dpo.sh"), "demo", str(demo)],
-                             check=True, env=ENV, capture_output=True, text=True,
-                             timeout=1200).stdout
-    scores = report.dpo_scores(demo)
-    assert "reward accuracy" in printed and "exact match" in printed, printed
-    assert scores["reward_accuracy"] >= 0.95, scores
-    assert scores["exact_match_dpo"] >= scores["exact_match_finetune"] - 0.0025, scores
-    assert sorted(p.name for p in (demo / "dpo").iterdir() if p.is_dir()) == [
-        "llm_adapter", "projector", "reference"]
-
-
-@pytest.mark.slow
-def test_serve_answers_the_openai_client_like_eval(demo):
+def test_serve_answers_the_openai_client_like_eval(demo, env):
     """`llava-tune serve demo_out/finetune`, 8 clients at once through the official openai
     client, two held-out questions each (half of them streamed): every answer is eval's
     prediction for that image and question. The log names sizes, never the images' bytes."""
@@ -167,7 +125,7 @@ def test_serve_answers_the_openai_client_like_eval(demo):
     predictions = {json.loads(line)["id"]: json.loads(line)["prediction"] for line in
                    (demo / "finetune" / "heldout_predictions.jsonl").read_text().splitlines()}
     server = subprocess.Popen(["llava-tune", "serve", str(demo / "finetune"), "--port", "0",
-                               "--served-model-name", "shapes"], env=ENV, text=True,
+                               "--served-model-name", "shapes"], env=env, text=True,
                               stderr=subprocess.PIPE)
     log = []
     try:
