@@ -23,6 +23,7 @@ import torch
 from helpers import kill_launch, tiny_model
 
 from llava_tune.config import check_paths, load_config
+from llava_tune.data import stream as stream_module
 from llava_tune.data.collate import Collator
 from llava_tune.data.datasets import ConversationDataset
 from llava_tune.data.image import ImageProcessor
@@ -199,17 +200,19 @@ def test_processes_and_workers_read_disjoint_shares_of_the_whole(jsonl_stream, t
     assert all(len(share) == 40 // (2 * readers) for share in shares)
 
 
-def test_packed_rows_hold_the_same_samples(tmp_path, image_tok, shapes_data):
+def test_packed_rows_hold_the_same_samples(tmp_path, image_tok, shapes_data, monkeypatch):
+    """Packed, each window's samples go into rows best fit: every sample once, each row its
+    samples laid end to end, and no more rows than filling them in arrival order takes."""
+    monkeypatch.setattr(stream_module, "PACK_WINDOW", 7)  # windows of 7: 24 samples, 4 windows
     records = llava_records(shapes_data) + openai_records()
     images = shapes_data / "images"
     folder = write_shards(tmp_path / "s", records, "parquet", shards=3)
-    plain = epoch(stream(folder, image_tok, images))
+    plain = {item["id"]: item for item in epoch(stream(folder, image_tok, images))}
     rows = epoch(stream(folder, image_tok, images, pack=True, max_length=96))
-    assert ids(rows) == ids(plain) and len(rows) < len(plain)
-    samples = iter(plain)
+    assert sorted(ids(rows)) == sorted(plain) and len(rows) < len(plain)
     for row in rows:
         assert len(row["input_ids"]) <= 96
-        members = [next(samples) for _ in row["id"].split("+")]
+        members = [plain[i] for i in row["id"].split("+")]
         assert torch.equal(row["input_ids"], torch.cat([m["input_ids"] for m in members]))
         assert torch.equal(row["labels"], torch.cat([m["labels"] for m in members]))
         assert row["position_ids"].tolist() == [
@@ -217,6 +220,14 @@ def test_packed_rows_hold_the_same_samples(tmp_path, image_tok, shapes_data):
         pixels = [m["pixel_values"] for m in members if "pixel_values" in m]
         assert torch.equal(row["pixel_values"], torch.cat(pixels)) if pixels \
             else "pixel_values" not in row
+    in_order, used = 0, 96  # rows filled in arrival order, a window at a time
+    for start in range(0, len(plain), 7):
+        used = 96
+        for item in list(plain.values())[start:start + 7]:
+            if used + len(item["input_ids"]) > 96:
+                in_order, used = in_order + 1, 0
+            used += len(item["input_ids"])
+    assert len(rows) <= in_order
 
 
 # --------------------------------------------------------------------------- resume
@@ -233,11 +244,13 @@ def _batches(dataset: StreamDataset, workers: int, n: int) -> list:
     raise AssertionError("the stream ended")
 
 
-@pytest.mark.parametrize(("workers", "pack"), [(0, False), (2, False), (2, True)])
-def test_a_position_resumes_the_same_sequence(jsonl_stream, tok, workers, pack):
+@pytest.mark.parametrize(("workers", "pack"), [(0, False), (2, False), (2, True), (0, True)])
+def test_a_position_resumes_the_same_sequence(jsonl_stream, tok, workers, pack, monkeypatch):
     """Through a DataLoader, its workers taking turns: the batches after a position are the
-    same whether the stream went on or was started again there (across epochs too)."""
+    same whether the stream went on or was started again there (across epochs too; packed,
+    in the middle of a window too)."""
     folder, _ = jsonl_stream
+    monkeypatch.setattr(stream_module, "PACK_WINDOW", 5)  # several windows an epoch
 
     def make():
         return stream(folder, tok, readers=workers, shuffle_buffer=8, pack=pack, max_length=64)
@@ -246,17 +259,32 @@ def test_a_position_resumes_the_same_sequence(jsonl_stream, tok, workers, pack):
     position = StreamPosition.start(max(1, workers))
     for batch in whole[:13]:
         position.advance(batch.position)
-    assert position.epoch >= 1 or not pack
+    assert position.epoch >= 1 or not (pack and workers)  # two readers: half an epoch each
+    assert not pack or any(rows for _, _, rows in position.readers)  # inside a window
     again = make()
     again.start = StreamPosition.from_list(position.as_list())
     resumed = _batches(again, workers, 17)
     assert [b.input_ids.tolist() for b in resumed] == [b.input_ids.tolist() for b in whole[13:]]
 
 
+def test_a_checkpoint_from_before_packed_windows_resumes():
+    """A checkpoint's positions without rows given (written before packed windows) start at
+    the records taken, a window's first row."""
+    assert StreamPosition.from_list([1, 0, 7, 2, 3], readers=2).readers == [(0, 7, 0),
+                                                                           (2, 3, 0)]
+    position = StreamPosition([(0, 7, 2), (2, 3, 0)], 1)
+    assert StreamPosition.from_list(position.as_list(), readers=2) == position
+
+
 # --------------------------------------------------------------------------- bad input
 
 
-def test_bad_shards_and_records_are_skipped_named_and_counted(tmp_path, tok):
+@pytest.mark.parametrize("pack", [False, True])
+def test_bad_shards_and_records_are_skipped_named_and_counted(tmp_path, tok, pack,
+                                                               monkeypatch):
+    """Each left-out record reported once (packed: in windows of 3 samples, by the window's
+    first row, or after the last item)."""
+    monkeypatch.setattr(stream_module, "PACK_WINDOW", 3)
     records = openai_records(12)
     folder = write_shards(tmp_path / "s", records, "jsonl", shards=2)
     (folder / "broken.parquet").write_bytes(b"this is no parquet file")
@@ -266,7 +294,7 @@ def test_bad_shards_and_records_are_skipped_named_and_counted(tmp_path, tok):
     write_shards(tmp_path / "t", records[:2], "tar", shards=1)
     data = (tmp_path / "t" / "part-00.tar").read_bytes()
     (folder / "truncated.tar").write_bytes(data[:1600])  # its second sample cut short
-    dataset = stream(folder, tok, image_processor=None, layout=None)
+    dataset = stream(folder, tok, image_processor=None, layout=None, pack=pack)
     # Known before the first step: the shard that does not open, named and counted.
     assert dataset.report.skipped == {BAD_SHARD: 1}
     assert "broken.parquet" in dataset.report.examples[0]
@@ -527,8 +555,9 @@ def test_two_processes_resume_a_stream_after_kill(tmp_path, tiny_lm):
     """kill -9 after a checkpoint, resume: the same losses and weights as a run that was not
     killed (both with two processes: the share of each depends on their number)."""
     # Shards of 14, 14 and 12 records start at even places in every order, so the first
-    # process reads the short records (even places: two a packed row) and the second the long
-    # ones (one a row): their positions always differ, and each must get its own back.
+    # process reads the short records (even places: two a packed row, 10 rows an epoch) and
+    # the second the long ones (one a row, 20): from step 5 on (2 rows a step) the first is
+    # an epoch ahead, their positions differ, and each must get its own back.
     records = openai_records(40)
     for record in records[1::2]:
         record["messages"][1]["content"] += " It is the sum of the two numbers you gave." * 3
@@ -544,7 +573,7 @@ def test_two_processes_resume_a_stream_after_kill(tmp_path, tiny_lm):
             *sft_args(tiny_lm, folder, run, *extra)]
     proc = torchrun(args)
     deadline = time.time() + 300
-    while not (run / "checkpoints" / "step-0000004").is_dir():
+    while not (run / "checkpoints" / "step-0000006").is_dir():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.02)

@@ -43,9 +43,9 @@ class Batch:
     with each sample's own length, as packed samples never attend to each other."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(sample id, why) of samples left out because they failed to load."""
-    position: tuple[int, int, int] | None = None
-    """A stream's (reader, epoch, records taken) after this batch's last sample: where the
-    stream resumes (data/stream.py)."""
+    position: tuple[int, int, int, int] | None = None
+    """A stream's (reader, epoch, records taken, rows given of a packed window) after this
+    batch's last sample: where the stream resumes (data/stream.py)."""
     pairs: int = 0
     """Preference pairs (stage dpo): rows [0, pairs) are the chosen sequences, rows [pairs,
     2 * pairs) the rejected ones in the same order; the images are given once, for the
@@ -123,7 +123,7 @@ class Collator:
         return self._pad(items, skipped, position)
 
     def _pad(self, items: list[dict], skipped: list[tuple[str, str]],
-             position: tuple[int, int, int] | None) -> Batch:
+             position: tuple[int, int, int, int] | None) -> Batch:
         packed = "position_ids" in items[0]
         length = max(len(item["input_ids"]) for item in items)
         ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
