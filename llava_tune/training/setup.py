@@ -388,7 +388,8 @@ def compile_layers(llm: torch.nn.Module) -> None:
     # recompute of the traced graph needs no replay of.
     import torch._dynamo
 
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True  # not in old torch
     for layer in unwrap_causal_lm(llm).get_decoder().layers:
         layer.compile(dynamic=True)
 
