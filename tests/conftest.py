@@ -4,6 +4,7 @@ the tiny LM's tokenizers. Plain helpers (run_cli, the SMALL overrides) are in he
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,10 @@ def shared_demo(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's folder, above each worker's own
     demo = SharedDemo(root / "demo")
-    process = demo.start()
+    started, process = time.monotonic(), demo.start()
     yield demo
     if process is not None:
-        stop(process)
+        stop(process, started)
 
 
 @pytest.fixture(autouse=True)

@@ -65,13 +65,15 @@ class SharedDemo:
         return "\n".join(self.log.read_text().splitlines()[-40:]) if self.log.exists() else ""
 
 
-def stop(process: subprocess.Popen) -> None:
-    """End a demo this process started and nobody waited out: under xdist another worker may
-    still wait for it, so it runs to its end; alone, it is stopped."""
-    if process.poll() is not None:
-        return
+def stop(process: subprocess.Popen, started: float, limit: float = 3600) -> None:
+    """End a demo this process started (at time.monotonic() `started`) and nobody waited out:
+    under xdist another worker may still wait for it, so it runs to its end, but no longer
+    than `limit` seconds from its start; alone, it is stopped now."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        process.wait()
-    else:
+        try:
+            process.wait(timeout=max(0.0, started + limit - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait()
