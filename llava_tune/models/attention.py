@@ -12,11 +12,12 @@ reads the device (`find_packed_sequence_indices`), a host sync in every step.
 `SEGMENTED` is an attention implementation (transformers' AttentionInterface) that takes the
 segments from the batch instead, as lengths counted on the host when the batch was made
 (`Batch.segments`), and runs SDPA's causal kernel on each segment alone: the varlen
-attention of flash-attention, written as a loop. On a CUDA GPU in half precision the whole batch
-goes to torch's own varlen kernel instead (`torch.nn.attention.varlen`, flash attention): one
-launch per layer over every segment, where the loop would launch one per sample. transformers builds no mask for an
-implementation it has no mask function for, so a model set to it must only see right-padded
-or packed rows: `use_segmented_attention` sets a model to it for a run (training/setup.py).
+attention of flash-attention, written as a loop. On a CUDA GPU in half precision the whole
+batch goes to torch's own varlen kernel instead (`torch.nn.attention.varlen`, flash
+attention): one launch per layer over every segment, where the loop launches one per sample.
+transformers builds no mask for an implementation it has no mask function for, so a model set
+to it must only see right-padded or packed rows: `use_segmented_attention` sets a model to it
+for a run (training/setup.py).
 """
 
 from __future__ import annotations

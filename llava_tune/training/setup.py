@@ -385,11 +385,12 @@ def compile_layers(llm: torch.nn.Module) -> None:
     # replay that change when it recomputes the layer; dynamo then leaves the whole layer
     # eager. The one change in transformers' layers is the hub kernels' routing (kernels'
     # use_kernelized_func: set at the attention's start, reset at its end), which a
-    # recompute of the traced graph needs no replay of.
+    # recompute of the traced graph needs no replay of. (An older torch has no such switch:
+    # its checkpointed layers stay eager.)
     import torch._dynamo
 
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True  # not in old torch
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in unwrap_causal_lm(llm).get_decoder().layers:
         layer.compile(dynamic=True)
 
