@@ -69,12 +69,12 @@ BAD_SHARD = "shard that does not parse"
 SHARD_ERRORS = (OSError, ValueError, EOFError, tarfile.TarError, pa.ArrowException)
 """What reading a damaged shard raises (UnicodeDecodeError and JSON errors are ValueErrors)."""
 ROWS_PER_READ = 1024
-PACK_WINDOW = 256
-"""Samples packed together (data.pack). On the bench's LLaVA-like mix (2,000 records of 56-1,024
-tokens, shuffled) rows of 1,024 come out 99.0% full in windows of 256 (97.3% of 64, 99.3% of
-512), against 78.1% filled in arrival order; few enough samples to hold (their tokens and,
-from .tar shards, image bytes)."""
 """Parquet rows read at a time."""
+PACK_WINDOW = 256
+"""Samples packed together (data.pack). On the bench's LLaVA-like mix (2,000 records of
+56-1,024 tokens, shuffled) rows of 1,024 come out 99.0% full in windows of 256 (97.3% of 64,
+99.3% of 512), against 78.1% filled in arrival order; few enough samples to hold (their
+tokens and, from .tar shards, image bytes)."""
 
 
 def stream_shards(folder: str | Path) -> list[Path]:
