@@ -18,7 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "VIRTUAL_ENV": sys.prefix,
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-LM_READY = "== 3/7"  # demo.sh's step after the LM's export to OUT/lm
+# demo.sh's step markers, printed when the step before has finished
+LM_READY = "== 3/7"  # the LM exported to OUT/lm
+STAGE2_SCORED = "== 7/7"  # stage 2 trained (OUT/finetune) and its held-out exact match written
 
 
 class SharedDemo:
@@ -43,9 +45,10 @@ class SharedDemo:
                                  str(self.log), str(self.rc)], env=self.env, cwd=self.root,
                                 start_new_session=True)
 
-    def wait(self, lm_only: bool = False, timeout: float = 3600) -> Path:
-        """The demo's folder once it finished (or, `lm_only`, once its LM is in OUT/lm);
-        fails the test with the log's end when the demo failed or took too long."""
+    def wait(self, until: str | None = None, timeout: float = 3600) -> Path:
+        """The demo's folder once it finished, or once its log shows the step marker `until`
+        (LM_READY, STAGE2_SCORED); fails the test with the log's end when the demo failed or
+        took too long."""
         deadline = time.monotonic() + timeout
         while True:
             if self.rc.exists():
@@ -54,7 +57,7 @@ class SharedDemo:
                     pytest.fail(f"scripts/demo.sh exited {code}; the end of {self.log}:\n"
                                 + self._tail())
                 return self.out
-            if lm_only and self.log.exists() and LM_READY in self.log.read_text():
+            if until and self.log.exists() and until in self.log.read_text():
                 return self.out
             if time.monotonic() > deadline:
                 pytest.fail(f"scripts/demo.sh still running after {timeout:.0f} s; the end of "

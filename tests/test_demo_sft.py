@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 import pytest
-from shared_demo import REPO
+from shared_demo import LM_READY, REPO
 
 
 @pytest.mark.slow
 def test_self_cognition_sft_on_the_demo_lm(shared_demo, tmp_path):
     """scripts/sft_text.sh with configs/demo/sft.yaml on the demo's LM (InternLM2 layout,
     demo/lm) teaches it its new name and its maker's."""
-    lm = shared_demo.wait(lm_only=True, timeout=2700) / "lm"
+    lm = shared_demo.wait(until=LM_READY, timeout=2700) / "lm"
     data = tmp_path / "self.json"
     subprocess.run([sys.executable, str(REPO / "scripts/make_self_cognition.py"), "--name",
                     "Nova", "--author", "Ada Lab", "--out", str(data)], check=True)
