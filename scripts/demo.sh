@@ -18,8 +18,12 @@ step() { echo; echo "== $1 ($(( SECONDS - START ))s so far)"; }
 step "1/7 demo data, tokenizer, random tiny LM and vision tower -> $OUT"
 python -m llava_tune.demo "$OUT" --train "${DEMO_TRAIN:-6000}" --heldout 200
 
+# bf16 matrix products where this CPU has them natively (AVX512-BF16, AMX), else fp32
+PRECISION="train.mixed_precision=$(python -m llava_tune.demo.precision)"
+echo "$PRECISION"
+
 step "2/7 train the tiny LM on the demo's text (full training) and save it as InternLM2"
-llava-tune train configs/demo/lm.yaml model.llm="$OUT/lm-init" \
+llava-tune train configs/demo/lm.yaml model.llm="$OUT/lm-init" "$PRECISION" \
   data.train="$OUT/shapes/text.json" run_dir="$OUT/lm-train" --overwrite
 llava-tune export "$OUT/lm-train" "$OUT/lm" --format internlm2 --force
 
@@ -29,7 +33,7 @@ VISION=(model.vision.config_file="$OUT/vision/demo-vit.json"
         model.vision.pretrained="$OUT/vision/demo-vit.safetensors"
         data.feature_cache="$OUT/features")
 step "3/7 stage 1, pretrain: projector only, on captions"
-llava-tune train configs/demo/pretrain.yaml model.llm="$OUT/lm" "${VISION[@]}" \
+llava-tune train configs/demo/pretrain.yaml model.llm="$OUT/lm" "${VISION[@]}" "$PRECISION" \
   data.train="$OUT/shapes/pretrain.json" data.image_folder="$OUT/shapes/images" \
   run_dir="$OUT/pretrain" --overwrite
 
@@ -39,7 +43,7 @@ llava-tune eval "$OUT/pretrain" --data "$OUT/shapes/heldout.json" \
   --json "$OUT/pretrain/heldout_accuracy.json" --batch-size 32
 
 step "5/7 stage 2, finetune: projector + QLoRA (4-bit LM), on image questions"
-llava-tune train configs/demo/finetune.yaml model.llm="$OUT/lm" "${VISION[@]}" \
+llava-tune train configs/demo/finetune.yaml model.llm="$OUT/lm" "${VISION[@]}" "$PRECISION" \
   init_from="$OUT/pretrain" data.train="$OUT/shapes/finetune.json" \
   data.image_folder="$OUT/shapes/images" run_dir="$OUT/finetune" --overwrite
 

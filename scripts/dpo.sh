@@ -28,7 +28,8 @@ if [ "${1:-}" = demo ]; then
     model.vision.pretrained="$OUT/vision/demo-vit.safetensors" \
     data.feature_cache="$OUT/features" data.train="$OUT/shapes/preference_train.json" \
     data.eval="$OUT/shapes/preference_heldout.json" data.image_folder="$OUT/shapes/images" \
-    run_dir="$OUT/dpo" "$@" --overwrite
+    run_dir="$OUT/dpo" "train.mixed_precision=$(python -m llava_tune.demo.precision)" "$@" \
+    --overwrite
   llava-tune eval "$OUT/dpo" --data "$OUT/shapes/heldout.json" \
     --image-folder "$OUT/shapes/images" --out "$OUT/dpo/heldout_predictions.jsonl" \
     --json "$OUT/dpo/heldout_accuracy.json" --batch-size 32
