@@ -29,16 +29,15 @@ TINY_VISION = {
 }
 
 
-# The demo's files: the one that starts it first, the one that waits for all of it last.
-FIRST, LAST = "test_demo.py", "test_demo_dpo.py"
+FIRST = "test_demo.py"  # the demo's file: it starts the demo, and its worker waits for it
 
 
 def pytest_collection_modifyitems(config, items):
     """Longest first: the demo's file, then the other files with slow tests, then the rest
-    (stable, so each file keeps its order), and the demo's dpo stage last. `make test` runs two
-    workers, a file each at a time; the demo alone is most of one worker's run, so it must
-    start first, and the other worker, done with the rest, takes the dpo stage at its end."""
-    items.sort(key=lambda item: (item.path.name != FIRST, item.path.name == LAST,
+    (stable, so each file keeps its order). `make test` runs two workers, a file each at a
+    time; the demo (and its dpo stage, which test_demo.py runs beside the demo's last step) is
+    most of one worker's run, so it must start first; the other worker runs the rest."""
+    items.sort(key=lambda item: (item.path.name != FIRST,
                                  item.get_closest_marker("slow") is None))
 
 

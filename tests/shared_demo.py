@@ -1,8 +1,9 @@
 """The whole demo (`scripts/demo.sh`, as `make demo` runs it), once per test session, for every
 pytest-xdist worker that asks: the first to ask starts it in the background, and each test
-waits only for what it reads. The demo is `make test`'s longest chain; the tests after it
-(dpo on its stage-2 model, self-cognition SFT on its LM) live in their own files so that the
-other worker can take them, the SFT one as soon as the LM is trained."""
+waits only for what it reads (a step marker of demo.sh's log, or its end). The demo is `make
+test`'s longest chain: the self-cognition SFT on its LM lives in its own file, which the other
+worker takes once the LM is trained, and the dpo stage on its stage 2 starts beside the demo's
+last step (test_demo.py)."""
 
 from __future__ import annotations
 
