@@ -13,6 +13,7 @@ import random
 import pytest
 
 from llava_tune.constants import IGNORE_INDEX
+from llava_tune.data import segments
 from llava_tune.data.segments import encode_segments
 from llava_tune.data.template import INTERNLM2_CHAT
 
@@ -75,3 +76,39 @@ def test_answers_starting_with_white_space_keep_their_labels(answer, tok, sp):
     # Decoded after the prompt (decoding from the start would drop the dummy prefix's space).
     trained = [t for t in labels if t != IGNORE_INDEX]
     assert tok.decode(prompt + trained) == tok.decode(prompt) + answer + "<|im_end|>"
+
+
+ENCODED = [*TEXTS, "", "<|im_start|>user\n<image>\nWhat?<|im_end|>\n", "\ue000\n\nred", "a" * 300]
+
+
+def test_the_direct_backend_encodes_like_the_tokenizers_call(image_tok):
+    """segments._encoder calls the Rust backend itself (transformers' call costs twice the
+    encode); it must give the call's ids and offsets, control and image tokens included."""
+    encode = segments._encoder(image_tok)
+    assert encode.__qualname__ == "_encoder.<locals>.encode_direct"
+    for text in ENCODED:
+        call = image_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encode(text)
+        assert (ids, [tuple(o) for o in offsets]) == (
+            call["input_ids"], [tuple(o) for o in call["offset_mapping"]]), text
+
+
+def test_the_call_is_used_where_the_backend_alone_would_differ(tiny_lm):
+    """Truncation or padding set on the backend, or special tokens split, which transformers'
+    call switches per call: the encoder falls back to the call, and the ids stay the call's."""
+    from llava_tune.assembly.llm import load_tokenizer
+
+    text = "<|im_start|>user\na red circle and a blue square<|im_end|>"
+    for change in ("truncation", "padding", "split"):
+        tokenizer = load_tokenizer(tiny_lm)
+        if change == "truncation":
+            tokenizer._tokenizer.enable_truncation(max_length=3)
+        elif change == "padding":
+            tokenizer._tokenizer.enable_padding(length=64)
+        else:
+            tokenizer.split_special_tokens = True
+        encode = segments._encoder(tokenizer)
+        assert encode.__qualname__ == "_encoder.<locals>.encode_call", change
+        call = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert encode(text)[0] == call["input_ids"], change
+        assert len(call["input_ids"]) not in (3, 64)  # the call switched them off

@@ -134,6 +134,25 @@ def test_random_vocab_text_encodes_like_sentencepiece(tok, sp):
         assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids)
 
 
+def test_the_direct_backend_encodes_like_the_tokenizers_call(tok, sp):
+    """The segments' encoder skips transformers' call (llava_tune/data/segments.py): on the
+    real tokenizer it gives the call's ids and offsets for every text here, control tokens
+    and the stand-in character included."""
+    from llava_tune.data.segments import STAND_IN, _encoder
+
+    encode = _encoder(tok)
+    assert encode.__qualname__.endswith("encode_direct")
+    rng = random.Random(1)
+    random_texts = ["".join(sp.id_to_piece(rng.randrange(259, 92538)) for _ in range(8))
+                    .replace("▁", " ") for _ in range(100)]
+    for text in [*TEXTS.values(), "<|im_start|>user\n你好<|im_end|>\n", STAND_IN + "\n\n",
+                 *random_texts]:
+        call = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encode(text)
+        assert ids == call["input_ids"] and list(map(tuple, offsets)) == list(
+            map(tuple, call["offset_mapping"])), repr(text)
+
+
 def test_chat_markup_splits_on_control_tokens(tok, sp):
     text = ("<s><|im_start|>system\n你是一个乐于助人的助手。<|im_end|>\n"
             "<|im_start|>user\n这张图片里有什么……？ What's in it?<|im_end|>\n"
